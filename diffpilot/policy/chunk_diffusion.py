@@ -1,0 +1,174 @@
+"""Action-chunk diffusion policy: denoise a chunk of future actions from an observation history.
+
+The generative process is a config choice (DDPM, flow matching or MeanFlow
+training; DDPM, DDIM, Euler, Heun or MeanFlow sampling), so one class covers
+Diffusion Policy and its flow-based variants with the same closed-loop logic:
+keep the last ``obs_horizon`` observations, predict ``action_horizon``
+actions, execute ``exec_horizon`` of them, then replan.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffpilot.data.normalizer import Normalizer
+from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.generative import build_objective, build_sampler
+from diffpilot.policy.generative.base import SampleResult
+from diffpilot.policy.networks import build_network
+
+DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [64, 128, 256], "kernel_size": 5}
+DEFAULT_OBJECTIVE: dict[str, Any] = {"name": "ddpm", "num_train_steps": 100, "schedule": "squaredcos_cap_v2", "prediction": "epsilon"}
+DEFAULT_SAMPLER: dict[str, Any] = {"name": "ddim", "num_steps": 10}
+
+
+class ChunkDiffusionPolicy(nn.Module):
+    """Diffusion/flow policy over action chunks, conditioned on a flattened observation history."""
+
+    KIND = "chunk_diffusion"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        obs_horizon: int = 2,
+        action_horizon: int = 16,
+        exec_horizon: int = 8,
+        network: dict[str, Any] | None = None,
+        objective: dict[str, Any] | None = None,
+        sampler: dict[str, Any] | None = None,
+        normalizer: str = "limits",
+    ) -> None:
+        super().__init__()
+        if not 1 <= exec_horizon <= action_horizon - obs_horizon + 1:
+            raise ValueError(
+                f"exec_horizon={exec_horizon} must be in [1, action_horizon - obs_horizon + 1] = "
+                f"[1, {action_horizon - obs_horizon + 1}]: executed actions start at the newest observation"
+            )
+        network = dict(network or DEFAULT_NETWORK)
+        objective = dict(objective or DEFAULT_OBJECTIVE)
+        sampler = dict(sampler or DEFAULT_SAMPLER)
+        self.config: dict[str, Any] = {
+            "obs_dim": obs_dim,
+            "action_dim": action_dim,
+            "obs_horizon": obs_horizon,
+            "action_horizon": action_horizon,
+            "exec_horizon": exec_horizon,
+            "network": network,
+            "objective": objective,
+            "sampler": sampler,
+            "normalizer": normalizer,
+        }
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.obs_horizon, self.action_horizon, self.exec_horizon = obs_horizon, action_horizon, exec_horizon
+        self.obs_normalizer = Normalizer(obs_dim, normalizer)  # type: ignore[arg-type]
+        self.action_normalizer = Normalizer(action_dim, "limits" if normalizer != "identity" else "identity")
+        net_kwargs = {k: v for k, v in network.items() if k != "name"}
+        if network["name"] == "transformer":
+            net_kwargs.setdefault("horizon", action_horizon)
+        self.net = build_network(
+            network["name"], action_dim=action_dim, cond_dim=obs_dim * obs_horizon,
+            use_r=objective["name"] == "meanflow", **net_kwargs,
+        )
+        self.objective = build_objective(objective["name"], **{k: v for k, v in objective.items() if k != "name"})
+        self.sampler = build_sampler(sampler["name"], self.objective, **{k: v for k, v in sampler.items() if k != "name"})
+        self._generator = torch.Generator().manual_seed(0)
+        self._obs_history: deque[np.ndarray] = deque(maxlen=obs_horizon)
+        self._action_queue: deque[np.ndarray] = deque()
+        self.last_nfe = 0
+
+    # ----------------------------------------------------------------- training
+    def fit_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
+        """Fit both normalizers on the training data (before training)."""
+        mode = self.config["normalizer"]
+        self.obs_normalizer.load_state_dict(Normalizer.fit(observations, mode).state_dict())
+        self.action_normalizer.load_state_dict(Normalizer.fit(actions, self.action_normalizer.mode).state_dict())
+
+    def condition(self, obs: Tensor) -> Tensor:
+        """(B, To, obs_dim) raw observations -> (B, To*obs_dim) normalized condition vector."""
+        if obs.dim() != 3 or obs.shape[1:] != (self.obs_horizon, self.obs_dim):
+            raise ValueError(
+                f"expected observations of shape (B, {self.obs_horizon}, {self.obs_dim}), got {tuple(obs.shape)}"
+            )
+        return self.obs_normalizer.normalize(obs).flatten(1)
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Training loss on a batch ``{"obs": (B, To, obs_dim), "action": (B, H, act_dim)}``."""
+        action = batch["action"]
+        if action.shape[1:] != (self.action_horizon, self.action_dim):
+            raise ValueError(
+                f"expected action chunks of shape (B, {self.action_horizon}, {self.action_dim}), got {tuple(action.shape)}"
+            )
+        return self.objective.loss(
+            self.net, self.action_normalizer.normalize(action), self.condition(batch["obs"]), generator=generator
+        )
+
+    # ---------------------------------------------------------------- inference
+    def set_sampler(self, name: str, **kwargs: Any) -> None:
+        """Switch the inference sampler (e.g. DDPM-100 vs DDIM-10) on the same trained network."""
+        self.sampler = build_sampler(name, self.objective, **kwargs)
+        self.config["sampler"] = {"name": name, **kwargs}
+
+    def noise_shape(self, batch_size: int) -> tuple[int, int, int]:
+        return (batch_size, self.action_horizon, self.action_dim)
+
+    @torch.no_grad()
+    def sample_normalized(
+        self, cond: Tensor, noise: Tensor, x_start: Tensor | None = None, t_start: float = 1.0
+    ) -> SampleResult:
+        """Sample a normalized chunk; the warm-start path passes ``x_start``/``t_start``."""
+        return self.sampler.sample(self.net, noise, cond, x_start=x_start, t_start=t_start)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """Action chunks (B, H, act_dim) in environment units for ``batch["obs"]``."""
+        obs = batch["obs"]
+        cond = self.condition(obs)
+        if noise is None:
+            noise = torch.randn(self.noise_shape(obs.shape[0]), generator=self._generator).to(cond)
+        result = self.sample_normalized(cond, noise)
+        self.last_nfe = result.nfe
+        return self.action_normalizer.unnormalize(result.sample)
+
+    def reset(self, seed: int | None = None) -> None:
+        self._obs_history.clear()
+        self._action_queue.clear()
+        if seed is not None:
+            self._generator.manual_seed(seed)
+
+    @torch.no_grad()
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        obs = np.asarray(observation, dtype=np.float32)
+        if obs.shape != (self.obs_dim,):
+            raise ValueError(f"act() expects an observation of shape ({self.obs_dim},), got {obs.shape}")
+        if not np.isfinite(obs).all():
+            raise ValueError(f"act() got a non-finite observation: {obs}")
+        if not self._obs_history:
+            self._obs_history.extend([obs] * self.obs_horizon)
+        else:
+            self._obs_history.append(obs)
+        if not self._action_queue:
+            device = self.obs_normalizer.scale.device
+            history = torch.from_numpy(np.stack(self._obs_history))[None].to(device)
+            chunk = self.predict({"obs": history})[0].cpu().numpy()
+            start = self.obs_horizon - 1
+            self._action_queue.extend(chunk[start : start + self.exec_horizon])
+        return self._action_queue.popleft()
+
+    # ------------------------------------------------------------------ storage
+    def save(self, directory: str | Path) -> Path:
+        return save_checkpoint(directory, self.state_dict(), copy.deepcopy(self.config), kind=self.KIND)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ChunkDiffusionPolicy":
+        tensors, config = load_checkpoint(directory, kind=cls.KIND)
+        policy = cls(**config)
+        load_state_strict(policy, tensors, directory)
+        return policy.eval()
