@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -98,7 +98,7 @@ def load_checkpoint(directory: str | Path, kind: str | None = None) -> tuple[dic
         )
     try:
         tensors = load_file(str(w_path))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {w_path} as safetensors: {e}") from e
     return tensors, meta.get("config") or {}
 
