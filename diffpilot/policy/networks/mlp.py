@@ -1,0 +1,89 @@
+"""Residual MLP denoiser for flat samples (single actions, 2-D toys, short chunks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from diffpilot.policy.networks.embeddings import FiLM, TimeEmbedding
+
+ACTIVATIONS = {"mish": nn.Mish, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
+class ResidualFiLMBlock(nn.Module):
+    """``h + W2 act(FiLM(W1 norm(h), c))``: the block starts as the identity (FiLM is zero-initialized)."""
+
+    def __init__(self, hidden: int, cond_dim: int, activation: type[nn.Module]) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.film = FiLM(cond_dim, hidden)
+        self.act = activation()
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: Tensor, c: Tensor) -> Tensor:
+        return h + self.fc2(self.act(self.film(self.fc1(self.norm(h)), c)))
+
+
+class MLPDenoiser(nn.Module):
+    """Denoiser ``f(x, t, cond, r)`` for ``x`` of shape ``(B, x_dim)``.
+
+    Every block is FiLM-modulated by ``[time embedding || cond]``; with
+    ``use_r`` the time embedding also sees MeanFlow's ``t - r``. The output
+    layer is zero-initialized, so an untrained network predicts 0 (zero noise,
+    zero velocity) rather than a random field, which keeps the first updates
+    small and training stable. ``forward`` branches only on ``is None``
+    checks, so it traces and exports with a fixed graph.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        cond_dim: int = 0,
+        hidden: int = 256,
+        depth: int = 3,
+        time_dim: int = 64,
+        use_r: bool = False,
+        activation: str = "mish",
+    ) -> None:
+        super().__init__()
+        if x_dim < 1 or cond_dim < 0 or hidden < 1 or depth < 1:
+            raise ValueError(
+                f"need x_dim >= 1, cond_dim >= 0, hidden >= 1, depth >= 1; got x_dim={x_dim}, "
+                f"cond_dim={cond_dim}, hidden={hidden}, depth={depth}"
+            )
+        if time_dim < 2 or time_dim % 2:
+            raise ValueError(f"time_dim must be an even integer >= 2, got {time_dim}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        act = ACTIVATIONS[activation]
+        self.x_dim, self.cond_dim, self.use_r = x_dim, cond_dim, use_r
+        self.time_emb = TimeEmbedding(time_dim, use_r=use_r)
+        self.inp = nn.Linear(x_dim, hidden)
+        self.blocks = nn.ModuleList(ResidualFiLMBlock(hidden, time_dim + cond_dim, act) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), act(), nn.Linear(hidden, x_dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None) -> Tensor:
+        if x.dim() != 2 or x.shape[-1] != self.x_dim:
+            raise ValueError(f"x must have shape (B, {self.x_dim}), got {tuple(x.shape)}")
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if r is not None and r.dim() == 0:
+            r = r.expand(x.shape[0])
+        c = self.time_emb(t, r)
+        if self.cond_dim:
+            if cond is None:
+                raise ValueError(f"this MLPDenoiser was built with cond_dim={self.cond_dim}; pass cond of shape (B, {self.cond_dim})")
+            cond = cond.flatten(1)  # (B, N, C) condition tokens are concatenated
+            if cond.shape[-1] != self.cond_dim:
+                raise ValueError(f"cond must flatten to (B, {self.cond_dim}), got {tuple(cond.shape)}")
+            c = torch.cat([c, cond.to(c.dtype)], dim=-1)
+        elif cond is not None:
+            raise ValueError("this MLPDenoiser was built with cond_dim=0 but got a cond; rebuild it with cond_dim set")
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(h)
+
