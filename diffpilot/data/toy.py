@@ -75,3 +75,27 @@ def sample_conditional_gaussian_mixture(
     modes = group + num_groups * torch.randint(0, per_group, (n,), generator=generator)
     x = sample_gaussian_mixture(n, generator, num_modes=num_modes, radius=radius, std=std, modes=modes)
     return x, torch.nn.functional.one_hot(group, num_groups).float()
+
+
+def mixture_posterior_mean(
+    x: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
+    *,
+    num_modes: int = 8,
+    radius: float = 1.5,
+    std: float = 0.1,
+) -> Tensor:
+    """Exact ``E[x0 | alpha x0 + sigma eps = x]`` for the (unconditional) mixture.
+
+    Gives the ideal denoiser of the toy in closed form (any prediction type
+    follows from it), so samplers can be checked apart from training error.
+    ``alpha`` and ``sigma`` are ``(B,)`` tensors; ``x`` is ``(B, 2)``.
+    """
+    mu = mixture_centers(num_modes, radius).to(x)
+    a, s = alpha.to(x)[:, None, None], sigma.to(x)[:, None, None]
+    var = a**2 * std**2 + s**2  # variance of each noisy mode
+    diff = x[:, None, :] - a * mu[None]
+    resp = torch.softmax(-(diff**2).sum(-1, keepdim=True) / (2 * var), dim=1)
+    mode_means = mu[None] + (a * std**2 / var) * diff
+    return (resp * mode_means).sum(dim=1)
