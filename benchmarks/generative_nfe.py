@@ -11,16 +11,14 @@ Run: python benchmarks/generative_nfe.py  (a few minutes on 2 CPU cores)
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from results_io import write_results
+
 from diffpilot.data.toy import sample_gaussian_mixture
+from diffpilot.sim.report import markdown_table
 from diffpilot.policy.generative import (
     DDIMSampler,
     DDPM,
@@ -42,7 +40,6 @@ BATCH = 256
 LR = 2e-3
 N_EVAL = 2000
 NET = dict(x_dim=2, hidden=128, depth=3, time_dim=32)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train(objective, use_r: bool) -> tuple[torch.nn.Module, float]:
@@ -79,33 +76,6 @@ def evaluate(method: str, sampler, model, noise: torch.Tensor, target: torch.Ten
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
-    os.replace(tmp, path)
-
-
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     torch.set_num_threads(1)  # a 2-D toy MLP: threads only add sync overhead
     target = sample_gaussian_mixture(N_EVAL, torch.Generator().manual_seed(9))
@@ -140,12 +110,8 @@ def main() -> None:
     for steps in (1, 2, 4):
         rows.append(evaluate("meanflow", MeanFlowSampler(steps), model, noise, target, train_s))
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": NAME, "command": f"python benchmarks/{NAME}.py", "machine": machine(), "rows": rows}
-    write_atomic(RESULTS / f"{NAME}.json", json.dumps(payload, indent=2) + "\n")
-    header = f"# {NAME}\n\n`{payload['command']}` on {payload['machine']}\n\n"
-    write_atomic(RESULTS / f"{NAME}.md", header + markdown(rows))
-    print(markdown(rows))
+    write_results(NAME, f"python benchmarks/{NAME}.py", rows)
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
-from diffpilot.data.d4rl import OfflineDataset, read_d4rl
+from diffpilot.data.d4rl import read_d4rl
 from diffpilot.data.maze2d import generate_maze2d
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpilot.data.maze2d import WaypointController, generate_maze2d, make_maze2d_env
+from diffpilot.data.maze2d import WaypointController, generate_maze2d
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.training import TrainConfig, train

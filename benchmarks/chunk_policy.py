@@ -1,0 +1,123 @@
+"""Chunk diffusion policy on maze2d-umaze: closed-loop score and latency per sampler, one run.
+
+Trains the chunk policy twice on the same generated data with the same budget
+(DDPM objective; flow-matching objective), then evaluates DDPM-100 and
+DDIM-10 (the DDPM-trained network) and Euler-10 (the flow-trained network) on
+the same evaluation seeds. The waypoint expert that generated the data is the
+reference row. Normalized scores use the data set's local reference returns.
+
+Run: python benchmarks/chunk_policy.py [--steps 4000] [--episodes 20]
+Runs resume: training continues from runs/bench/chunk_policy/<objective>/state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from results_io import write_results
+
+from diffpilot.cli import load_config
+from diffpilot.data.d4rl import read_d4rl
+from diffpilot.data.maze2d import WaypointController
+from diffpilot.jobs import dataset_path, evaluate, reference_for, train_job
+from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
+from diffpilot.sim.tasks import get_task
+
+NAME = "chunk_policy_maze2d"
+
+
+class Expert:
+    """The data-generating waypoint controller behind the Policy interface."""
+
+    def __init__(self, maze_map) -> None:
+        self.controller = WaypointController(maze_map)
+
+    def reset(self, seed=None) -> None:
+        pass
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.controller.act(obs[:2], obs[2:4], obs[4:6])
+
+
+def chunk_latency_ms(policy: ChunkDiffusionPolicy, obs: np.ndarray, calls: int = 30) -> float:
+    """Median wall time of planning one chunk at batch 1."""
+    hist = torch.from_numpy(np.stack([obs, obs]))[None]
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        policy.predict({"obs": hist})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=4000, help="gradient steps per policy")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--data-steps", type=int, default=100_000)
+    ap.add_argument("--out", default="runs/bench/chunk_policy")
+    args = ap.parse_args()
+    common = [f"data.num_steps={args.data_steps}", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
+              "policy.network.down_dims=[32,64,128]", "progress=false"]
+    trained = {}
+    for objective, policy_cfg in (("ddpm", "chunk_diffusion"), ("flow", "chunk_flow")):
+        cfg = load_config("train", [f"policy={policy_cfg}", f"out={args.out}/{objective}", *common])
+        torch.set_num_threads(2)
+        t0 = time.perf_counter()
+        train_job(cfg)
+        train_s = time.perf_counter() - t0
+        log = (Path(cfg["out"]) / "train_log.csv").read_text().splitlines()
+        trained[objective] = (ChunkDiffusionPolicy.load(Path(cfg["out"]) / "policy"), train_s, log[-1])
+    data_path = dataset_path(cfg["data"])
+    ds = read_d4rl(data_path)
+    task = get_task("maze2d-umaze")
+    ref, ref_source = reference_for(task, data_path)
+    seed = int(cfg["sim"]["seed"])
+    torch.set_num_threads(1)  # latency as on one core of the robot's computer
+
+    env = task.make_env()
+    expert = Expert(env.unwrapped.maze.maze_map)
+    probe_obs, _ = env.reset(seed=0)
+    env.close()
+    summary, _ = evaluate(expert, task, args.episodes, seed, ref, progress=False)
+    rows = [{"task": "maze2d-umaze", "method": "waypoint expert (data source)", "nfe_per_chunk": 0,
+             "normalized_score": summary["normalized_score"], "normalized_score_std": summary["normalized_score_std"],
+             "success_rate": summary["success_rate"], "latency_ms_per_action": summary["latency_ms_mean"],
+             "chunk_latency_ms_p50": None, "train_steps": 0, "train_s_per_1k_steps": None}]
+    for method, objective, sampler in (("ddpm-100", "ddpm", {"name": "ddpm"}),
+                                       ("ddim-10", "ddpm", {"name": "ddim", "num_steps": 10}),
+                                       ("flow-euler-10", "flow", {"name": "euler", "num_steps": 10})):
+        policy, train_s, _ = trained[objective]
+        spec = dict(sampler)
+        policy.set_sampler(spec.pop("name"), **spec)
+        summary, _ = evaluate(policy, task, args.episodes, seed, ref, progress=False)
+        rows.append({
+            "task": "maze2d-umaze", "method": method, "nfe_per_chunk": policy.last_nfe,
+            "normalized_score": summary["normalized_score"], "normalized_score_std": summary["normalized_score_std"],
+            "success_rate": summary["success_rate"], "latency_ms_per_action": summary["latency_ms_mean"],
+            "chunk_latency_ms_p50": chunk_latency_ms(policy, probe_obs), "train_steps": args.steps,
+            "train_s_per_1k_steps": 1000 * train_s / args.steps,
+        })
+        print(rows[-1], flush=True)
+    notes = (
+        f"Budget: {args.steps} gradient steps per policy, batch {args.batch}, ConditionalUnet1D down_dims [32, 64, 128] "
+        f"({sum(p.numel() for p in policy.parameters())} parameters), trained with 2 torch threads; evaluation "
+        f"{args.episodes} episodes per row on the same seeds, latency with 1 torch thread. Data: {len(ds)} transitions "
+        f"of the maze2d recipe. Normalized score: 100·(R − min)/(max − min) with (min, max) = ({ref[0]:.2f}, {ref[1]:.2f}), "
+        f"{ref_source} (random policy / waypoint expert over 100 episodes; D4RL's own umaze reference is 23.85 / 161.86, "
+        "not comparable: different simulator). `normalized_score_std` is over episodes. "
+        "`latency_ms_per_action` is amortized (a chunk is planned every 8 actions)."
+    )
+    write_results(NAME, "python benchmarks/chunk_policy.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"), rows, notes,
+        reference={"min": ref[0], "max": ref[1], "source": ref_source})
+
+
+if __name__ == "__main__":
+    main()
