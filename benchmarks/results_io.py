@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffpilot.fileio import atomic_write_text
 from diffpilot.sim.report import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,21 +29,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def write_results(name: str, command: str, rows: list[dict[str, Any]], notes: str = "", **extra: Any) -> Path:
     """Write ``results/<name>.json`` and ``results/<name>.md``; returns the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": command, "machine": machine(), **extra, "rows": rows}
-    _write_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     md = f"# {name}\n\n`{command}`\n\nMachine: {payload['machine']}\n\n" + markdown_table(rows)
     if notes:
         md += f"\n{notes}\n"
-    _write_atomic(RESULTS / f"{name}.md", md)
+    atomic_write_text(RESULTS / f"{name}.md", md)
     return RESULTS / f"{name}.json"

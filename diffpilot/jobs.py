@@ -18,6 +18,7 @@ import yaml
 
 from diffpilot.data.d4rl import read_d4rl
 from diffpilot.data.maze2d import generate_maze2d
+from diffpilot.fileio import atomic_write_text
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.training import TrainConfig, train
@@ -100,9 +101,7 @@ def evaluate(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def eval_job(cfg: dict[str, Any]) -> Path:

@@ -31,15 +31,6 @@ HIDDEN = 64
 QUALITY = 0.04
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: thread sync costs more than it saves, and is erratic on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train(objective, model: nn.Module, steps: int, lr: float = 3e-3, cond_groups: int = 0) -> nn.Module:
     """Adam with cosine decay, batch 256, fresh toy samples each step."""
     torch.manual_seed(0)

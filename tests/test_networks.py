@@ -60,15 +60,6 @@ def one_adam_step(model: nn.Module, x, t, cond) -> None:
 KINDS = ["unet1d", "transformer"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These nets are tiny: one thread is fastest, and avoids OpenMP spinning on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("horizon", [8, 16, 32])
 @pytest.mark.parametrize("batch", [1, 4])

@@ -16,7 +16,6 @@ and never opens the file for writing.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -25,6 +24,7 @@ import h5py
 import numpy as np
 
 from diffpilot.data.errors import DatasetError
+from diffpilot.fileio import atomic_path
 
 __all__ = [
     "D4RL_REF_SCORES",
@@ -290,23 +290,16 @@ def write_d4rl(path: str | os.PathLike[str], dataset: OfflineDataset) -> Path:
     metadata = {k: _metadata_value(k, v) for k, v in _flatten(dataset.metadata).items()}
     infos = _flatten(dataset.infos)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp_name, "w") as f:
-            for key in REQUIRED_KEYS:
-                f.create_dataset(key, data=getattr(dataset, key), compression="gzip", compression_opts=1)
-            if dataset.next_observations is not None:
-                f.create_dataset("next_observations", data=dataset.next_observations, compression="gzip", compression_opts=1)
-            for key, arr in infos.items():
-                f.create_dataset(f"infos/{key}", data=np.asarray(arr), compression="gzip", compression_opts=1)
-            meta = f.require_group("metadata")
-            for key, value in metadata.items():
-                meta.create_dataset(key, data=value)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp_name, h5py.File(tmp_name, "w") as f:
+        for key in REQUIRED_KEYS:
+            f.create_dataset(key, data=getattr(dataset, key), compression="gzip", compression_opts=1)
+        if dataset.next_observations is not None:
+            f.create_dataset("next_observations", data=dataset.next_observations, compression="gzip", compression_opts=1)
+        for key, arr in infos.items():
+            f.create_dataset(f"infos/{key}", data=np.asarray(arr), compression="gzip", compression_opts=1)
+        meta = f.require_group("metadata")
+        for key, value in metadata.items():
+            meta.create_dataset(key, data=value)
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from diffpilot.data.d4rl import OfflineDataset
 from diffpilot.data.errors import DatasetError
+from diffpilot.fileio import atomic_path
 
 __all__ = ["default_minari_root", "minari_dataset_dir", "read_minari", "write_minari"]
 
@@ -251,10 +251,7 @@ def write_minari(
     folder = Path(root) / dataset_id / "data"
     folder.mkdir(parents=True, exist_ok=True)
     total_steps = 0
-    fd, tmp_h5 = tempfile.mkstemp(prefix=".main_data.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp_json: str | None = None
-    try:
+    with atomic_path(folder / "main_data.hdf5") as tmp_h5, atomic_path(folder / "metadata.json") as tmp_json:
         with h5py.File(tmp_h5, "w") as f:
             for i, ep in enumerate(episodes):
                 group = f.create_group(f"episode_{i}")
@@ -270,14 +267,5 @@ def write_minari(
                     _write_space(group, "infos", ep["infos"])
         meta = {"dataset_id": dataset_id, "total_episodes": len(episodes), "total_steps": total_steps}
         meta.update(metadata or {})
-        fd, tmp_json = tempfile.mkstemp(prefix=".metadata.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(meta, fh, indent=2)
-        os.replace(tmp_h5, folder / "main_data.hdf5")
-        os.replace(tmp_json, folder / "metadata.json")
-    except BaseException:
-        for tmp in (tmp_h5, tmp_json):
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp_json.write_text(json.dumps(meta, indent=2))
     return folder

@@ -10,7 +10,6 @@ an interrupted save never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +19,8 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from diffpilot.fileio import publish_dir
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -54,14 +55,7 @@ def save_checkpoint(directory: str | Path, tensors: dict[str, Tensor], config: d
         }
         with open(tmp / CONFIG, "w") as f:
             yaml.safe_dump(meta, f, sort_keys=False)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        publish_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffpilot.fileio import atomic_path
 from diffpilot.policy.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 
 STATE_KIND = "training_state"
@@ -106,12 +106,10 @@ def _restore(path: Path, model: nn.Module, ema: nn.Module, opt: torch.optim.Opti
 
 
 def _write_log(path: Path, log: list[dict[str, float]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
         writer.writeheader()
         writer.writerows(log)
-    os.replace(tmp, path)
 
 
 def train(

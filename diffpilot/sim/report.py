@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import html
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from diffpilot.fileio import atomic_write_text
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -23,12 +24,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _markdown_to_html(md: str, title: str) -> str:
@@ -74,6 +69,6 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[tuple[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = f"# {title}\n\n" + "\n".join(f"## {head}\n\n{body}\n" for head, body in sections)
-    _atomic_write(out / "report.md", md)
-    _atomic_write(out / "report.html", _markdown_to_html(md, title))
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", _markdown_to_html(md, title))
     return out / "report.md"
