@@ -30,7 +30,12 @@ from importlib.metadata import version
 from typing import Any, Literal, Sequence
 
 import gymnasium
-import gymnasium_robotics
+import farama_notifications
+
+# gymnasium-robotics prints a notice about its Adroit hand rewards on import;
+# diffpilot never builds those environments, so the notice is only noise here.
+farama_notifications.notifications.pop("gymnasium_robotics", None)
+import gymnasium_robotics  # noqa: E402
 import numpy as np
 from gymnasium import spaces
 
