@@ -22,6 +22,7 @@ from diffpilot.data.normalizer import Normalizer
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
+from diffpilot.policy.generative.warm_start import WarmStartConfig, WarmStarter
 from diffpilot.policy.networks import build_network
 
 DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [64, 128, 256], "kernel_size": 5}
@@ -45,6 +46,7 @@ class ChunkDiffusionPolicy(nn.Module):
         objective: dict[str, Any] | None = None,
         sampler: dict[str, Any] | None = None,
         normalizer: str = "limits",
+        warm_start: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= exec_horizon <= action_horizon - obs_horizon + 1:
@@ -65,6 +67,7 @@ class ChunkDiffusionPolicy(nn.Module):
             "objective": objective,
             "sampler": sampler,
             "normalizer": normalizer,
+            "warm_start": dict(warm_start) if warm_start else None,
         }
         self.obs_dim, self.action_dim = obs_dim, action_dim
         self.obs_horizon, self.action_horizon, self.exec_horizon = obs_horizon, action_horizon, exec_horizon
@@ -79,6 +82,9 @@ class ChunkDiffusionPolicy(nn.Module):
         )
         self.objective = build_objective(objective["name"], **{k: v for k, v in objective.items() if k != "name"})
         self.sampler = build_sampler(sampler["name"], self.objective, **{k: v for k, v in sampler.items() if k != "name"})
+        self.warm_starter: WarmStarter | None = None
+        self.set_warm_start(warm_start)
+        self._previous_chunk: Tensor | None = None
         self._generator = torch.Generator().manual_seed(0)
         self._obs_history: deque[np.ndarray] = deque(maxlen=obs_horizon)
         self._action_queue: deque[np.ndarray] = deque()
@@ -115,6 +121,13 @@ class ChunkDiffusionPolicy(nn.Module):
         """Switch the inference sampler (e.g. DDPM-100 vs DDIM-10) on the same trained network."""
         self.sampler = build_sampler(name, self.objective, **kwargs)
         self.config["sampler"] = {"name": name, **kwargs}
+        self.set_warm_start(self.config["warm_start"])
+
+    def set_warm_start(self, warm_start: dict[str, Any] | None) -> None:
+        """Enable (a dict of ``WarmStartConfig`` fields) or disable (None) warm-started replanning in ``act``."""
+        self.config["warm_start"] = dict(warm_start) if warm_start else None
+        self.warm_starter = WarmStarter(self.objective, self.sampler, WarmStartConfig(**warm_start)) if warm_start else None
+        self._previous_chunk = None
 
     def noise_shape(self, batch_size: int) -> tuple[int, int, int]:
         return (batch_size, self.action_horizon, self.action_dim)
@@ -137,9 +150,24 @@ class ChunkDiffusionPolicy(nn.Module):
         self.last_nfe = result.nfe
         return self.action_normalizer.unnormalize(result.sample)
 
+    @torch.no_grad()
+    def _plan(self, history: Tensor) -> Tensor:
+        """One replan: a full denoise, or a warm start from the previous chunk when enabled."""
+        cond = self.condition(history)
+        noise = torch.randn(self.noise_shape(1), generator=self._generator).to(cond)
+        if self.warm_starter is not None and self._previous_chunk is not None:
+            result = self.warm_starter.sample(self.net, self._previous_chunk, self.exec_horizon, noise, cond)
+        else:
+            result = self.sample_normalized(cond, noise)
+        self.last_nfe = result.nfe
+        if self.warm_starter is not None:
+            self._previous_chunk = result.sample
+        return self.action_normalizer.unnormalize(result.sample)
+
     def reset(self, seed: int | None = None) -> None:
         self._obs_history.clear()
         self._action_queue.clear()
+        self._previous_chunk = None
         if seed is not None:
             self._generator.manual_seed(seed)
 
@@ -157,7 +185,7 @@ class ChunkDiffusionPolicy(nn.Module):
         if not self._action_queue:
             device = self.obs_normalizer.scale.device
             history = torch.from_numpy(np.stack(self._obs_history))[None].to(device)
-            chunk = self.predict({"obs": history})[0].cpu().numpy()
+            chunk = self._plan(history)[0].cpu().numpy()
             start = self.obs_horizon - 1
             self._action_queue.extend(chunk[start : start + self.exec_horizon])
         return self._action_queue.popleft()
