@@ -1,0 +1,1 @@
+"""ONNX export (``onnx``, needs torch) and the numpy + onnxruntime runtime (``runtime``, no torch)."""

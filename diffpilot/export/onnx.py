@@ -1,0 +1,382 @@
+"""Export chunk policies to ONNX, verified against torch before anything is written.
+
+Two forms:
+
+- ``export_policy``: the whole inference path in one graph, raw observations
+  and noise in, actions in environment units out. The normalizers and the
+  fixed-step sampler (its schedule as constants) are inside, so the runtime
+  (``diffpilot.export.runtime``) needs nothing but the file. Noise is an
+  input, never a ``RandomNormal`` node: such nodes cannot be seeded and an
+  optimizer may fold them into constants.
+- ``export_denoiser``: the network alone, for users who run their own loop.
+
+Every export runs the written graph in onnxruntime at batch 1 and 3 against
+torch and refuses to publish a file whose outputs differ by more than
+``atol + rtol * |torch output|`` (float32 rounding scales with the output);
+the file appears in one rename only after that check passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+import diffpilot
+from diffpilot.export.runtime import (
+    EXPORT_FORMAT,
+    KIND_DENOISER,
+    KIND_POLICY,
+    ExportedModelError,
+    open_session,
+)
+from diffpilot.fileio import atomic_path
+from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
+from diffpilot.policy.generative import DDIMSampler, DDPMSampler, build_sampler
+
+MIN_OPSET = 17
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-5
+CHECK_BATCHES = (1, 3)
+MAX_BATCH = 4096
+
+
+class ExportCheckError(RuntimeError):
+    """The exported graph disagrees with torch; nothing was written."""
+
+
+# ----------------------------------------------------------------------- graphs
+class _PolicyGraph(nn.Module):
+    """obs (B, To, obs_dim) + noise (B, H, A) [+ step_noise (K, B, H, A)] -> actions (B, H, A)."""
+
+    def __init__(self, policy: ChunkDiffusionPolicy, sampler: Any) -> None:
+        super().__init__()
+        self.policy = policy
+        self.sampler = sampler
+
+    def forward(self, obs: Tensor, noise: Tensor, step_noise: Tensor | None = None) -> Tensor:
+        cond = self.policy.condition(obs)
+        sample = self.sampler.sample(self.policy.net, noise, cond, step_noise=step_noise).sample
+        return self.policy.action_normalizer.unnormalize(sample)
+
+
+class _DenoiserGraph(nn.Module):
+    """The bare network with MeanFlow's ``r`` as an explicit input when it is used."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, r: Tensor | None = None) -> Tensor:
+        return self.net(x, t, cond, r)
+
+
+def _is_stochastic(sampler: Any) -> bool:
+    """Samplers that draw fresh noise at each step (DDPM ancestral, DDIM with eta > 0)."""
+    return isinstance(sampler, DDPMSampler) or (isinstance(sampler, DDIMSampler) and sampler.eta > 0)
+
+
+# ------------------------------------------------------------------ public API
+def export_policy(
+    policy: ChunkDiffusionPolicy,
+    path: str | os.PathLike[str],
+    sampler: dict[str, Any] | None = None,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    seed: int = 0,
+) -> Path:
+    """Write ``policy``'s whole inference path to ``path`` as one verified ONNX graph.
+
+    ``sampler`` (e.g. ``{"name": "ddim", "num_steps": 10}``) overrides the
+    policy's own sampler for this export only. Stochastic samplers get a
+    ``step_noise`` input of shape (K, B, H, A). Raises ``ExportCheckError``
+    (and writes nothing) when onnxruntime and torch differ by more than
+    ``atol + rtol * |torch output|`` anywhere.
+    """
+    _check_policy(policy)
+    sampler_cfg = dict(sampler) if sampler is not None else dict(policy.config["sampler"])
+    if "name" not in sampler_cfg:
+        raise ValueError(
+            f"sampler override needs a 'name' key, e.g. {{'name': 'ddim', 'num_steps': 10}}; got {sampler_cfg}"
+        )
+    options = {k: v for k, v in sampler_cfg.items() if k != "name"}
+    built = build_sampler(sampler_cfg["name"], policy.objective, **options)
+    stochastic = _is_stochastic(built)
+    k_steps = built.num_steps if stochastic else 0
+    h, a, to, od = policy.action_horizon, policy.action_dim, policy.obs_horizon, policy.obs_dim
+
+    def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+        # Observations whose normalized values are standard normal, i.e. near the range the normalizer maps data to.
+        z = torch.randn(b, to, od, generator=g)
+        out = {
+            "obs": (z - policy.obs_normalizer.offset) / policy.obs_normalizer.scale,
+            "noise": torch.randn(b, h, a, generator=g),
+        }
+        if stochastic:
+            out["step_noise"] = torch.randn(k_steps, b, h, a, generator=g)
+        return out
+
+    graph = _PolicyGraph(policy, built)
+    with torch.no_grad():
+        probe = feeds(1, torch.Generator().manual_seed(seed))
+        cond = policy.condition(probe["obs"])
+        nfe = built.sample(policy.net, probe["noise"], cond, step_noise=probe.get("step_noise")).nfe
+    names = list(probe)
+    meta = _common_metadata(policy) | {
+        "kind": KIND_POLICY,
+        "form": "one_step" if nfe == 1 else "multi_step",
+        "inputs": ",".join(names),
+        "outputs": "actions",
+        "sampler": json.dumps(sampler_cfg, sort_keys=True),
+        "nfe": str(nfe),
+        "t_start": "1.0",
+        "step_noise_steps": str(k_steps),
+    }
+    return _export_verified(graph, feeds, names, "actions", meta, path, atol=atol, rtol=rtol, seed=seed)
+
+
+def export_denoiser(
+    policy: ChunkDiffusionPolicy,
+    path: str | os.PathLike[str],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    seed: int = 0,
+) -> Path:
+    """Write the denoiser ``net(x, t, cond[, r])`` alone to ``path``, verified like ``export_policy``.
+
+    Inputs: x (B, H, A) normalized sample, t (B,) in [0, 1], cond (B, To*obs_dim)
+    normalized condition, and r (B,) for MeanFlow networks. The metadata names
+    the objective so a hand-written loop can interpret the output.
+    """
+    _check_policy(policy)
+    use_r = bool(getattr(policy.net, "use_r", False))
+    h, a = policy.action_horizon, policy.action_dim
+    c = policy.obs_horizon * policy.obs_dim
+
+    def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+        out = {
+            "x": torch.randn(b, h, a, generator=g),
+            "t": torch.rand(b, generator=g),
+            "cond": torch.randn(b, c, generator=g),
+        }
+        if use_r:
+            out["r"] = out["t"] * torch.rand(b, generator=g)
+        return out
+
+    names = ["x", "t", "cond"] + (["r"] if use_r else [])
+    meta = _common_metadata(policy) | {
+        "kind": KIND_DENOISER,
+        "form": "network",
+        "inputs": ",".join(names),
+        "outputs": "out",
+        "sampler": json.dumps(policy.config["sampler"], sort_keys=True),
+        "nfe": "1",
+        "t_start": "1.0",
+        "step_noise_steps": "0",
+    }
+    graph = _DenoiserGraph(policy.net)
+    return _export_verified(graph, feeds, names, "out", meta, path, atol=atol, rtol=rtol, seed=seed)
+
+
+def quantize_dynamic_int8(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, max_error: float | None = None, seed: int = 0
+) -> Path:
+    """Dynamic int8 quantization of ``src``'s MatMul/Gemm weights into ``dst``, metadata kept.
+
+    Convolutions stay fp32: onnxruntime's CPU int8 convolutions are slower
+    than fp32 ones. The max abs difference to the fp32 model on random inputs
+    (batch 1 and 3) is stored as ``quantization_max_abs_error``; with
+    ``max_error`` set, a larger difference raises and nothing is written.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    fp32, info = open_session(src)
+    with atomic_path(dst) as tmp, tempfile.TemporaryDirectory(prefix=".quantize.", dir=dst.parent) as work:
+        # The quantizer re-runs onnx shape inference, which can disagree with the
+        # exporter's intermediate shape annotations; they are optional, so drop them.
+        plain = onnx.load(str(src))
+        del plain.graph.value_info[:]
+        stripped, raw = Path(work) / "fp32.onnx", Path(work) / "int8.onnx"
+        onnx.save(plain, str(stripped))
+        quantize_dynamic(
+            str(stripped),
+            str(raw),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        int8 = _session(raw)
+        rng = np.random.default_rng(seed)
+        error = 0.0
+        for b in CHECK_BATCHES:
+            feed = _random_feeds(fp32, b, rng)
+            (want,) = fp32.run(None, feed)
+            (got,) = int8.run(None, feed)
+            if not np.isfinite(got).all():
+                raise ExportCheckError(
+                    f"the int8 model of {src} gives non-finite outputs at batch {b}; keep the fp32 model"
+                )
+            error = max(error, float(np.abs(got - want).max()))
+        if max_error is not None and error > max_error:
+            raise ExportCheckError(
+                f"int8 outputs differ from fp32 by {error:.3g} > max_error={max_error:g}; keep the fp32 model "
+                "or raise max_error"
+            )
+        model = onnx.load(str(raw))
+        quant = {"quantization": "dynamic_int8_matmul_gemm", "quantization_max_abs_error": repr(error)}
+        _set_metadata(model, info.raw | quant)
+        onnx.save(model, str(tmp))
+        open_session(tmp)  # the published file must load with its metadata
+    return dst
+
+
+# ------------------------------------------------------------------ internals
+def _check_policy(policy: ChunkDiffusionPolicy) -> None:
+    if not isinstance(policy, ChunkDiffusionPolicy):
+        raise TypeError(f"expected a ChunkDiffusionPolicy, got {type(policy).__name__}")
+    devices = {p.device.type for p in policy.parameters()} | {b.device.type for b in policy.buffers()}
+    if devices != {"cpu"}:
+        raise ValueError(f"export runs on the CPU; the policy is on {sorted(devices)}: call policy.cpu() first")
+
+
+def _common_metadata(policy: ChunkDiffusionPolicy) -> dict[str, str]:
+    cfg = policy.config
+    return {
+        "diffpilot_format": str(EXPORT_FORMAT),
+        "diffpilot_version": diffpilot.__version__,
+        "policy_kind": policy.KIND,
+        "obs_dim": str(cfg["obs_dim"]),
+        "action_dim": str(cfg["action_dim"]),
+        "obs_horizon": str(cfg["obs_horizon"]),
+        "action_horizon": str(cfg["action_horizon"]),
+        "exec_horizon": str(cfg["exec_horizon"]),
+        "network": json.dumps(cfg["network"], sort_keys=True),
+        "objective": json.dumps(cfg["objective"], sort_keys=True),
+    }
+
+
+def _set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    for key, value in sorted(meta.items()):
+        model.metadata_props.add(key=key, value=value)
+
+
+def _strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug records: most of a small model's bytes, and they embed source paths."""
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _random_feeds(session: ort.InferenceSession, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs for any exported graph: symbolic dims become ``batch``; times are drawn in [0, 1]."""
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = tuple(d if isinstance(d, int) else batch for d in inp.shape)
+        if inp.name in ("t", "r"):
+            feeds[inp.name] = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+        else:
+            feeds[inp.name] = rng.standard_normal(shape, dtype=np.float32)
+    if "r" in feeds:
+        feeds["r"] = feeds["r"] * feeds["t"]
+    return feeds
+
+
+def _export_verified(
+    graph: nn.Module,
+    make_feeds: Callable[[int, torch.Generator], dict[str, Tensor]],
+    names: list[str],
+    output: str,
+    meta: dict[str, str],
+    path: str | os.PathLike[str],
+    *,
+    atol: float,
+    rtol: float,
+    seed: int,
+) -> Path:
+    """torch.onnx.export (dynamo, dynamic batch) to a scratch file, stamp metadata, verify, then publish."""
+    if not (atol >= 0 and rtol >= 0):
+        raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+    path = Path(path)
+    modes = [(m, m.training) for m in graph.modules()]  # the wrapped policy's own mode comes back after export
+    graph.eval()
+    try:
+        example = make_feeds(2, torch.Generator().manual_seed(seed))
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        dynamic = {n: ({1: batch} if n == "step_noise" else {0: batch}) for n in names}
+        with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=".export.", dir=path.parent) as work:
+            raw = Path(work) / "graph.onnx"
+            with torch.no_grad():
+                torch.onnx.export(
+                    graph, (), str(raw), kwargs=example, dynamo=True, dynamic_shapes=dynamic,
+                    input_names=names, output_names=[output], verbose=False,
+                )
+            model = onnx.load(str(raw))
+            opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
+            if opset < MIN_OPSET:
+                raise ExportCheckError(f"exported opset {opset} < {MIN_OPSET}; upgrade torch/onnxscript")
+            _strip_debug_info(model)
+            _set_metadata(model, meta)
+            onnx.save(model, str(tmp))
+            error = _verify(graph, tmp, make_feeds, atol=atol, rtol=rtol, seed=seed)
+            _set_metadata(model, meta | {"check_max_abs_error": repr(error)})
+            onnx.save(model, str(tmp))
+    finally:
+        for module, training in modes:
+            module.training = training
+    return path
+
+
+def _verify(
+    graph: nn.Module,
+    path: Path,
+    make_feeds: Callable[[int, torch.Generator], dict[str, Tensor]],
+    *,
+    atol: float,
+    rtol: float,
+    seed: int,
+) -> float:
+    """Max abs difference onnxruntime vs torch over batches 1 and 3; raises past ``atol + rtol * |torch|``."""
+    try:
+        session, _ = open_session(path)
+    except ExportedModelError as err:
+        raise ExportCheckError(f"the exported graph does not load in onnxruntime: {err}") from None
+    worst = 0.0
+    g = torch.Generator().manual_seed(seed + 1)
+    for b in CHECK_BATCHES:
+        feeds = make_feeds(b, g)
+        with torch.no_grad():
+            want = graph(**feeds).numpy()
+        (got,) = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        if got.shape != want.shape:
+            raise ExportCheckError(f"onnxruntime output shape {got.shape} != torch {want.shape} at batch {b}")
+        diff = np.abs(got.astype(np.float64) - want)
+        error = float(diff.max()) if np.isfinite(got).all() else float("inf")
+        worst = max(worst, error)
+        if not (diff <= atol + rtol * np.abs(want)).all():
+            raise ExportCheckError(
+                f"onnxruntime differs from torch by up to {error:.3g} (atol={atol:g}, rtol={rtol:g}, "
+                f"largest torch output {float(np.abs(want).max()):.3g}) at batch {b}; nothing was written. "
+                "Check the network for ops that export inexactly, "
+                "or pass a larger atol/rtol if the difference is expected"
+            )
+    return worst
