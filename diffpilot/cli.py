@@ -20,6 +20,7 @@ COMMANDS = {
     "data": ("generate", "generate a data set (positional: a data config name, e.g. maze2d-medium)"),
     "train": ("train", "train a policy on a data set"),
     "eval": ("eval", "evaluate a saved policy closed loop (needs checkpoint=PATH)"),
+    "export": ("export", "export a saved policy to ONNX for the onnxruntime runtime (needs checkpoint=PATH)"),
     "demo": ("demo", "generate, train, evaluate and write a report (what `make demo` runs)"),
 }
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(jobs.train_job(cfg))
     elif args.command == "eval":
         print(jobs.eval_job(cfg) / "report.md")
+    elif args.command == "export":
+        print(jobs.export_job(cfg))
     else:
         print(jobs.demo_job(cfg))
     return 0

@@ -27,7 +27,7 @@ from diffpilot.sim.report import markdown_table, write_report
 from diffpilot.sim.runner import EpisodeRecord, run_episodes, summarize
 from diffpilot.sim.tasks import Task, dataset_reference, get_task
 
-POLICY_KEYS = ("obs_horizon", "action_horizon", "exec_horizon", "network", "objective", "sampler", "normalizer")
+POLICY_KEYS = ("obs_horizon", "action_horizon", "exec_horizon", "network", "objective", "sampler", "normalizer", "warm_start")
 
 
 def cache_dir() -> Path:
@@ -129,6 +129,18 @@ def eval_job(cfg: dict[str, Any]) -> Path:
     return out
 
 
+def export_job(cfg: dict[str, Any]) -> Path:
+    """Export a saved policy to ONNX (self-checked against torch); optionally an int8 copy beside it."""
+    from diffpilot.export.onnx import export_policy, quantize_dynamic_int8
+
+    ckpt = Path(cfg["checkpoint"])
+    out = Path(cfg["out"]) if cfg.get("out") else ckpt.parent / "policy.onnx"
+    path = export_policy(ChunkDiffusionPolicy.load(ckpt), out, dict(cfg["sampler"]) if cfg.get("sampler") else None)
+    if cfg.get("int8"):
+        quantize_dynamic_int8(path, path.with_suffix(".int8.onnx"))
+    return path
+
+
 def _rollout_figure(task: Task, records: list[EpisodeRecord], path: Path) -> None:
     env = task.make_env()
     try:
@@ -157,6 +169,17 @@ def demo_job(cfg: dict[str, Any]) -> Path:
         label = f"{name}-{policy.last_nfe}"
         rows.append({"sampler": label, "nfe_per_chunk": policy.last_nfe, **summary})
         all_records[label] = records
+    if cfg.get("export_onnx", True):
+        from diffpilot.export.onnx import export_policy
+        from diffpilot.export.runtime import OnnxChunkPolicy
+
+        first = dict(cfg["eval_samplers"][0])
+        onnx_path = export_policy(policy, out / "policy.onnx", first)
+        runtime = OnnxChunkPolicy(onnx_path, threads=1)
+        summary, records = evaluate(runtime, task, int(cfg["sim"]["episodes"]), int(cfg["sim"]["seed"]), ref, cfg.get("progress", True))
+        label = f"{first['name']}-{runtime.nfe} (onnxruntime)"
+        rows.append({"sampler": label, "nfe_per_chunk": runtime.nfe, **summary})
+        all_records[label] = records
     _write_json(out / "eval.json", {"reference": list(ref), "reference_source": ref_source, "rows": rows,
                                     "episodes": {k: [r.row() for r in v] for k, v in all_records.items()}})
     _rollout_figure(task, all_records[rows[0]["sampler"]], out / "rollouts.png")
@@ -171,6 +194,8 @@ def demo_job(cfg: dict[str, Any]) -> Path:
             f"- training: {cfg['train']['steps']} steps, batch {cfg['train']['batch_size']} ({train_s:.0f} s including data generation)\n"
             f"- evaluation: {cfg['sim']['episodes']} episodes in MuJoCo per sampler, seeds from {cfg['sim']['seed']}\n"
             f"- reference returns (min, max) = {ref[0]:.2f}, {ref[1]:.2f} ({ref_source})\n"
+            + ("- `policy.onnx`: the policy exported to ONNX (normalizers + unrolled sampler, checked against torch), "
+               "evaluated by the torch-free onnxruntime runtime in the last row\n" if cfg.get("export_onnx", True) else "")
         )),
         ("Closed-loop results", markdown_table(rows, cols) + (
             "\n`latency_ms_mean` is the policy's time per executed action (a chunk is planned every "

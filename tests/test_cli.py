@@ -48,3 +48,21 @@ def test_unknown_task_is_refused():
 
     with pytest.raises(ValueError, match="unknown task 'maze3d'.*maze2d-umaze"):
         get_task("maze3d")
+
+
+def test_export_command_writes_a_model_the_runtime_runs(tmp_path, capsys):
+    import numpy as np
+
+    from diffpilot.export.runtime import OnnxChunkPolicy
+    from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
+
+    policy = ChunkDiffusionPolicy(6, 2, action_horizon=8, exec_horizon=4,
+                                  network={"name": "unet1d", "down_dims": [16, 32], "kernel_size": 3, "n_groups": 4})
+    policy.fit_normalizers(np.random.default_rng(0).normal(size=(50, 6)), np.random.default_rng(1).uniform(-1, 1, (50, 2)))
+    policy.save(tmp_path / "policy")
+    assert main(["export", f"checkpoint={tmp_path / 'policy'}", "sampler={name: ddim, num_steps: 2}"]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    assert path == str(tmp_path / "policy.onnx")
+    runtime = OnnxChunkPolicy(path)
+    assert runtime.nfe == 2
+    assert runtime.act(np.zeros(6, dtype=np.float32)).shape == (2,)

@@ -89,6 +89,7 @@ class ChunkDiffusionPolicy(nn.Module):
         self._obs_history: deque[np.ndarray] = deque(maxlen=obs_horizon)
         self._action_queue: deque[np.ndarray] = deque()
         self.last_nfe = 0
+        self.total_nfe = 0  # network evaluations spent by act() since construction (for NFE per action)
 
     # ----------------------------------------------------------------- training
     def fit_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
@@ -160,6 +161,7 @@ class ChunkDiffusionPolicy(nn.Module):
         else:
             result = self.sample_normalized(cond, noise)
         self.last_nfe = result.nfe
+        self.total_nfe += result.nfe
         if self.warm_starter is not None:
             self._previous_chunk = result.sample
         return self.action_normalizer.unnormalize(result.sample)

@@ -1,0 +1,94 @@
+"""Real-time-iteration warm start: guess handling, NFE, reset, and what a good or bad guess does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffpilot.data.windows import ChunkWindows
+from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
+from diffpilot.policy.generative.warm_start import WarmStartConfig, shift_chunk
+from diffpilot.policy.training import TrainConfig, train
+
+NET = {"name": "unet1d", "down_dims": [16, 32], "kernel_size": 3, "n_groups": 4}
+
+
+def test_shift_drops_executed_steps_and_repeats_the_last():
+    chunk = torch.arange(5.0).reshape(1, 5, 1)
+    assert shift_chunk(chunk, 2)[0, :, 0].tolist() == [2, 3, 4, 4, 4]
+    assert torch.equal(shift_chunk(chunk, 0), chunk)
+    with pytest.raises(ValueError, match=r"shift must be in \[0, 4\]"):
+        shift_chunk(chunk, 5)
+    with pytest.raises(ValueError, match="t_start must be in"):
+        WarmStartConfig(t_start=1.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A chunk policy whose action chunk is a deterministic function of the observation."""
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-1, 1, size=(600, 2)).astype(np.float32)
+    act = np.stack([0.8 * obs[:, 0], -0.6 * obs[:, 1]], axis=1).astype(np.float32)
+    windows = ChunkWindows(obs, act, [(i, i + 1) for i in range(600)], 1, 8)  # constant chunks
+    torch.manual_seed(0)
+    policy = ChunkDiffusionPolicy(2, 2, obs_horizon=1, action_horizon=8, exec_horizon=4, network=NET,
+                                  objective={"name": "ddpm", "num_train_steps": 100, "clip_sample": 1.0})
+    policy.fit_normalizers(obs, act)
+    out = tmp_path_factory.mktemp("warm")
+    return train(policy, windows, TrainConfig(steps=800, batch_size=64, lr=3e-3, ckpt_every=800), out, progress=False), obs, act
+
+
+def test_a_perfect_guess_is_kept_and_a_wrong_one_is_corrected_only_from_a_high_start(trained):
+    policy, obs, act = trained
+    policy.eval()
+    o = torch.from_numpy(obs[:16])[:, None]
+    cond = policy.condition(o)
+    truth = policy.action_normalizer.normalize(torch.from_numpy(act[:16])[:, None].expand(-1, 8, -1))
+    noise = torch.randn(policy.noise_shape(16), generator=torch.Generator().manual_seed(1))
+    full = policy.sample_normalized(cond, noise).sample
+    assert (full - truth).abs().mean() < 0.1  # the trained policy knows the chunk
+
+    def warm(guess, t_start):
+        policy.set_warm_start({"t_start": t_start, "renoise": True})
+        return policy.warm_starter.sample(policy.net, guess, 0, noise, cond)
+
+    kept = warm(full, 0.3)
+    assert kept.nfe == 3
+    assert (kept.sample - full).abs().mean() < 0.05  # a perfect guess is (nearly) a fixed point
+    wrong = -truth
+    low, high = warm(wrong, 0.2).sample, warm(wrong, 0.9).sample
+    err_low, err_high = (low - truth).abs().mean(), (high - truth).abs().mean()
+    assert err_high < 0.15 < err_low  # from a low start the guess dominates; from a high start the data does
+
+
+def test_act_warm_starts_after_the_first_plan_and_reset_clears_the_guess(trained):
+    policy, obs, _ = trained
+    policy.set_sampler("ddim", num_steps=10)
+    policy.set_warm_start({"t_start": 0.3, "renoise": True})
+    policy.reset(seed=0)
+    nfes = []
+    for i in range(12):  # exec_horizon 4: plans at steps 0, 4, 8
+        policy.act(obs[i])
+        if i % 4 == 0:
+            nfes.append(policy.last_nfe)
+    assert nfes == [10, 3, 3]
+    policy.reset(seed=0)
+    policy.act(obs[0])
+    assert policy.last_nfe == 10  # no guess survives a reset
+    policy.set_warm_start(None)
+
+
+def test_flow_policies_warm_start_with_their_own_integrator():
+    torch.manual_seed(0)
+    policy = ChunkDiffusionPolicy(2, 2, obs_horizon=1, action_horizon=8, exec_horizon=4, network=NET,
+                                  objective={"name": "flow"}, sampler={"name": "euler", "num_steps": 10},
+                                  warm_start={"t_start": 0.4, "num_steps": 2, "renoise": False})
+    policy.fit_normalizers(np.zeros((4, 2)), np.ones((4, 2)) * np.arange(4)[:, None])
+    policy.reset(seed=0)
+    nfes = []
+    for i in range(8):
+        policy.act(np.zeros(2, dtype=np.float32))
+        if i % 4 == 0:
+            nfes.append(policy.last_nfe)
+    assert nfes == [10, 2]
