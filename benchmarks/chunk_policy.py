@@ -23,25 +23,12 @@ from results_io import write_results
 
 from diffpilot.cli import load_config
 from diffpilot.data.d4rl import read_d4rl
-from diffpilot.data.maze2d import WaypointController
+from diffpilot.data.maze2d import WaypointExpert
 from diffpilot.jobs import POLICY_KEYS, dataset_path, evaluate, reference_for, train_job
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.sim.tasks import get_task
 
 NAME = "chunk_policy_maze2d"
-
-
-class Expert:
-    """The data-generating waypoint controller behind the Policy interface."""
-
-    def __init__(self, maze_map) -> None:
-        self.controller = WaypointController(maze_map)
-
-    def reset(self, seed=None) -> None:
-        pass
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.controller.act(obs[:2], obs[2:4], obs[4:6])
 
 
 def chunk_latency_ms(policy: ChunkDiffusionPolicy, obs: np.ndarray, calls: int = 30) -> float:
@@ -53,6 +40,21 @@ def chunk_latency_ms(policy: ChunkDiffusionPolicy, obs: np.ndarray, calls: int =
         policy.predict({"obs": hist})
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
+
+
+def train_policies(out: str, steps: int, batch: int, data_steps: int) -> dict[str, dict]:
+    """Train (or resume, or reuse) the DDPM- and flow-objective chunk policies on the same data and budget.
+
+    Returns each objective's resolved config; its policy is saved in ``<cfg["out"]>/policy``.
+    """
+    common = [f"data.num_steps={data_steps}", f"train.steps={steps}", f"train.batch_size={batch}",
+              "policy.network.down_dims=[32,64,128]", "progress=false"]
+    cfgs = {}
+    for objective, policy_cfg in (("ddpm", "chunk_diffusion"), ("flow", "chunk_flow")):
+        cfgs[objective] = load_config("train", [f"policy={policy_cfg}", f"out={out}/{objective}", *common])
+        torch.set_num_threads(2)
+        train_job(cfgs[objective])
+    return cfgs
 
 
 def train_ms_per_step(policy_cfg: dict, obs_dim: int, act_dim: int, batch: int, steps: int = 40) -> float:
@@ -79,13 +81,9 @@ def main() -> None:
     ap.add_argument("--data-steps", type=int, default=100_000)
     ap.add_argument("--out", default="runs/bench/chunk_policy")
     args = ap.parse_args()
-    common = [f"data.num_steps={args.data_steps}", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
-              "policy.network.down_dims=[32,64,128]", "progress=false"]
+    cfgs = train_policies(args.out, args.steps, args.batch, args.data_steps)
     trained = {}
-    for objective, policy_cfg in (("ddpm", "chunk_diffusion"), ("flow", "chunk_flow")):
-        cfg = load_config("train", [f"policy={policy_cfg}", f"out={args.out}/{objective}", *common])
-        torch.set_num_threads(2)
-        train_job(cfg)
+    for objective, cfg in cfgs.items():
         policy = ChunkDiffusionPolicy.load(Path(cfg["out"]) / "policy")
         trained[objective] = (policy, train_ms_per_step(cfg["policy"], policy.obs_dim, policy.action_dim, args.batch))
     data_path = dataset_path(cfg["data"])
@@ -96,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(1)  # latency as on one core of the robot's computer
 
     env = task.make_env()
-    expert = Expert(env.unwrapped.maze.maze_map)
+    expert = WaypointExpert(env.unwrapped.maze.maze_map)
     probe_obs, _ = env.reset(seed=0)
     env.close()
     summary, _ = evaluate(expert, task, args.episodes, seed, ref, progress=False)

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chunk_policy import train_policies
 from results_io import write_results
 
-from diffpilot.cli import load_config
 from diffpilot.export.onnx import export_policy, quantize_dynamic_int8
 from diffpilot.export.runtime import OnnxChunkPolicy
-from diffpilot.jobs import dataset_path, evaluate, reference_for, train_job
+from diffpilot.jobs import dataset_path, evaluate, reference_for
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.sim.tasks import get_task
 
@@ -41,18 +41,6 @@ CLOSED_LOOP = (  # method, objective, sampler, warm start
     ("flow euler-10", "flow", {"name": "euler", "num_steps": 10}, None),
     ("flow 1-step", "flow", {"name": "euler", "num_steps": 1}, None),
 )
-
-
-def policies(out: str, steps: int, batch: int, data_steps: int) -> tuple[dict[str, Path], dict]:
-    """The chunk_policy benchmark's trained policies (resumed or trained here)."""
-    common = [f"data.num_steps={data_steps}", f"train.steps={steps}", f"train.batch_size={batch}",
-              "policy.network.down_dims=[32,64,128]", "progress=false"]
-    dirs = {}
-    for objective, policy_cfg in (("ddpm", "chunk_diffusion"), ("flow", "chunk_flow")):
-        cfg = load_config("train", [f"policy={policy_cfg}", f"out={out}/{objective}", *common])
-        torch.set_num_threads(2)
-        dirs[objective] = train_job(cfg)
-    return dirs, cfg
 
 
 def act_latency_ms(policy, obs: np.ndarray, plans: int = 40) -> tuple[float, float, float]:
@@ -78,7 +66,9 @@ def main() -> None:
     ap.add_argument("--data-steps", type=int, default=100_000)
     ap.add_argument("--out", default="runs/bench/chunk_policy")
     args = ap.parse_args()
-    dirs, cfg = policies(args.out, args.steps, args.batch, args.data_steps)
+    cfgs = train_policies(args.out, args.steps, args.batch, args.data_steps)
+    dirs = {objective: Path(cfg["out"]) / "policy" for objective, cfg in cfgs.items()}
+    cfg = cfgs["ddpm"]
     task = get_task(TASK)
     ref, ref_source = reference_for(task, dataset_path(cfg["data"]))
     seed = int(cfg["sim"]["seed"])

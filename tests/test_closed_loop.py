@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpilot.data.maze2d import WaypointController, generate_maze2d
+from diffpilot.data.maze2d import WaypointExpert, generate_maze2d
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.training import TrainConfig, train
@@ -14,23 +14,10 @@ from diffpilot.sim.runner import run_episodes, summarize
 from diffpilot.sim.tasks import get_task
 
 
-class ExpertPolicy:
-    """The maze2d waypoint expert behind the Policy interface (goal read from the observation)."""
-
-    def __init__(self, maze_map) -> None:
-        self.controller = WaypointController(maze_map)
-
-    def reset(self, seed=None) -> None:
-        pass
-
-    def act(self, observation: np.ndarray) -> np.ndarray:
-        return self.controller.act(observation[:2], observation[2:4], observation[4:6])
-
-
 def test_runner_scores_the_expert_near_100_and_random_near_0():
     task = get_task("maze2d-umaze")
     env = task.make_env()
-    expert = ExpertPolicy(env.unwrapped.maze.maze_map)
+    expert = WaypointExpert(env.unwrapped.maze.maze_map)
     env.close()
     ref = (5.0, 150.0)
     records = run_episodes(task.make_env, expert, 3, seed=7, ref_scores=ref, progress=False)

@@ -47,6 +47,7 @@ __all__ = [
     "Maze2DEnv",
     "MazeSpec",
     "WaypointController",
+    "WaypointExpert",
     "generate_maze2d",
     "make_maze2d_env",
     "reference_scores",
@@ -200,6 +201,26 @@ class WaypointController:
         target = self.waypoint(pos, goal)
         action = self.p_gain * (target - pos) - self.d_gain * np.asarray(vel)
         return np.clip(action, -1.0, 1.0)
+
+
+class WaypointExpert:
+    """The waypoint controller as a closed-loop policy on goal-conditioned observations.
+
+    Reads position, velocity and goal from ``[x, y, vx, vy, goal_x, goal_y]``
+    (what ``make_maze2d_env(goal_in_obs=True)`` returns), so it runs through
+    the same runner as a learned policy: the reference row of maze2d tables.
+    """
+
+    def __init__(self, maze_map: Sequence[Sequence[int | str]]) -> None:
+        self.controller = WaypointController(maze_map)
+
+    def reset(self, seed: int | None = None) -> None:
+        pass
+
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        if np.shape(observation) != (6,):
+            raise ValueError(f"WaypointExpert needs [x, y, vx, vy, goal_x, goal_y], got shape {np.shape(observation)}")
+        return self.controller.act(observation[:2], observation[2:4], observation[4:6])
 
 
 class Maze2DEnv(gymnasium.Wrapper):
