@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("train", "train a policy on a data set"),
     "eval": ("eval", "evaluate a saved policy closed loop (needs checkpoint=PATH)"),
     "export": ("export", "export a saved policy to ONNX for the onnxruntime runtime (needs checkpoint=PATH)"),
+    "deploy": ("deploy", "run an exported policy at a fixed rate with onnxruntime only (needs model=PATH)"),
     "demo": ("demo", "generate, train, evaluate and write a report (what `make demo` runs)"),
 }
 
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    from diffpilot import jobs  # heavy imports only once the config is valid
-
+    if args.command != "deploy":
+        from diffpilot import jobs  # heavy imports only once the config is valid
     if args.command == "data":
         print(jobs.generate_job(cfg["data"], cfg.get("progress", True)))
     elif args.command == "train":
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(jobs.eval_job(cfg) / "report.md")
     elif args.command == "export":
         print(jobs.export_job(cfg))
+    elif args.command == "deploy":
+        from diffpilot.export.deploy import deploy_job  # torch-free path: does not import jobs
+
+        print(deploy_job(cfg))
     else:
         print(jobs.demo_job(cfg))
     return 0
