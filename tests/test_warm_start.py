@@ -92,3 +92,30 @@ def test_flow_policies_warm_start_with_their_own_integrator():
         if i % 4 == 0:
             nfes.append(policy.last_nfe)
     assert nfes == [10, 2]
+
+
+def test_jacobian_norm_recovers_a_known_spectral_norm():
+    from diffpilot.policy.warm_start_tuning import jacobian_norm
+
+    a = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
+    x = torch.randn(4, 6, 2)
+    assert jacobian_norm(lambda z: z @ a, x, generator=torch.Generator().manual_seed(0)) == pytest.approx(3.0, rel=1e-3)
+
+
+def test_tuning_picks_the_smallest_start_that_agrees_with_the_full_sampler(trained):
+    from diffpilot.policy.warm_start_tuning import tune_warm_start
+
+    policy, obs, _ = trained
+    policy.set_sampler("ddim", num_steps=10)
+    policy.set_warm_start(None)
+    hist = torch.from_numpy(obs[:24])[:, None]
+    report = tune_warm_start(policy, hist, hist, candidates=(0.1, 0.3, 0.6, 0.9), tolerance=0.08)
+    nfes = [r["nfe"] for r in report.rows]
+    assert nfes == sorted(nfes) and nfes[0] == 1 and nfes[-1] == 9
+    assert all(0 < r["lipschitz"] < 100 for r in report.rows)
+    assert report.t_start is not None
+    for r in report.rows:
+        if r["t_start"] < report.t_start - 1e-9:
+            assert r["gap_mean"] > 0.08
+        if r["t_start"] == pytest.approx(report.t_start):
+            assert r["gap_mean"] <= 0.08
