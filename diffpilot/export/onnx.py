@@ -13,13 +13,17 @@ Two forms:
 Every export runs the written graph in onnxruntime at batch 1 and 3 against
 torch and refuses to publish a file whose outputs differ by more than
 ``atol + rtol * |torch output|`` (float32 rounding scales with the output);
-the file appears in one rename only after that check passes. The tolerance
-is per network evaluation: a graph that chains ``nfe`` denoiser calls is
-held to ``nfe`` times it, since each call's rounding feeds the next one.
+the file appears in one rename only after that check passes. Both are
+measured against the same graph run by torch in float64, and onnxruntime
+may be off it by ``nfe * (atol + rtol |output|)`` plus twice torch fp32's
+own error: rounding compounds through ``nfe`` chained network calls, and a
+sampler can be ill-conditioned in fp32 (epsilon-prediction divides by
+sqrt(alpha_bar) at its noisiest step), which no export can do better than.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -99,7 +103,7 @@ def export_policy(
 ) -> Path:
     """Write ``policy``'s whole inference path to ``path`` as one verified ONNX graph.
 
-    ``atol``/``rtol`` are per network evaluation; the check allows ``nfe`` times them.
+    The check: |onnxruntime - float64 torch| <= nfe (atol + rtol |output|) + 2 max|fp32 torch - float64 torch|.
 
     ``sampler`` (e.g. ``{"name": "ddim", "num_steps": 10}``) overrides the
     policy's own sampler for this export only. Stochastic samplers get a
@@ -214,14 +218,19 @@ def quantize_dynamic_int8(
         del plain.graph.value_info[:]
         stripped, raw = Path(work) / "fp32.onnx", Path(work) / "int8.onnx"
         onnx.save(plain, str(stripped))
-        quantize_dynamic(
-            str(stripped),
-            str(raw),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-            extra_options={"MatMulConstBOnly": True},
-        )
-        int8 = _session(raw)
+        try:
+            quantize_dynamic(
+                str(stripped),
+                str(raw),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+            int8 = _session(raw)
+        except Exception as err:  # the quantizer reports failures as bare RuntimeErrors
+            raise ExportCheckError(
+                f"onnxruntime's dynamic quantizer could not quantize {src} ({str(err)[:200]}); keep the fp32 model"
+            ) from err
         rng = np.random.default_rng(seed)
         error = 0.0
         for b in CHECK_BATCHES:
@@ -359,27 +368,35 @@ def _verify(
     rtol: float,
     seed: int,
 ) -> float:
-    """Max abs difference onnxruntime vs torch over batches 1 and 3; raises past ``atol + rtol * |torch|``."""
+    """Max abs difference onnxruntime vs fp32 torch over batches 1 and 3.
+
+    Raises when onnxruntime's distance to a float64 torch run exceeds
+    ``atol + rtol * |output|`` plus twice fp32 torch's own distance to it.
+    """
     try:
         session, _ = open_session(path)
     except ExportedModelError as err:
         raise ExportCheckError(f"the exported graph does not load in onnxruntime: {err}") from None
     worst = 0.0
+    exact_graph = copy.deepcopy(graph).double()
     g = torch.Generator().manual_seed(seed + 1)
     for b in CHECK_BATCHES:
         feeds = make_feeds(b, g)
         with torch.no_grad():
             want = graph(**feeds).numpy()
+            exact = exact_graph(**{k: v.double() for k, v in feeds.items()}).numpy()
         (got,) = session.run(None, {k: v.numpy() for k, v in feeds.items()})
         if got.shape != want.shape:
             raise ExportCheckError(f"onnxruntime output shape {got.shape} != torch {want.shape} at batch {b}")
-        diff = np.abs(got.astype(np.float64) - want)
-        error = float(diff.max()) if np.isfinite(got).all() else float("inf")
+        error = float(np.abs(got.astype(np.float64) - want).max()) if np.isfinite(got).all() else float("inf")
         worst = max(worst, error)
-        if not (diff <= atol + rtol * np.abs(want)).all():
+        torch_error = float(np.abs(want - exact).max())
+        ort_error = np.abs(got - exact)
+        if not (ort_error <= atol + rtol * np.abs(exact) + 2.0 * torch_error).all():
             raise ExportCheckError(
-                f"onnxruntime differs from torch by up to {error:.3g} (atol={atol:g}, rtol={rtol:g}, "
-                f"largest torch output {float(np.abs(want).max()):.3g}) at batch {b}; nothing was written. "
+                f"onnxruntime is off the float64 result by up to {float(ort_error.max()):.3g}, torch fp32 by "
+                f"{torch_error:.3g} (atol={atol:g}, rtol={rtol:g}, largest output {float(np.abs(exact).max()):.3g}) "
+                f"at batch {b}; nothing was written. "
                 "Check the network for ops that export inexactly, "
                 "or pass a larger atol/rtol if the difference is expected"
             )
