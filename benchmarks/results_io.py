@@ -32,7 +32,7 @@ def machine() -> str:
 def write_results(name: str, command: str, rows: list[dict[str, Any]], notes: str = "", **extra: Any) -> Path:
     """Write ``results/<name>.json`` and ``results/<name>.md``; returns the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "command": command, "machine": machine(), **extra, "rows": rows}
+    payload = {"benchmark": name, "command": command, "machine": machine(), **extra, "notes": notes, "rows": rows}
     atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     md = f"# {name}\n\n`{command}`\n\nMachine: {payload['machine']}\n\n" + markdown_table(rows)
     if notes:

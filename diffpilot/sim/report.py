@@ -11,10 +11,13 @@ from diffpilot.fileio import atomic_write_text
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A GitHub-flavoured Markdown table; floats get 4 significant digits."""
+    """A GitHub-flavoured Markdown table; floats get 4 significant digits.
+
+    Without ``columns``, every key of every row, in order of first appearance.
+    """
     if not rows:
         return "_no rows_\n"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
