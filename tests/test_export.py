@@ -17,6 +17,7 @@ from diffpilot.export.onnx import (
     ExportCheckError,
     export_denoiser,
     export_policy,
+    export_warm_start,
     quantize_dynamic_int8,
 )
 from diffpilot.export.runtime import EXPORT_FORMAT, ExportedModelError, OnnxChunkPolicy
@@ -305,3 +306,55 @@ def test_int8_quantization_of_a_transformer_policy(tmp_path) -> None:
     with pytest.raises(ExportCheckError, match="int8 outputs differ from fp32"):
         quantize_dynamic_int8(fp32, tmp_path / "strict.onnx", max_error=0.0)
     assert not (tmp_path / "strict.onnx").exists()
+
+
+# --- the warm-start form -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("discrete_mode", ["clip", "scale"])
+def test_warm_start_export_replays_torch_act_over_cold_and_warm_plans(tmp_path, discrete_mode) -> None:
+    """One file runs the full denoise first and the 2-NFE warm start after, as the torch policy's act() does."""
+    torch.manual_seed(3)
+    policy = ChunkDiffusionPolicy(
+        OBS_DIM, ACTION_DIM, obs_horizon=TO, action_horizon=H, exec_horizon=EXEC,
+        network=UNET, objective=DDPM, sampler={"name": "ddim", "num_steps": 5},
+        warm_start={"t_start": 0.4, "renoise": discrete_mode == "scale"},
+        discrete_dims=[1], discrete_mode=discrete_mode,
+    )
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    rng = np.random.default_rng(0)
+    actions = np.c_[rng.uniform(-1, 1, 256), np.sign(rng.standard_normal(256))]
+    policy.fit_normalizers(rng.uniform(OBS_LOW, OBS_HIGH, (256, OBS_DIM)), actions)
+    policy.eval()
+    path = export_warm_start(policy, tmp_path / "warm.onnx")
+    meta = metadata(path)
+    assert (meta["form"], meta["nfe"], meta["warm_nfe"]) == ("warm_start", "5", "2")
+    runtime = OnnxChunkPolicy(path)
+    policy.reset(seed=5)
+    runtime.reset(seed=5)
+    g = torch.Generator().manual_seed(5)
+    nfes = []
+    for step in range(3 * EXEC):
+        obs = rng.uniform(OBS_LOW, OBS_HIGH).astype(np.float32)
+        noise = torch.randn((1, H, ACTION_DIM), generator=g).numpy() if step % EXEC == 0 else None
+        want, got = policy.act(obs), runtime.act(obs, noise)
+        if step % EXEC == 0:
+            nfes.append((policy.last_nfe, runtime.last_nfe))
+        assert np.abs(got - want).max() <= 1e-4, step
+        assert got[1] in (-1.0, 1.0)
+    assert nfes == [(5, 5), (2, 2), (2, 2)]
+    runtime.reset()
+    runtime.act(obs)
+    assert runtime.last_nfe == 5  # reset forgets the previous chunk
+
+
+def test_warm_start_export_needs_a_warm_start_config_and_a_deterministic_sampler(tmp_path) -> None:
+    policy = make_policy(DDPM, {"name": "ddpm"})
+    with pytest.raises(ValueError, match="no warm_start config"):
+        export_warm_start(policy, tmp_path / "w.onnx")
+    with pytest.raises(ValueError, match="deterministic sampler"):
+        export_warm_start(policy, tmp_path / "w.onnx", {"t_start": 0.3})
+    assert not (tmp_path / "w.onnx").exists()

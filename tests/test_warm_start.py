@@ -119,3 +119,31 @@ def test_tuning_picks_the_smallest_start_that_agrees_with_the_full_sampler(train
             assert r["gap_mean"] > 0.08
         if r["t_start"] == pytest.approx(report.t_start):
             assert r["gap_mean"] <= 0.08
+
+
+def test_discrete_dimensions_snap_and_the_two_variants_shape_the_model_space():
+    """"scale" trains binary dims at +-1/f; "clip" weakens a warm guess's binary entries to +-1/f."""
+    acts = np.array([[0.5, 1.0], [-0.5, -1.0], [0.0, 1.0]], dtype=np.float32)
+    for mode in ("none", "scale", "clip"):
+        policy = ChunkDiffusionPolicy(
+            3, 2, obs_horizon=1, action_horizon=4, exec_horizon=2,
+            network=NET, discrete_dims=[1] if mode != "none" else [],
+            discrete_mode=mode, discrete_factor=10.0,
+        )
+        policy.fit_normalizers(np.zeros((3, 3), dtype=np.float32), acts)
+        model = policy.to_model_space(torch.from_numpy(acts))
+        assert torch.allclose(model[:, 1], torch.tensor([1.0, -1.0, 1.0]) / (10.0 if mode == "scale" else 1.0))
+        sample = torch.tensor([[0.3, 0.02], [-0.3, -0.5]])
+        out = policy.to_actions(sample * torch.tensor([1.0, 0.1 if mode == "scale" else 1.0]))
+        if mode == "none":
+            assert torch.allclose(out[:, 1], torch.tensor([0.02, -0.5]))
+        else:
+            assert out[:, 1].tolist() == [1.0, -1.0]
+        guess = policy.warm_guess(torch.tensor([[0.7, 0.9], [0.7, -0.9]]))
+        expected = [0.1, -0.1] if mode == "clip" else [0.9, -0.9]
+        assert torch.allclose(guess[:, 1], torch.tensor(expected))
+        assert torch.allclose(guess[:, 0], torch.tensor([0.7, 0.7]))
+    with pytest.raises(ValueError, match="needs discrete_dims"):
+        ChunkDiffusionPolicy(3, 2, obs_horizon=1, action_horizon=4, exec_horizon=2, discrete_mode="clip")
+    with pytest.raises(ValueError, match="must index action dimensions"):
+        ChunkDiffusionPolicy(3, 2, obs_horizon=1, action_horizon=4, exec_horizon=2, discrete_dims=[2], discrete_mode="clip")

@@ -1,6 +1,6 @@
 """Export chunk policies to ONNX, verified against torch before anything is written.
 
-Two forms:
+Three forms:
 
 - ``export_policy``: the whole inference path in one graph, raw observations
   and noise in, actions in environment units out. The normalizers and the
@@ -8,6 +8,8 @@ Two forms:
   (``diffpilot.export.runtime``) needs nothing but the file. Noise is an
   input, never a ``RandomNormal`` node: such nodes cannot be seeded and an
   optimizer may fold them into constants.
+- ``export_warm_start``: the full denoise and the warm-started replan
+  (RTI-DP) side by side in one graph, the previous chunk as an input.
 - ``export_denoiser``: the network alone, for users who run their own loop.
 
 Every export runs the written graph in onnxruntime at batch 1 and 3 against
@@ -48,6 +50,7 @@ from diffpilot.export.runtime import (
 from diffpilot.fileio import atomic_path
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.generative import DDIMSampler, DDPMSampler, build_sampler
+from diffpilot.policy.generative.warm_start import WarmStartConfig, WarmStarter
 
 MIN_OPSET = 17
 DEFAULT_ATOL = 1e-5
@@ -72,7 +75,43 @@ class _PolicyGraph(nn.Module):
     def forward(self, obs: Tensor, noise: Tensor, step_noise: Tensor | None = None) -> Tensor:
         cond = self.policy.condition(obs)
         sample = self.sampler.sample(self.policy.net, noise, cond, step_noise=step_noise).sample
-        return self.policy.action_normalizer.unnormalize(sample)
+        return self.policy.to_actions(sample)
+
+
+class _ColdChunkGraph(nn.Module):
+    """obs + noise -> (actions, model-space chunk): the first plan of an episode."""
+
+    def __init__(self, policy: ChunkDiffusionPolicy, sampler: Any) -> None:
+        super().__init__()
+        self.policy, self.sampler = policy, sampler
+
+    def forward(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        chunk = self.sampler.sample(self.policy.net, noise, self.policy.condition(obs)).sample
+        return self.policy.to_actions(chunk), chunk
+
+
+class _WarmChunkGraph(nn.Module):
+    """obs + noise + previous chunk -> (actions, chunk): shift, place at t_start, denoise the rest."""
+
+    def __init__(self, policy: ChunkDiffusionPolicy, warm: WarmStarter) -> None:
+        super().__init__()
+        self.policy, self.warm = policy, warm
+
+    def forward(self, obs: Tensor, noise: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        guess = self.policy.warm_guess(previous)
+        chunk = self.warm.sample(self.policy.net, guess, self.policy.exec_horizon, noise, self.policy.condition(obs)).sample
+        return self.policy.to_actions(chunk), chunk
+
+
+class _Switch(nn.Module):
+    """Eager reference for the exported ``If``: the warm branch when ``warm`` is true, else the cold one."""
+
+    def __init__(self, cold: _ColdChunkGraph, warm: _WarmChunkGraph) -> None:
+        super().__init__()
+        self.cold, self.warm = cold, warm
+
+    def forward(self, obs: Tensor, noise: Tensor, previous: Tensor, warm: Tensor) -> tuple[Tensor, Tensor]:
+        return self.warm(obs, noise, previous) if bool(warm) else self.cold(obs, noise)
 
 
 class _DenoiserGraph(nn.Module):
@@ -151,7 +190,93 @@ def export_policy(
         "t_start": "1.0",
         "step_noise_steps": str(k_steps),
     }
-    return _export_verified(graph, feeds, names, "actions", meta, path, atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed)
+    return _export_verified(graph, feeds, names, ["actions"], meta, path, atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed)
+
+
+def export_warm_start(
+    policy: ChunkDiffusionPolicy,
+    path: str | os.PathLike[str],
+    warm_start: dict[str, Any] | None = None,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    fp32_slack: float = 2.0,
+    seed: int = 0,
+) -> Path:
+    """Write the warm-started inference path (form ``warm_start``), verified like ``export_policy``.
+
+    Inputs: obs (B, To, obs_dim), noise (B, H, A), previous (B, H, A) the
+    model-space chunk of the last plan, and ``warm`` (a bool scalar). One
+    ``If`` node runs the full denoise when ``warm`` is false and the warm
+    start (shift ``previous`` by exec_horizon, denoise from ``t_start``)
+    when true, so a warm replan costs only its own network calls. Outputs:
+    ``actions`` (environment units) and ``chunk`` (model space, the next
+    call's ``previous``). Both branches are checked against torch.
+    ``warm_start`` (``WarmStartConfig`` fields) defaults to the policy's own.
+    The policy's sampler must be deterministic (DDIM with eta 0, Euler,
+    Heun, MeanFlow): the warm path re-uses its steps below ``t_start``.
+    """
+    _check_policy(policy)
+    ws_cfg = dict(warm_start) if warm_start is not None else policy.config["warm_start"]
+    if not ws_cfg:
+        raise ValueError("the policy has no warm_start config; pass warm_start={'t_start': 0.3, 'renoise': True}")
+    sampler = policy.sampler
+    if _is_stochastic(sampler):
+        raise ValueError(
+            f"warm-start export needs a deterministic sampler, the policy uses {type(sampler).__name__}; "
+            "call policy.set_sampler('ddim', num_steps=10) first"
+        )
+    warm = WarmStarter(policy.objective, sampler, WarmStartConfig(**ws_cfg))
+    h, a, to, od = policy.action_horizon, policy.action_dim, policy.obs_horizon, policy.obs_dim
+
+    def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+        z = torch.randn(b, to, od, generator=g)
+        obs = (z - policy.obs_normalizer.offset) / policy.obs_normalizer.scale
+        noise = torch.randn(b, h, a, generator=g)
+        with torch.no_grad():  # a realistic previous chunk: the policy's own plan for nearby observations
+            previous = sampler.sample(policy.net, torch.randn(b, h, a, generator=g), policy.condition(obs)).sample
+        return {"obs": obs, "noise": noise, "previous": previous}
+
+    with torch.no_grad():
+        probe = feeds(1, torch.Generator().manual_seed(seed))
+        cold_nfe = sampler.sample(policy.net, probe["noise"], policy.condition(probe["obs"])).nfe
+    meta = _common_metadata(policy) | {
+        "kind": KIND_POLICY,
+        "form": "warm_start",
+        "inputs": "obs,noise,previous,warm",
+        "outputs": "actions,chunk",
+        "sampler": json.dumps(policy.config["sampler"], sort_keys=True),
+        "nfe": str(cold_nfe),
+        "warm_nfe": str(warm.nfe),
+        "t_start": repr(float(warm.t_start)),
+        "warm_start": json.dumps(ws_cfg, sort_keys=True),
+        "step_noise_steps": "0",
+    }
+    cold_graph, warm_graph = _ColdChunkGraph(policy, sampler), _WarmChunkGraph(policy, warm)
+    switch = _Switch(cold_graph, warm_graph)
+    path = Path(path)
+    modes = [(m, m.training) for m in switch.modules()]
+    switch.eval()
+    try:
+        example = feeds(2, torch.Generator().manual_seed(seed))
+        with atomic_path(path) as tmp:
+            cold_model = _export_model(cold_graph, {k: example[k] for k in ("obs", "noise")}, ["actions", "chunk"])
+            warm_model = _export_model(warm_graph, example, ["actions", "chunk"])
+            model = _if_model(cold_model, warm_model)
+            _set_metadata(model, meta)
+            onnx.save(model, str(tmp))
+            error = 0.0
+            for flag in (False, True):
+                def flagged(b: int, g: torch.Generator, flag: bool = flag) -> dict[str, Tensor]:
+                    return feeds(b, g) | {"warm": torch.tensor(flag)}
+                nfe = warm.nfe if flag else cold_nfe
+                error = max(error, _verify(switch, tmp, flagged, atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed))
+            _set_metadata(model, meta | {"check_max_abs_error": repr(error)})
+            onnx.save(model, str(tmp))
+    finally:
+        for module, training in modes:
+            module.training = training
+    return path
 
 
 def export_denoiser(
@@ -196,7 +321,7 @@ def export_denoiser(
         "step_noise_steps": "0",
     }
     graph = _DenoiserGraph(policy.net)
-    return _export_verified(graph, feeds, names, "out", meta, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
+    return _export_verified(graph, feeds, names, ["out"], meta, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
 
 
 def quantize_dynamic_int8(
@@ -258,6 +383,10 @@ def quantize_dynamic_int8(
 
 
 # ------------------------------------------------------------------ internals
+def _as_tuple(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
 def _check_policy(policy: ChunkDiffusionPolicy) -> None:
     if not isinstance(policy, ChunkDiffusionPolicy):
         raise TypeError(f"expected a ChunkDiffusionPolicy, got {type(policy).__name__}")
@@ -316,11 +445,63 @@ def _random_feeds(session: ort.InferenceSession, batch: int, rng: np.random.Gene
     return feeds
 
 
+def _export_model(graph: nn.Module, example: dict[str, Tensor], outputs: list[str]) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo, dynamic batch axis) of ``graph`` called with ``example`` as keywords."""
+    names = list(example)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    dynamic = {n: ({1: batch} if n == "step_noise" else {0: batch}) for n in names}
+    with tempfile.TemporaryDirectory(prefix="diffpilot-export-") as work:
+        raw = Path(work) / "graph.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                graph, (), str(raw), kwargs=example, dynamo=True, dynamic_shapes=dynamic,
+                input_names=names, output_names=outputs, verbose=False,
+            )
+        model = onnx.load(str(raw))
+    opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
+    if opset < MIN_OPSET:
+        raise ExportCheckError(f"exported opset {opset} < {MIN_OPSET}; upgrade torch/onnxscript")
+    _strip_debug_info(model)
+    return model
+
+
+def _if_model(cold: onnx.ModelProto, warm: onnx.ModelProto) -> onnx.ModelProto:
+    """One model whose ``If`` on the bool input ``warm`` runs ``warm``'s graph or ``cold``'s.
+
+    Each graph becomes a branch: its names get a prefix, and its inputs are
+    read from the outer graph's inputs of the same name (``warm`` has them all).
+    """
+    branches = {}
+    for tag, model in (("cold", cold), ("warm", warm)):
+        g = onnx.compose.add_prefix_graph(model.graph, f"{tag}/")
+        bridges = [onnx.helper.make_node("Identity", [i.name[len(tag) + 1 :]], [i.name]) for i in g.input]
+        branches[tag] = onnx.helper.make_graph(
+            bridges + list(g.node), f"{tag}_branch", [], list(g.output),
+            initializer=list(g.initializer), value_info=list(g.value_info),
+        )
+    outputs = [copy.deepcopy(o) for o in warm.graph.output]
+    flag = onnx.helper.make_tensor_value_info("warm", onnx.TensorProto.BOOL, [])
+    node = onnx.helper.make_node(
+        "If", ["warm"], [o.name for o in outputs], then_branch=branches["warm"], else_branch=branches["cold"]
+    )
+    graph = onnx.helper.make_graph([node], "warm_start_policy", [*warm.graph.input, flag], outputs)
+    functions = {(f.domain, f.name, f.overload): f for m in (cold, warm) for f in m.functions}
+    opsets: dict[str, int] = {}
+    for o in [*cold.opset_import, *warm.opset_import]:
+        opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    merged = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()], functions=list(functions.values())
+    )
+    merged.ir_version = max(cold.ir_version, warm.ir_version)
+    onnx.checker.check_model(merged)
+    return merged
+
+
 def _export_verified(
     graph: nn.Module,
     make_feeds: Callable[[int, torch.Generator], dict[str, Tensor]],
     names: list[str],
-    output: str,
+    outputs: list[str],
     meta: dict[str, str],
     path: str | os.PathLike[str],
     *,
@@ -337,20 +518,10 @@ def _export_verified(
     graph.eval()
     try:
         example = make_feeds(2, torch.Generator().manual_seed(seed))
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        dynamic = {n: ({1: batch} if n == "step_noise" else {0: batch}) for n in names}
-        with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=".export.", dir=path.parent) as work:
-            raw = Path(work) / "graph.onnx"
-            with torch.no_grad():
-                torch.onnx.export(
-                    graph, (), str(raw), kwargs=example, dynamo=True, dynamic_shapes=dynamic,
-                    input_names=names, output_names=[output], verbose=False,
-                )
-            model = onnx.load(str(raw))
-            opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
-            if opset < MIN_OPSET:
-                raise ExportCheckError(f"exported opset {opset} < {MIN_OPSET}; upgrade torch/onnxscript")
-            _strip_debug_info(model)
+        if list(example) != names:
+            raise ValueError(f"feeds {list(example)} do not match the input names {names}")
+        with atomic_path(path) as tmp:
+            model = _export_model(graph, example, outputs)
             _set_metadata(model, meta)
             onnx.save(model, str(tmp))
             error = _verify(graph, tmp, make_feeds, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
@@ -387,21 +558,23 @@ def _verify(
     for b in CHECK_BATCHES:
         feeds = make_feeds(b, g)
         with torch.no_grad():
-            want = graph(**feeds).numpy()
-            exact = exact_graph(**{k: v.double() for k, v in feeds.items()}).numpy()
-        (got,) = session.run(None, {k: v.numpy() for k, v in feeds.items()})
-        if got.shape != want.shape:
-            raise ExportCheckError(f"onnxruntime output shape {got.shape} != torch {want.shape} at batch {b}")
-        error = float(np.abs(got.astype(np.float64) - want).max()) if np.isfinite(got).all() else float("inf")
-        worst = max(worst, error)
-        torch_error = float(np.abs(want - exact).max())
-        ort_error = np.abs(got - exact)
-        if not (ort_error <= atol + rtol * np.abs(exact) + fp32_slack * torch_error).all():
-            raise ExportCheckError(
-                f"onnxruntime is off the float64 result by up to {float(ort_error.max()):.3g}, torch fp32 by "
-                f"{torch_error:.3g} (atol={atol:g}, rtol={rtol:g}, largest output {float(np.abs(exact).max()):.3g}) "
-                f"at batch {b}; nothing was written. "
-                "Check the network for ops that export inexactly, "
-                "or pass a larger atol/rtol if the difference is expected"
-            )
+            wants = _as_tuple(graph(**feeds))
+            exacts = _as_tuple(exact_graph(**{k: v.double() for k, v in feeds.items()}))
+        gots = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        for name, got, want_t, exact_t in zip([o.name for o in session.get_outputs()], gots, wants, exacts):
+            want, exact = want_t.numpy(), exact_t.numpy()
+            if got.shape != want.shape:
+                raise ExportCheckError(f"onnxruntime output {name!r} shape {got.shape} != torch {want.shape} at batch {b}")
+            error = float(np.abs(got.astype(np.float64) - want).max()) if np.isfinite(got).all() else float("inf")
+            worst = max(worst, error)
+            torch_error = float(np.abs(want - exact).max())
+            ort_error = np.abs(got - exact)
+            if not (ort_error <= atol + rtol * np.abs(exact) + fp32_slack * torch_error).all():
+                raise ExportCheckError(
+                    f"onnxruntime output {name!r} is off the float64 result by up to {float(ort_error.max()):.3g}, "
+                    f"torch fp32 by {torch_error:.3g} (atol={atol:g}, rtol={rtol:g}, largest output "
+                    f"{float(np.abs(exact).max()):.3g}) at batch {b}; nothing was written. "
+                    "Check the network for ops that export inexactly, "
+                    "or pass a larger atol/rtol if the difference is expected"
+                )
     return worst

@@ -11,10 +11,14 @@ Metadata schema (``EXPORT_FORMAT = 1``), all values strings:
 - ``diffpilot_format``: the schema version, ``"1"``.
 - ``kind``: ``"chunk_policy"`` (obs -> actions) or ``"denoiser"`` (one network call).
 - ``form``: how a ``chunk_policy`` is run: ``"multi_step"``, ``"one_step"``
-  (nfe == 1) or ``"warm_start"`` (reserved: starts from a previous chunk at ``t_start``).
+  (nfe == 1) or ``"warm_start"`` (inputs obs, noise, previous, warm;
+  outputs actions, chunk: a full denoise when ``warm`` is false, the first
+  plan of an episode; with ``warm`` true the previous chunk is shifted and
+  denoised from ``t_start`` in ``warm_nfe`` network calls).
 - ``inputs`` / ``outputs``: comma-separated graph input/output names, in order.
 - ``obs_dim``, ``action_dim``, ``obs_horizon``, ``action_horizon``, ``exec_horizon``.
-- ``sampler`` (JSON of the sampler config), ``nfe``, ``t_start`` (``"1.0"`` for a cold start).
+- ``sampler`` (JSON of the sampler config), ``nfe``, ``t_start`` (``"1.0"`` for a cold start),
+  ``warm_nfe`` and ``warm_start`` (JSON) for the ``warm_start`` form.
 - ``step_noise_steps``: leading size K of the ``step_noise`` input (0 when absent).
 """
 
@@ -35,8 +39,9 @@ EXPORT_FORMAT = 1
 
 KIND_POLICY = "chunk_policy"
 KIND_DENOISER = "denoiser"
-POLICY_FORMS = ("multi_step", "one_step")
-"""Forms this runtime can drive closed loop (``warm_start`` needs a newer runtime)."""
+POLICY_FORMS = ("multi_step", "one_step", "warm_start")
+"""Forms this runtime can drive closed loop."""
+WARM_INPUTS = ("obs", "noise", "previous", "warm")
 
 _INT_KEYS = ("obs_dim", "action_dim", "obs_horizon", "action_horizon", "exec_horizon", "nfe", "step_noise_steps")
 _OPT_LEVELS = {
@@ -171,6 +176,15 @@ class OnnxChunkPolicy:
         self.obs_horizon, self.action_horizon = info.obs_horizon, info.action_horizon
         self.exec_horizon = info.exec_horizon
         self._output = self.session.get_outputs()[0].name
+        self.warm = info.form == "warm_start"
+        if self.warm:
+            if info.inputs != WARM_INPUTS or len(info.outputs) != 2 or "warm_nfe" not in info.raw:
+                raise ExportedModelError(
+                    f"{self.path} claims form 'warm_start' but has inputs {info.inputs} (expected {WARM_INPUTS}), "
+                    f"outputs {info.outputs} or no warm_nfe; re-export it with export_warm_start"
+                )
+            self.warm_nfe = int(info.raw["warm_nfe"])
+        self._previous: np.ndarray | None = None
         self._rng = np.random.default_rng(seed)
         self._obs_history: deque[np.ndarray] = deque(maxlen=self.obs_horizon)
         self._action_queue: deque[np.ndarray] = deque()
@@ -185,13 +199,18 @@ class OnnxChunkPolicy:
         """Forget the episode's observations and queued actions; reseed the noise when ``seed`` is given."""
         self._obs_history.clear()
         self._action_queue.clear()
+        self._previous = None
         if seed is not None:
             self._rng = np.random.default_rng(seed)
 
     def predict(
         self, obs: np.ndarray, noise: np.ndarray | None = None, step_noise: np.ndarray | None = None
     ) -> np.ndarray:
-        """Action chunks (B, H, action_dim) in environment units for observation histories (B, To, obs_dim)."""
+        """Action chunks (B, H, action_dim) in environment units for observation histories (B, To, obs_dim).
+
+        A ``warm_start`` model chains its calls: each starts from the previous
+        call's chunk (the first after ``reset()`` is a full denoise).
+        """
         obs = np.asarray(obs, dtype=np.float32)
         expected = (self.obs_horizon, self.obs_dim)
         if obs.ndim != 3 or obs.shape[1:] != expected or obs.shape[0] < 1:
@@ -207,8 +226,20 @@ class OnnxChunkPolicy:
             feeds["step_noise"] = self._noise("step_noise", step_noise, shape)
         elif step_noise is not None:
             raise ValueError(f"this model's sampler {self.info.sampler} is deterministic; it takes no step_noise")
+        if self.warm:
+            return self._predict_warm(feeds)
         (actions,) = self.session.run([self._output], feeds)
         self.last_nfe = self.info.nfe
+        return actions
+
+    def _predict_warm(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Cold plan when there is no previous chunk (or its batch differs), warm plan otherwise."""
+        previous = self._previous
+        cold = previous is None or previous.shape != feeds["noise"].shape
+        feeds["previous"] = np.zeros_like(feeds["noise"]) if cold else previous
+        feeds["warm"] = np.array(not cold)
+        actions, self._previous = self.session.run(None, feeds)
+        self.last_nfe = self.info.nfe if cold else self.warm_nfe
         return actions
 
     def act(self, observation: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:

@@ -28,6 +28,7 @@ from diffpilot.policy.networks import build_network
 DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [64, 128, 256], "kernel_size": 5}
 DEFAULT_OBJECTIVE: dict[str, Any] = {"name": "ddpm", "num_train_steps": 100, "schedule": "squaredcos_cap_v2", "prediction": "epsilon"}
 DEFAULT_SAMPLER: dict[str, Any] = {"name": "ddim", "num_steps": 10}
+DISCRETE_MODES = ("none", "scale", "clip")
 
 
 class ChunkDiffusionPolicy(nn.Module):
@@ -47,8 +48,20 @@ class ChunkDiffusionPolicy(nn.Module):
         sampler: dict[str, Any] | None = None,
         normalizer: str = "limits",
         warm_start: dict[str, Any] | None = None,
+        discrete_dims: list[int] | None = None,
+        discrete_mode: str = "none",
+        discrete_factor: float = 10.0,
     ) -> None:
         super().__init__()
+        discrete_dims = sorted(int(d) for d in (discrete_dims or []))
+        if any(not 0 <= d < action_dim for d in discrete_dims):
+            raise ValueError(f"discrete_dims {discrete_dims} must index action dimensions 0..{action_dim - 1}")
+        if discrete_mode not in DISCRETE_MODES:
+            raise ValueError(f"discrete_mode must be one of {DISCRETE_MODES}, got {discrete_mode!r}")
+        if discrete_mode != "none" and not discrete_dims:
+            raise ValueError(f"discrete_mode={discrete_mode!r} needs discrete_dims (the indices of the binary actions)")
+        if discrete_factor <= 1.0:
+            raise ValueError(f"discrete_factor must be > 1, got {discrete_factor}")
         if not 1 <= exec_horizon <= action_horizon - obs_horizon + 1:
             raise ValueError(
                 f"exec_horizon={exec_horizon} must be in [1, action_horizon - obs_horizon + 1] = "
@@ -68,7 +81,18 @@ class ChunkDiffusionPolicy(nn.Module):
             "sampler": sampler,
             "normalizer": normalizer,
             "warm_start": dict(warm_start) if warm_start else None,
+            "discrete_dims": discrete_dims,
+            "discrete_mode": discrete_mode,
+            "discrete_factor": float(discrete_factor),
         }
+        mask = torch.zeros(action_dim, dtype=torch.bool)
+        mask[discrete_dims] = True
+        scale = torch.ones(action_dim)
+        if discrete_mode == "scale":
+            scale[mask] = 1.0 / discrete_factor
+        # Derived from the config, so not saved: (B, H, A) broadcasts over the last axis.
+        self.register_buffer("_discrete_mask", mask, persistent=False)
+        self.register_buffer("_model_scale", scale, persistent=False)
         self.obs_dim, self.action_dim = obs_dim, action_dim
         self.obs_horizon, self.action_horizon, self.exec_horizon = obs_horizon, action_horizon, exec_horizon
         self.obs_normalizer = Normalizer(obs_dim, normalizer)  # type: ignore[arg-type]
@@ -113,9 +137,32 @@ class ChunkDiffusionPolicy(nn.Module):
             raise ValueError(
                 f"expected action chunks of shape (B, {self.action_horizon}, {self.action_dim}), got {tuple(action.shape)}"
             )
-        return self.objective.loss(
-            self.net, self.action_normalizer.normalize(action), self.condition(batch["obs"]), generator=generator
-        )
+        return self.objective.loss(self.net, self.to_model_space(action), self.condition(batch["obs"]), generator=generator)
+
+    # ------------------------------------------------------ discrete actions
+    # Binary dimensions (a gripper's open/close) live at +-1 after the limits
+    # normalizer. "scale" trains on them divided by ``discrete_factor`` so
+    # their values are small next to the noise and a warm-start guess does
+    # not lock them; "clip" trains as usual and weakens the guess's binary
+    # entries to +-1/factor before warm-starting. Both snap the output back to +-1.
+    def to_model_space(self, action: Tensor) -> Tensor:
+        """Actions in environment units -> the space the generative model is trained in."""
+        return self.action_normalizer.normalize(action) * self._model_scale
+
+    def to_actions(self, sample: Tensor) -> Tensor:
+        """A model-space sample -> actions in environment units, binary dimensions snapped to their two values."""
+        normalized = sample / self._model_scale
+        if self.config["discrete_dims"]:
+            snapped = torch.where(normalized > 0, torch.ones_like(normalized), -torch.ones_like(normalized))
+            normalized = torch.where(self._discrete_mask, snapped, normalized)
+        return self.action_normalizer.unnormalize(normalized)
+
+    def warm_guess(self, previous: Tensor) -> Tensor:
+        """The previous chunk as a warm-start guess; "clip" weakens its binary entries to +-1/factor."""
+        if self.config["discrete_mode"] != "clip":
+            return previous
+        weak = torch.where(previous > 0, torch.ones_like(previous), -torch.ones_like(previous)) / self.config["discrete_factor"]
+        return torch.where(self._discrete_mask, weak, previous)
 
     # ---------------------------------------------------------------- inference
     def set_sampler(self, name: str, **kwargs: Any) -> None:
@@ -149,7 +196,7 @@ class ChunkDiffusionPolicy(nn.Module):
             noise = torch.randn(self.noise_shape(obs.shape[0]), generator=self._generator).to(cond)
         result = self.sample_normalized(cond, noise)
         self.last_nfe = result.nfe
-        return self.action_normalizer.unnormalize(result.sample)
+        return self.to_actions(result.sample)
 
     @torch.no_grad()
     def _plan(self, history: Tensor) -> Tensor:
@@ -157,14 +204,14 @@ class ChunkDiffusionPolicy(nn.Module):
         cond = self.condition(history)
         noise = torch.randn(self.noise_shape(1), generator=self._generator).to(cond)
         if self.warm_starter is not None and self._previous_chunk is not None:
-            result = self.warm_starter.sample(self.net, self._previous_chunk, self.exec_horizon, noise, cond)
+            result = self.warm_starter.sample(self.net, self.warm_guess(self._previous_chunk), self.exec_horizon, noise, cond)
         else:
             result = self.sample_normalized(cond, noise)
         self.last_nfe = result.nfe
         self.total_nfe += result.nfe
         if self.warm_starter is not None:
             self._previous_chunk = result.sample
-        return self.action_normalizer.unnormalize(result.sample)
+        return self.to_actions(result.sample)
 
     def reset(self, seed: int | None = None) -> None:
         self._obs_history.clear()
