@@ -18,6 +18,7 @@ import yaml
 
 from diffpilot.data.d4rl import read_d4rl
 from diffpilot.data.maze2d import generate_maze2d
+from diffpilot.data.pick_place import generate_pick_place
 from diffpilot.fileio import atomic_write_text
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
@@ -28,6 +29,7 @@ from diffpilot.sim.runner import EpisodeRecord, run_episodes, summarize
 from diffpilot.sim.tasks import Task, dataset_reference, get_task
 
 POLICY_KEYS = ("obs_horizon", "action_horizon", "exec_horizon", "network", "objective", "sampler", "normalizer", "warm_start")
+DISCRETE_KEYS = ("discrete_dims", "discrete_mode", "discrete_factor")  # optional in a policy config
 
 
 def cache_dir() -> Path:
@@ -38,7 +40,10 @@ def cache_dir() -> Path:
 def dataset_path(data: dict[str, Any]) -> Path:
     if data.get("path"):
         return Path(data["path"]).expanduser()
-    name = f"{data['name']}-{data['reward']}-{data['num_steps']}-s{data['seed']}.hdf5"
+    if data["kind"] == "pick_place":
+        name = f"{data['name']}-{data['episodes']}ep-noise{data['noise']}-s{data['seed']}.hdf5"
+    else:
+        name = f"{data['name']}-{data['reward']}-{data['num_steps']}-s{data['seed']}.hdf5"
     return cache_dir() / "datasets" / name
 
 
@@ -47,9 +52,14 @@ def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
     path = dataset_path(data)
     if path.exists():
         return path
-    if data["kind"] != "maze2d":
-        raise ValueError(f"unknown data kind {data['kind']!r}; this version generates 'maze2d'")
+    if data["kind"] not in ("maze2d", "pick_place"):
+        raise ValueError(f"unknown data kind {data['kind']!r}; this version generates 'maze2d' and 'pick_place'")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if data["kind"] == "pick_place":
+        return generate_pick_place(
+            path, episodes=int(data["episodes"]), noise=float(data["noise"]), seed=int(data["seed"]),
+            reference_episodes=int(data["reference_episodes"]), progress=progress,
+        )
     generate_maze2d(
         data["maze"], int(data["num_steps"]), seed=int(data["seed"]), reward=data["reward"],
         episode_len=int(data["episode_len"]), path=path, progress=progress,
@@ -61,7 +71,10 @@ def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
 def _policy_from_config(policy_cfg: dict[str, Any], obs_dim: int, action_dim: int) -> ChunkDiffusionPolicy:
     if policy_cfg["name"] != ChunkDiffusionPolicy.KIND:
         raise ValueError(f"unknown policy {policy_cfg['name']!r}; this version trains 'chunk_diffusion'")
-    return ChunkDiffusionPolicy(obs_dim, action_dim, **{k: policy_cfg[k] for k in POLICY_KEYS})
+    return ChunkDiffusionPolicy(
+        obs_dim, action_dim, **{k: policy_cfg[k] for k in POLICY_KEYS},
+        **{k: policy_cfg[k] for k in DISCRETE_KEYS if k in policy_cfg},
+    )
 
 
 def train_job(cfg: dict[str, Any]) -> Path:
@@ -69,7 +82,7 @@ def train_job(cfg: dict[str, Any]) -> Path:
     progress = bool(cfg.get("progress", True))
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    task = get_task(cfg["sim"]["task"], cfg["data"]["reward"])
+    task = get_task(cfg["sim"]["task"], cfg["data"].get("reward", "sparse"))
     data_path = generate_job(cfg["data"], progress)
     ds = read_d4rl(data_path)
     obs = task.observations(ds)
@@ -158,7 +171,7 @@ def demo_job(cfg: dict[str, Any]) -> Path:
     train_s = time.perf_counter() - t0
     policy = ChunkDiffusionPolicy.load(policy_dir)
     data_path = dataset_path(cfg["data"])
-    task = get_task(cfg["sim"]["task"], cfg["data"]["reward"])
+    task = get_task(cfg["sim"]["task"], cfg["data"].get("reward", "sparse"))
     ref, ref_source = reference_for(task, data_path)
     rows, all_records = [], {}
     for spec in cfg["eval_samplers"]:

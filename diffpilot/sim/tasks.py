@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from diffpilot.data.d4rl import OfflineDataset
+from diffpilot.data import pick_place
 from diffpilot.data.maze2d import MAZES, make_maze2d_env, reference_scores
 
 
@@ -36,11 +37,21 @@ def _maze2d_task(maze: str, reward: str) -> Task:
     )
 
 
+PICK_PLACE = Task(
+    name="pick-place",
+    make_env=pick_place.make_pick_place_env,
+    observations=lambda ds: ds.observations.astype(np.float32),
+    local_reference=lambda episodes: pick_place.reference_scores(episodes, seed=0),
+)
+
+
 def get_task(name: str, reward: str = "sparse") -> Task:
-    """The task called ``name`` (``maze2d-umaze``, ``maze2d-medium``, ``maze2d-large``)."""
+    """The task called ``name`` (``maze2d-umaze``, ``maze2d-medium``, ``maze2d-large``, ``pick-place``)."""
     if name.startswith("maze2d-") and name[len("maze2d-"):] in MAZES:
         return _maze2d_task(name[len("maze2d-"):], reward)
-    valid = [f"maze2d-{m}" for m in MAZES]
+    if name == PICK_PLACE.name:
+        return PICK_PLACE
+    valid = [f"maze2d-{m}" for m in MAZES] + [PICK_PLACE.name]
     raise ValueError(f"unknown task {name!r}; valid tasks: {valid}")
 
 
