@@ -143,6 +143,11 @@ def test_discrete_dimensions_snap_and_the_two_variants_shape_the_model_space():
         expected = [0.1, -0.1] if mode == "clip" else [0.9, -0.9]
         assert torch.allclose(guess[:, 1], torch.tensor(expected))
         assert torch.allclose(guess[:, 0], torch.tensor([0.7, 0.7]))
+    policy = ChunkDiffusionPolicy(3, 2, obs_horizon=1, action_horizon=4, exec_horizon=2, network=NET, discrete_dims=[1])
+    policy.set_discrete_mode("clip")
+    assert policy.config["discrete_mode"] == "clip"
+    with pytest.raises(ValueError, match="train a policy with discrete_mode=scale"):
+        policy.set_discrete_mode("scale")
     with pytest.raises(ValueError, match="needs discrete_dims"):
         ChunkDiffusionPolicy(3, 2, obs_horizon=1, action_horizon=4, exec_horizon=2, discrete_mode="clip")
     with pytest.raises(ValueError, match="must index action dimensions"):

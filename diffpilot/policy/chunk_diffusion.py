@@ -157,6 +157,19 @@ class ChunkDiffusionPolicy(nn.Module):
             normalized = torch.where(self._discrete_mask, snapped, normalized)
         return self.action_normalizer.unnormalize(normalized)
 
+    def set_discrete_mode(self, mode: str) -> None:
+        """Switch between "none" and "clip" after training (both train the same way); "scale" must be trained."""
+        current = self.config["discrete_mode"]
+        if mode not in ("none", "clip") or current == "scale":
+            raise ValueError(
+                f"discrete_mode can switch between 'none' and 'clip' only (this policy: {current!r}, asked {mode!r}); "
+                "'scale' changes the training data, so train a policy with discrete_mode=scale"
+            )
+        if not self.config["discrete_dims"]:
+            raise ValueError("this policy has no discrete_dims; retrain with discrete_dims set")
+        self.config["discrete_mode"] = mode
+        self._previous_chunk = None
+
     def warm_guess(self, previous: Tensor) -> Tensor:
         """The previous chunk as a warm-start guess; "clip" weakens its binary entries to +-1/factor."""
         if self.config["discrete_mode"] != "clip":
