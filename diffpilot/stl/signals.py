@@ -1,0 +1,469 @@
+"""Driving signals for the STL rules, computed in torch from ego-frame trajectories and a scene.
+
+A trajectory is ``(..., T, 3)`` poses ``(x, y, yaw)`` or ``(..., T, 4)`` with
+the speed as a fourth column, in the ego frame of a :class:`SceneSample`,
+at :data:`DT` spacing starting one step after now (what a planner returns).
+Every signal is ``(B, N, T)``: ``B`` scenes, ``N`` trajectories each.
+
+Geometry choices:
+
+* Lanes are the sample's resampled centerlines; a point is projected onto
+  the nearest segment, and the first and last segments are extended as
+  straight lines so a trajectory running past the cut lane still gets an
+  offset.
+* Boxes are covered by :data:`DISCS` discs along their length (radius
+  ``sqrt((l / 2n)^2 + (w / 2)^2)``). The discs contain the box, so the
+  disc gap never exceeds the true box gap (conservative), differentiable
+  and cheap: ``(B, N, T, K, n, n)`` distances, no polygon clipping.
+* Agents' future poses come from the sample (the logged future); past the
+  logged horizon they move on at their last velocity; an agent unknown at
+  a step is ignored there.
+* Stop lines and conflict zones (crosswalks) are not part of a SceneSample;
+  pass them in the ego frame (:func:`map_context`) or leave them out (then
+  the stop distance is :data:`STOP_CAP_M` and no zone exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+import shapely.geometry
+import torch
+from torch import Tensor
+
+from diffpilot.data.errors import DatasetError
+from diffpilot.data.scenario import COMMANDS, DT, EGO_SIZE, MapGeometry, SceneSample, to_ego_frame
+
+__all__ = [
+    "DISCS",
+    "DIST_CAP_M",
+    "SIGNAL_NAMES",
+    "STOP_CAP_M",
+    "DrivingScene",
+    "driving_signals",
+    "map_context",
+    "scene_from_arrays",
+    "scene_from_sample",
+]
+
+DISCS = 3
+"""Discs covering each box (ego and agents) for the distance signal."""
+DIST_CAP_M = 50.0
+"""Distance reported when no agent is known (and the cap on every distance)."""
+STOP_CAP_M = 50.0
+"""Stop-line distance reported when no stop line lies ahead on the reference lane."""
+STOP_LINE_LATERAL_M = 3.0
+"""A stop line counts for the reference lane if its centre lies within this of the lane centerline."""
+TARGET_LANE_OFFSET_M = 3.5
+"""Expected lateral spacing of the neighbouring lane when picking a lane-change target."""
+_BIG = 1e6
+
+SIGNAL_NAMES = (
+    "speed",
+    "accel_long",
+    "jerk_long",
+    "yaw_rate",
+    "accel_lat",
+    "lane_offset",
+    "heading_error",
+    "target_offset",
+    "min_distance",
+    "stop_distance",
+    "zone_conflict",
+    "ego_in_zone",
+    "zone_occupied",
+)
+"""Every signal :func:`driving_signals` returns (units: m, s, rad; flags are 0/1)."""
+
+
+def _wrap(a: Tensor) -> Tensor:
+    return torch.remainder(a + torch.pi, 2 * torch.pi) - torch.pi
+
+
+@dataclass
+class DrivingScene:
+    """Scene tensors for ``B`` scenes (leading dim ``B``), all in each scene's ego frame.
+
+    ``ref_lane`` / ``target_lane`` index ``lanes`` (-1: none). ``agents_*``
+    hold the agents' *future* (step ``k`` at ``(k+1)·DT``). ``stop_points``
+    are stop-line centres with ``stop_valid``; ``zones`` are convex polygons
+    as half-planes ``(nx, ny, h)`` with ``n·p <= h`` inside (padding rows
+    ``(0, 0, 1e6)``) and ``zones_valid``.
+    """
+
+    lanes: Tensor  # (B, L, N, 3)
+    lanes_valid: Tensor  # (B, L) bool
+    ref_lane: Tensor  # (B,) long
+    target_lane: Tensor  # (B,) long
+    agents_pose: Tensor  # (B, K, F, 3)
+    agents_valid: Tensor  # (B, K, F) bool
+    agents_size: Tensor  # (B, K, 2)
+    speed0: Tensor  # (B,)
+    accel0: Tensor  # (B,)
+    stop_points: Tensor  # (B, S, 2)
+    stop_valid: Tensor  # (B, S) bool
+    zones: Tensor  # (B, Z, E, 3)
+    zones_valid: Tensor  # (B, Z) bool
+
+    @property
+    def batch(self) -> int:
+        return int(self.lanes.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# Lane geometry
+# ---------------------------------------------------------------------------
+
+
+def _project(points: Tensor, lane: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Project ``points`` (B, ..., 2) onto polylines ``lane`` (B, N, 3).
+
+    Returns signed lateral offset (left +), lane heading, arc length and the
+    distance to the (extended) polyline, each ``(B, ...)``.
+    """
+    B = lane.shape[0]
+    xy = lane[..., :2]
+    a = xy[:, :-1]  # (B, S, 2)
+    seg = xy[:, 1:] - a
+    length = seg.norm(dim=-1)
+    yaw_fallback = torch.stack([torch.cos(lane[:, :-1, 2]), torch.sin(lane[:, :-1, 2])], dim=-1)
+    ok = length > 1e-6
+    d = torch.where(ok[..., None], seg / length.clamp_min(1e-6)[..., None], yaw_fallback)
+    cum = torch.cat([torch.zeros_like(length[:, :1]), torch.cumsum(length, dim=1)[:, :-1]], dim=1)
+    S = a.shape[1]
+    shape = points.shape
+    p = points.reshape(B, -1, 1, 2)  # (B, P, 1, 2)
+    rel = p - a[:, None]  # (B, P, S, 2)
+    u = (rel * d[:, None]).sum(-1)  # along-segment coordinate, metres
+    lo = torch.zeros(S, dtype=u.dtype)
+    hi = length.clone()
+    lo[0] = -_BIG
+    hi[:, -1] = _BIG
+    u_c = torch.maximum(torch.minimum(u, hi[:, None]), lo[None, None])
+    foot = a[:, None] + u_c[..., None] * d[:, None]
+    dist = (p - foot).norm(dim=-1)  # (B, P, S)
+    best = dist.argmin(dim=-1, keepdim=True)  # (B, P, 1)
+    lat = (d[:, None, :, 0] * rel[..., 1] - d[:, None, :, 1] * rel[..., 0])
+    pick = lambda x: x.gather(-1, best).squeeze(-1)  # noqa: E731
+    heading = torch.atan2(d[..., 1], d[..., 0])[:, None].expand_as(dist)
+    s = (cum[:, None] + u_c)
+    out = [pick(lat), pick(heading), pick(s), pick(dist)]
+    return tuple(o.reshape(shape[:-1]) for o in out)  # type: ignore[return-value]
+
+
+def _lane_choice(lanes: np.ndarray, valid: np.ndarray, side: int) -> int:
+    """Index of the lane under the ego (side 0) or of the neighbour on the left (+1) / right (-1); -1 if none."""
+    if not valid.any():
+        return -1
+    lt = torch.as_tensor(lanes[valid], dtype=torch.float64)
+    origin = torch.zeros(lt.shape[0], 2, dtype=torch.float64)
+    lat, heading, s, dist = _project(origin, lt)
+    idx = np.flatnonzero(valid)
+    aligned = np.abs(np.asarray(_wrap(heading))) < np.pi / 2
+    # the lane's position relative to the ego is minus the ego's offset from the lane
+    lane_y = -lat.numpy()
+    if side == 0:
+        score = np.abs(lane_y) + 0.0
+    else:
+        score = np.abs(lane_y - side * TARGET_LANE_OFFSET_M)
+        aligned &= (side * lane_y > 1.5) & (side * lane_y < 6.0)
+    score = np.where(aligned, score, np.inf)
+    if not np.isfinite(score).any():
+        return -1
+    return int(idx[int(np.argmin(score))])
+
+
+# ---------------------------------------------------------------------------
+# Scene construction
+# ---------------------------------------------------------------------------
+
+
+def map_context(
+    geom: MapGeometry, ego_pose_global: np.ndarray, radius: float = 60.0
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Stop-line centres ``(S, 2)`` and conflict-zone polygons (crosswalks, each ``(V, 2)``) near the ego, ego frame."""
+    origin = np.asarray(ego_pose_global, dtype=np.float64)
+    centres = []
+    for poly in geom.stop_lines:
+        c = np.asarray(poly.centroid.coords[0])
+        if np.hypot(*(c - origin[:2])) <= radius:
+            centres.append(to_ego_frame(np.array([c[0], c[1], 0.0]), origin)[:2])
+    zones = []
+    for poly in geom.crosswalks:
+        if shapely.distance(poly, shapely.Point(origin[:2])) <= radius:
+            hull = np.asarray(poly.convex_hull.exterior.coords)[:-1]
+            pts = np.column_stack([hull, np.zeros(len(hull))])
+            zones.append(to_ego_frame(pts, origin)[:, :2])
+    return np.asarray(centres, dtype=np.float64).reshape(-1, 2), zones
+
+
+def _halfplanes(poly: np.ndarray, max_edges: int) -> np.ndarray:
+    """Convex polygon vertices ``(V, 2)`` -> half-planes ``(max_edges, 3)`` (n·p <= h inside)."""
+    hull = shapely.Polygon(poly).convex_hull
+    if hull.geom_type != "Polygon" or hull.area <= 0:
+        raise DatasetError(f"a conflict zone must be a polygon with area, got {hull.geom_type} {poly.tolist()}")
+    v = np.asarray(shapely.geometry.polygon.orient(hull, sign=1.0).exterior.coords)  # counter-clockwise, closed
+    out = np.tile(np.array([0.0, 0.0, _BIG]), (max_edges, 1))
+    for i in range(min(len(v) - 1, max_edges)):
+        e = v[i + 1] - v[i]
+        n = np.array([e[1], -e[0]]) / max(np.hypot(*e), 1e-12)  # outward for a CCW ring
+        out[i] = (n[0], n[1], float(n @ v[i]))
+    return out
+
+
+def scene_from_sample(
+    sample: SceneSample,
+    *,
+    stop_points: np.ndarray | None = None,
+    zones: list[np.ndarray] | None = None,
+    target_side: int | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> DrivingScene:
+    """A one-scene :class:`DrivingScene` from a SceneSample (and optional ego-frame stop lines / zones).
+
+    ``target_side`` is +1 (left), -1 (right) or 0 (stay); by default it follows
+    the sample's command (``left`` / ``right`` pick the neighbouring lane).
+    """
+    return _scenes(
+        lanes=sample.lanes[None], lanes_valid=sample.lanes_valid[None], agents_pose=sample.agents_pose[None],
+        agents_valid=sample.agents_valid[None], agents_size=sample.agents_size[None],
+        ego_status=sample.ego_status[None], past_steps=sample.ego_past.shape[0] - 1,
+        command=np.array([sample.command]), stop_points=[stop_points], zones=[zones], target_side=target_side,
+        dtype=dtype,
+    )
+
+
+def scene_from_arrays(
+    arrays: dict[str, np.ndarray],
+    index: np.ndarray | slice | None = None,
+    *,
+    stop_points: list[np.ndarray | None] | None = None,
+    zones: list[list[np.ndarray] | None] | None = None,
+    target_side: int | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> DrivingScene:
+    """Scenes for stacked SceneSample arrays (from ``stack_samples`` / ``load_scene_samples``), rows ``index``."""
+    need = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past", "command")
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise DatasetError(f"stacked samples lack {missing}; build them with diffpilot.data.scene_sample.stack_samples")
+    sel = slice(None) if index is None else index
+    B = len(np.asarray(arrays["command"])[sel])
+    return _scenes(
+        lanes=arrays["lanes"][sel], lanes_valid=arrays["lanes_valid"][sel], agents_pose=arrays["agents_pose"][sel],
+        agents_valid=arrays["agents_valid"][sel], agents_size=arrays["agents_size"][sel],
+        ego_status=arrays["ego_status"][sel], past_steps=arrays["ego_past"].shape[-2] - 1,
+        command=np.asarray(arrays["command"])[sel], stop_points=stop_points or [None] * B, zones=zones or [None] * B,
+        target_side=target_side, dtype=dtype,
+    )
+
+
+def _scenes(*, lanes, lanes_valid, agents_pose, agents_valid, agents_size, ego_status, past_steps, command,  # noqa: ANN001
+            stop_points, zones, target_side, dtype) -> DrivingScene:
+    lanes = np.asarray(lanes, dtype=np.float64)
+    lanes_valid = np.asarray(lanes_valid, dtype=bool)
+    B = lanes.shape[0]
+    if len(stop_points) != B or len(zones) != B:
+        raise DatasetError(f"give one stop-line array and one zone list per scene ({B}), got {len(stop_points)} / {len(zones)}")
+    ref = np.array([_lane_choice(lanes[b], lanes_valid[b], 0) for b in range(B)])
+    tgt = np.empty(B, dtype=np.int64)
+    for b in range(B):
+        side = target_side
+        if side is None:
+            cmd = COMMANDS[int(command[b])]
+            side = 1 if cmd == "left" else -1 if cmd == "right" else 0
+        tgt[b] = ref[b] if side == 0 else _lane_choice(lanes[b], lanes_valid[b], int(side))
+    P = int(past_steps)
+    fut = np.asarray(agents_pose, dtype=np.float64)[:, :, P + 1 :]
+    fut_valid = np.asarray(agents_valid, dtype=bool)[:, :, P + 1 :]
+    S = max([0] + [0 if s is None else len(s) for s in stop_points])
+    stops = np.zeros((B, max(S, 1), 2))
+    stop_valid = np.zeros((B, max(S, 1)), dtype=bool)
+    for b, s in enumerate(stop_points):
+        if s is not None and len(s):
+            s = np.asarray(s, dtype=np.float64).reshape(-1, 2)
+            stops[b, : len(s)] = s
+            stop_valid[b, : len(s)] = True
+    Z = max([0] + [0 if z is None else len(z) for z in zones])
+    E = max([3] + [len(p) for z in zones if z for p in z])
+    zone_arr = np.tile(np.array([0.0, 0.0, _BIG]), (B, max(Z, 1), E, 1))
+    zone_valid = np.zeros((B, max(Z, 1)), dtype=bool)
+    for b, z in enumerate(zones):
+        for i, poly in enumerate(z or []):
+            zone_arr[b, i] = _halfplanes(np.asarray(poly, dtype=np.float64), E)
+            zone_valid[b, i] = True
+    status = np.asarray(ego_status, dtype=np.float64)
+    t = lambda x, dt=dtype: torch.as_tensor(np.asarray(x), dtype=dt)  # noqa: E731
+    return DrivingScene(
+        lanes=t(lanes), lanes_valid=t(lanes_valid, torch.bool), ref_lane=t(ref, torch.long),
+        target_lane=t(tgt, torch.long), agents_pose=t(fut), agents_valid=t(fut_valid, torch.bool),
+        agents_size=t(agents_size), speed0=t(status[:, 0]), accel0=t(status[:, 1]), stop_points=t(stops),
+        stop_valid=t(stop_valid, torch.bool), zones=t(zone_arr), zones_valid=t(zone_valid, torch.bool),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------
+
+
+def _discs(pose: Tensor, length: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+    """Disc centres ``(..., DISCS, 2)`` and radii ``(...)`` covering boxes at ``pose`` (..., 3)."""
+    n = DISCS
+    frac = (torch.arange(n, dtype=pose.dtype) + 0.5) / n - 0.5  # along the length, centred
+    along = frac * length[..., None]  # (..., n)
+    c, s = torch.cos(pose[..., 2:3]), torch.sin(pose[..., 2:3])
+    centres = torch.stack([pose[..., 0:1] + along * c, pose[..., 1:2] + along * s], dim=-1)
+    radius = torch.sqrt((length / (2 * n)) ** 2 + (width / 2) ** 2)
+    return centres, radius
+
+
+def _agents_over(scene: DrivingScene, T: int) -> tuple[Tensor, Tensor]:
+    """Agent future poses and validity for T steps, extended at constant velocity past the log."""
+    pose, valid = scene.agents_pose, scene.agents_valid
+    F = pose.shape[2]
+    if T <= F:
+        return pose[:, :, :T], valid[:, :, :T]
+    extra = T - F
+    if F >= 2:
+        vel = pose[:, :, -1] - pose[:, :, -2]
+        ok = valid[:, :, -1] & valid[:, :, -2]
+    else:
+        vel = torch.zeros_like(pose[:, :, -1])
+        ok = valid[:, :, -1] if F else torch.zeros(pose.shape[:2], dtype=torch.bool)
+    vel = vel.clone()
+    vel[..., 2] = 0.0
+    k = torch.arange(1, extra + 1, dtype=pose.dtype)
+    more = pose[:, :, -1:] + k[None, None, :, None] * vel[:, :, None]
+    return torch.cat([pose, more], dim=2), torch.cat([valid, ok[..., None].expand(-1, -1, extra)], dim=2)
+
+
+def _zone_depth(points: Tensor, zones: Tensor) -> Tensor:
+    """Signed depth of points ``(B, *P, 2)`` in convex zones ``(B, Z, E, 3)``: ``(B, *P, Z)``, > 0 inside."""
+    B = points.shape[0]
+    p = points.reshape(B, -1, 1, 1, 2)
+    z = zones[:, None]  # (B, 1, Z, E, 3)
+    slack = z[..., 2] - (z[..., 0] * p[..., 0] + z[..., 1] * p[..., 1])  # (B, P, Z, E)
+    return slack.amin(dim=-1).reshape(*points.shape[:-1], zones.shape[1])
+
+
+def driving_signals(traj: Tensor | np.ndarray, scene: DrivingScene) -> dict[str, Tensor]:
+    """Every signal of :data:`SIGNAL_NAMES` for ``traj`` ``(B, N, T, 3|4)`` (or ``(N, T, 3|4)`` for one scene).
+
+    Speeds, accelerations and jerks are finite differences at :data:`DT`
+    that start from the scene's current speed and acceleration (so step 0
+    is the change from now to the first waypoint). Distances are in metres.
+    """
+    traj = torch.as_tensor(traj, dtype=scene.lanes.dtype) if not isinstance(traj, Tensor) else traj.to(scene.lanes.dtype)
+    squeeze = traj.dim() == 3
+    if squeeze:
+        traj = traj[None]
+    if traj.dim() != 4 or traj.shape[-1] not in (3, 4):
+        raise DatasetError(f"trajectories must be (B, N, T, 3|4) or (N, T, 3|4) ego-frame poses, got {tuple(traj.shape)}")
+    B, N, T, _ = traj.shape
+    if B != scene.batch and scene.batch != 1:
+        raise DatasetError(f"{B} trajectory batches for {scene.batch} scenes; give one batch per scene")
+    if bool(torch.isnan(traj).any()):
+        raise DatasetError("trajectory contains NaN; drop or repair those trajectories first")
+    Bs = max(B, scene.batch)
+    xy, yaw = traj[..., :2], traj[..., 2]
+    if Bs != B:
+        xy, yaw, traj = xy.expand(Bs, -1, -1, -1), yaw.expand(Bs, -1, -1), traj.expand(Bs, -1, -1, -1)
+
+    # kinematics -------------------------------------------------------------
+    prev_xy = torch.cat([torch.zeros_like(xy[:, :, :1]), xy[:, :, :-1]], dim=2)
+    prev_yaw = torch.cat([torch.zeros_like(yaw[:, :, :1]), yaw[:, :, :-1]], dim=2)
+    if traj.shape[-1] == 4:
+        speed = traj[..., 3]
+    else:
+        mid = torch.stack([torch.cos(yaw) + torch.cos(prev_yaw), torch.sin(yaw) + torch.sin(prev_yaw)], dim=-1)
+        mid = mid / mid.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+        speed = ((xy - prev_xy) * mid).sum(-1) / DT
+    v0 = scene.speed0.view(-1, 1, 1).expand(Bs, N, 1)
+    a0 = scene.accel0.view(-1, 1, 1).expand(Bs, N, 1)
+    accel = (speed - torch.cat([v0, speed[:, :, :-1]], dim=2)) / DT
+    jerk = (accel - torch.cat([a0, accel[:, :, :-1]], dim=2)) / DT
+    yaw_rate = _wrap(yaw - prev_yaw) / DT
+    accel_lat = speed * yaw_rate
+
+    # lanes ------------------------------------------------------------------
+    def lane_of(idx: Tensor) -> tuple[Tensor, Tensor]:
+        idx = idx.expand(Bs) if idx.shape[0] == 1 else idx
+        lanes = scene.lanes.expand(Bs, -1, -1, -1) if scene.lanes.shape[0] == 1 else scene.lanes
+        has = idx >= 0
+        return lanes[torch.arange(Bs), idx.clamp_min(0)], has
+
+    ref, has_ref = lane_of(scene.ref_lane)
+    lat, lane_yaw, s_ego, _ = _project(xy, ref)
+    hr = has_ref.view(-1, 1, 1)
+    lane_offset = torch.where(hr, lat, torch.zeros_like(lat))
+    heading_error = torch.where(hr, _wrap(yaw - lane_yaw), _wrap(yaw))
+    tgt, has_tgt = lane_of(scene.target_lane)
+    tlat, _, _, _ = _project(xy, tgt)
+    target_offset = torch.where(has_tgt.view(-1, 1, 1), tlat, lane_offset)
+
+    # agents -----------------------------------------------------------------
+    apose, avalid = _agents_over(scene, T)
+    if apose.shape[0] == 1 and Bs > 1:
+        apose, avalid = apose.expand(Bs, -1, -1, -1), avalid.expand(Bs, -1, -1)
+    size = scene.agents_size.expand(Bs, -1, -1) if scene.agents_size.shape[0] == 1 else scene.agents_size
+    ego_c, ego_r = _discs(traj[..., :3], torch.full_like(yaw, EGO_SIZE[0]), torch.full_like(yaw, EGO_SIZE[1]))
+    if apose.shape[1] > 0:
+        ag_c, ag_r = _discs(apose, size[:, :, None, 0].expand_as(apose[..., 0]), size[:, :, None, 1].expand_as(apose[..., 0]))
+        # ego (B, N, T, n, 2) vs agents (B, K, T, n, 2) -> (B, N, T, K, n, n)
+        e = ego_c[:, :, :, None, :, None, :]
+        g = ag_c.permute(0, 2, 1, 3, 4)[:, None, :, :, None, :, :]
+        centre = (e - g).norm(dim=-1).amin(dim=(-1, -2))  # (B, N, T, K)
+        gap = centre - ego_r[..., None] - ag_r.permute(0, 2, 1)[:, None]
+        ok = avalid.permute(0, 2, 1)[:, None]
+        gap = torch.where(ok, gap, torch.full_like(gap, DIST_CAP_M))
+        min_distance = gap.amin(dim=-1).clamp(max=DIST_CAP_M)
+    else:
+        min_distance = torch.full_like(speed, DIST_CAP_M)
+
+    # stop lines along the reference lane -------------------------------------
+    stops = scene.stop_points.expand(Bs, -1, -1) if scene.stop_points.shape[0] == 1 else scene.stop_points
+    svalid = scene.stop_valid.expand(Bs, -1) if scene.stop_valid.shape[0] == 1 else scene.stop_valid
+    s_lat, _, s_stop, _ = _project(stops, ref)  # (B, S)
+    s_now = _project(torch.zeros_like(xy[:, :1, 0]), ref)[2]  # (B, 1): the ego's arc length at t=0
+    ahead = svalid & has_ref[:, None] & (s_lat.abs() <= STOP_LINE_LATERAL_M) & (s_stop >= s_now)
+    s_next = torch.where(ahead, s_stop, torch.full_like(s_stop, _BIG)).amin(dim=-1)  # (B,)
+    stop_distance = (s_next.view(-1, 1, 1) - s_ego - EGO_SIZE[0] / 2).clamp(max=STOP_CAP_M)
+
+    # conflict zones ----------------------------------------------------------
+    zones = scene.zones.expand(Bs, -1, -1, -1) if scene.zones.shape[0] == 1 else scene.zones
+    zvalid = scene.zones_valid.expand(Bs, -1) if scene.zones_valid.shape[0] == 1 else scene.zones_valid
+    ego_depth = (_zone_depth(ego_c, zones) + ego_r[..., None, None]).amax(dim=-2)  # (B, N, T, Z)
+    if apose.shape[1] > 0:
+        ag_c2, ag_r2 = _discs(apose, size[:, :, None, 0].expand_as(apose[..., 0]), size[:, :, None, 1].expand_as(apose[..., 0]))
+        other = (_zone_depth(ag_c2, zones) + ag_r2[..., None, None]).amax(dim=-2)  # (B, K, T, Z)
+        other = torch.where(avalid[..., None], other, torch.full_like(other, -DIST_CAP_M)).amax(dim=1)  # (B, T, Z)
+    else:
+        other = torch.full((Bs, T, zones.shape[1]), -DIST_CAP_M, dtype=speed.dtype)
+    zmask = zvalid[:, None, None, :]
+    both = torch.minimum(ego_depth, other[:, None])
+    both = torch.where(zmask, both, torch.full_like(both, -DIST_CAP_M))
+    zone_conflict = both.amax(dim=-1).clamp(min=-DIST_CAP_M)
+    ego_in = torch.where(zmask, ego_depth, torch.full_like(ego_depth, -1.0)).amax(dim=-1) > 0
+    occupied = (torch.where(zvalid[:, None], other, torch.full_like(other, -1.0)).amax(dim=-1) > 0)[:, None].expand(-1, N, -1)
+
+    out = {
+        "speed": speed,
+        "accel_long": accel,
+        "jerk_long": jerk,
+        "yaw_rate": yaw_rate,
+        "accel_lat": accel_lat,
+        "lane_offset": lane_offset,
+        "heading_error": heading_error,
+        "target_offset": target_offset,
+        "min_distance": min_distance,
+        "stop_distance": stop_distance,
+        "zone_conflict": zone_conflict,
+        "ego_in_zone": ego_in.to(speed.dtype),
+        "zone_occupied": occupied.to(speed.dtype),
+    }
+    if squeeze:
+        out = {k: v[0] for k, v in out.items()}
+    return out
