@@ -1,0 +1,261 @@
+"""Single-step generative policies for offline RL, and the behaviour-cloning references.
+
+A single-step policy maps one observation to one action by sampling a
+generative model of the data's actions (DDPM, flow matching or MeanFlow from
+``policy.generative``) conditioned on the normalized observation.
+:class:`SingleStepPolicy` holds what every such policy needs: the
+normalizers, the actor network and its EMA copy (used for acting), the
+sampler, ``act``/``predict``/``save``/``load``. The offline-RL policies
+(:mod:`diffpilot.policy.dql`, :mod:`diffpilot.policy.ofql`) add a critic on
+top; the two BC policies here train on the imitation loss alone, as the
+references that show what the critic adds.
+
+Actions live in a normalized space where the data's per-dimension range is
+[-1, 1]; sampled actions are clamped to it, so a policy never leaves the
+range the data covers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffpilot.data.normalizer import Normalizer
+from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.generative import build_objective, build_sampler
+from diffpilot.policy.generative.base import SampleResult
+from diffpilot.policy.networks import MLPDenoiser
+
+__all__ = ["DiffusionBCPolicy", "FlowBCPolicy", "SingleStepPolicy", "merge_options"]
+
+BASE_DEFAULTS: dict[str, Any] = {
+    # 3 x 256 Mish MLP on (a_t, t, s), as in Diffusion-QL; time_scale None keeps the
+    # network's default sinusoidal scale (1000, suited to discrete diffusion steps).
+    "network": {"hidden": 256, "depth": 3, "time_dim": 32, "activation": "mish", "time_scale": None},
+    "objective": {"name": "ddpm", "num_train_steps": 5, "schedule": "vp", "prediction": "epsilon", "clip_sample": 1.0},
+    "sampler": {"name": "ddpm"},
+    "obs_normalizer": "gaussian",
+    "actor_lr": 3e-4,
+    "actor_grad_clip": 0.0,  # 0: no clipping
+    "ema": {"decay": 0.995, "start": 1000, "every": 5},
+    "action_selection": {"samples": 1, "mode": "first"},
+}
+SELECTION_MODES = ("first", "softmax", "argmax")
+
+
+def merge_options(defaults: dict[str, Any], options: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``defaults`` updated by ``options``; nested dicts merge one level deep.
+
+    An unknown key is refused by name, so a typo in a YAML config fails at
+    construction instead of being silently ignored.
+    """
+    out = copy.deepcopy(defaults)
+    for key, value in options.items():
+        if key not in out:
+            raise ValueError(f"unknown option {key!r} for policy {kind!r}; valid options: {sorted(out)}")
+        if isinstance(out[key], dict) and isinstance(value, dict):
+            bad = sorted(set(value) - set(out[key]))
+            # objective/sampler keys depend on the chosen name: only the fixed-shape groups are checked
+            if bad and key not in ("objective", "sampler"):
+                raise ValueError(f"unknown key(s) {bad} in option {key!r} of policy {kind!r}; valid keys: {sorted(out[key])}")
+            out[key] = value if key in ("objective", "sampler") and "name" in value else {**out[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class SingleStepPolicy(nn.Module):
+    """An observation-conditioned generative model of single actions, trained by BC."""
+
+    KIND = "single_step"
+    DEFAULTS: dict[str, Any] = BASE_DEFAULTS
+
+    def __init__(self, obs_dim: int, action_dim: int, **options: Any) -> None:
+        super().__init__()
+        if int(obs_dim) < 1 or int(action_dim) < 1:
+            raise ValueError(f"need obs_dim >= 1 and action_dim >= 1, got {obs_dim} and {action_dim}")
+        cfg = merge_options(self.DEFAULTS, options, self.KIND)
+        sel = cfg["action_selection"]
+        if sel["mode"] not in SELECTION_MODES or int(sel["samples"]) < 1:
+            raise ValueError(
+                f"action_selection needs mode in {SELECTION_MODES} and samples >= 1, got {sel}"
+            )
+        self.config: dict[str, Any] = {"obs_dim": int(obs_dim), "action_dim": int(action_dim), **cfg}
+        self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
+        self.obs_normalizer = Normalizer(self.obs_dim, cfg["obs_normalizer"])
+        self.action_normalizer = Normalizer(self.action_dim, "limits")
+        obj = dict(cfg["objective"])
+        self.objective = build_objective(obj.pop("name"), **obj)
+        smp = dict(cfg["sampler"])
+        self.sampler = build_sampler(smp.pop("name"), self.objective, **smp)
+        self.actor = self._build_actor(cfg["network"], use_r=cfg["objective"]["name"] == "meanflow")
+        self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
+        self._generator = torch.Generator().manual_seed(0)
+        self.last_nfe = 0
+        self.total_nfe = 0  # network evaluations spent by act() (NFE per decision = total_nfe / decisions)
+        self.decisions = 0
+
+    def _build_actor(self, net: dict[str, Any], use_r: bool) -> MLPDenoiser:
+        actor = MLPDenoiser(
+            self.action_dim, self.obs_dim, hidden=int(net["hidden"]), depth=int(net["depth"]),
+            time_dim=int(net["time_dim"]), use_r=use_r, activation=net["activation"],
+        )
+        if net.get("time_scale") is not None:
+            # The scale is a plain attribute of the sinusoidal features (not a weight): set it on every build.
+            actor.time_emb.sin.scale = float(net["time_scale"])
+        return actor
+
+    # ------------------------------------------------------------------ data
+    def fit_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
+        """Fit the observation and action normalizers on the training data."""
+        self.obs_normalizer.load_state_dict(Normalizer.fit(observations, self.config["obs_normalizer"]).state_dict())
+        self.action_normalizer.load_state_dict(Normalizer.fit(actions, "limits").state_dict())
+
+    def normalize_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Raw ``obs``/``action``/``next_obs`` -> normalized; other keys pass through."""
+        out = dict(batch)
+        out["obs"] = self.obs_normalizer.normalize(batch["obs"])
+        if "next_obs" in batch:
+            out["next_obs"] = self.obs_normalizer.normalize(batch["next_obs"])
+        if "action" in batch:
+            out["action"] = self.action_normalizer.normalize(batch["action"])
+        return out
+
+    # -------------------------------------------------------------- sampling
+    def step_noise_shape(self, batch_size: int) -> tuple[int, ...] | None:
+        """Shape of the per-step noise a stochastic sampler needs, or None for deterministic samplers."""
+        if self.config["sampler"]["name"] == "ddpm":
+            return (self.objective.num_train_steps, batch_size, self.action_dim)
+        return None
+
+    def sample(
+        self, model: nn.Module, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> SampleResult:
+        """Normalized actions for normalized observations ``cond``, clamped to the data range.
+
+        Gradients flow through the sampler (the Q term of DQL/OFQL needs them);
+        wrap the call in ``torch.no_grad`` when they are not wanted. All noise
+        comes from ``generator``, so training is reproducible and resumable.
+        """
+        b = cond.shape[0]
+        if noise is None:
+            noise = torch.randn((b, self.action_dim), generator=generator).to(cond)
+        shape = self.step_noise_shape(b)
+        step_noise = None if shape is None else torch.randn(shape, generator=generator).to(cond)
+        result = self.sampler.sample(model, noise, cond, step_noise=step_noise)
+        return SampleResult(sample=result.sample.clamp(-1.0, 1.0), nfe=result.nfe)
+
+    @torch.no_grad()
+    def select_actions(self, cond: Tensor, generator: torch.Generator | None = None) -> SampleResult:
+        """One action per row of ``cond`` from the EMA actor (BC: the first sample)."""
+        return self.sample(self.actor_ema, cond, generator)
+
+    # -------------------------------------------------------------- training
+    def bc_loss(self, obs: Tensor, action: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The generative (imitation) loss on normalized ``obs``/``action``."""
+        return self.objective.loss(self.actor, action, obs, generator=generator)
+
+    def optim_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
+        """Parameter groups the trainer makes one Adam optimizer for, with their learning rates."""
+        return {"actor": (list(self.actor.parameters()), float(self.config["actor_lr"]))}
+
+    def _step(self, opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip > 0:
+            nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+
+    @torch.no_grad()
+    def ema_step(self, step: int) -> None:
+        """EMA of the actor: a plain copy before ``ema.start``, then a lerp every ``ema.every`` steps."""
+        ema = self.config["ema"]
+        if step < int(ema["start"]):
+            for p_ema, p in zip(self.actor_ema.parameters(), self.actor.parameters()):
+                p_ema.copy_(p)
+        elif step % int(ema["every"]) == 0:
+            ema_p = list(self.actor_ema.parameters())
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.actor.parameters()], 1.0 - float(ema["decay"]))
+
+    def update(
+        self, batch: dict[str, Tensor], optimizers: dict[str, torch.optim.Optimizer], step: int, generator: torch.Generator
+    ) -> dict[str, float]:
+        """One gradient step on a raw batch; returns the step's metrics."""
+        nb = self.normalize_batch(batch)
+        loss = self.bc_loss(nb["obs"], nb["action"], generator)
+        self._step(optimizers["actor"], loss, list(self.actor.parameters()), float(self.config["actor_grad_clip"]))
+        self.ema_step(step)
+        return {"actor_bc_loss": float(loss.detach())}
+
+    # ------------------------------------------------------------- interface
+    def _check_obs(self, obs: Tensor) -> None:
+        if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"expected observations of shape (B, {self.obs_dim}), got {tuple(obs.shape)}")
+        if not torch.isfinite(obs).all():
+            raise ValueError("observations contain NaN or inf; check the environment or data set")
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """Actions (B, action_dim) in environment units for raw ``batch["obs"]`` (B, obs_dim).
+
+        ``noise`` (B, action_dim) fixes the first candidate's initial noise;
+        everything else random comes from the policy's generator (see ``reset``).
+        """
+        obs = batch["obs"]
+        self._check_obs(obs)
+        cond = self.obs_normalizer.normalize(obs.to(self.obs_normalizer.scale))
+        if noise is not None:
+            if tuple(noise.shape) != (obs.shape[0], self.action_dim):
+                raise ValueError(f"noise must have shape {(obs.shape[0], self.action_dim)}, got {tuple(noise.shape)}")
+            result = self.sample(self.actor_ema, cond, self._generator, noise=noise.to(cond))
+        else:
+            result = self.select_actions(cond, self._generator)
+        self.last_nfe = result.nfe
+        return self.action_normalizer.unnormalize(result.sample)
+
+    def reset(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self._generator.manual_seed(int(seed))
+
+    @torch.no_grad()
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        obs = np.asarray(observation, dtype=np.float32)
+        if obs.shape != (self.obs_dim,):
+            raise ValueError(f"act() expects an observation of shape ({self.obs_dim},), got {obs.shape}")
+        action = self.predict({"obs": torch.from_numpy(obs)[None]})[0]
+        self.total_nfe += self.last_nfe
+        self.decisions += 1
+        return action.cpu().numpy().astype(np.float32)
+
+    def save(self, directory: str | Path) -> Path:
+        return save_checkpoint(directory, self.state_dict(), copy.deepcopy(self.config), kind=self.KIND)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SingleStepPolicy":
+        tensors, config = load_checkpoint(directory, kind=cls.KIND)
+        policy = cls(**config)
+        load_state_strict(policy, tensors, directory)
+        return policy.eval()
+
+
+class DiffusionBCPolicy(SingleStepPolicy):
+    """Diffusion BC: the DQL actor (DDPM, 5 VP steps, epsilon-prediction) without a critic."""
+
+    KIND = "diffusion_bc"
+    DEFAULTS = BASE_DEFAULTS
+
+
+class FlowBCPolicy(SingleStepPolicy):
+    """Flow-matching BC: straight-path velocity regression, a few Euler steps at inference."""
+
+    KIND = "flow_bc"
+    DEFAULTS = {
+        **BASE_DEFAULTS,
+        "objective": {"name": "flow"},
+        "sampler": {"name": "euler", "num_steps": 5},
+    }
