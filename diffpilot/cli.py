@@ -1,4 +1,4 @@
-"""The ``diffpilot`` command: ``data``, ``train``, ``eval`` and ``demo``, configured by hydra.
+"""The ``diffpilot`` command: ``data``, ``train``, ``eval``, ``export``, ``deploy``, ``demo`` and ``driving``, configured by hydra.
 
 Every sub-command takes hydra overrides (``key=value``, ``group=option``),
 e.g. ``diffpilot train policy=chunk_flow data=maze2d-medium sim=maze2d-medium
@@ -23,7 +23,9 @@ COMMANDS = {
     "export": ("export", "export a saved policy to ONNX for the onnxruntime runtime (needs checkpoint=PATH)"),
     "deploy": ("deploy", "run an exported policy at a fixed rate with onnxruntime only (needs model=PATH)"),
     "demo": ("demo", "generate, train, evaluate and write a report (what `make demo` runs)"),
+    "driving": ("driving", "driving planners: `driving data` gets the nuScenes-format set, `driving eval` scores the baselines"),
 }
+DRIVING_ACTIONS = ("data", "eval")
 
 
 def load_config(name: str, overrides: list[str]) -> dict[str, Any]:
@@ -47,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.command == "data" and overrides and "=" not in overrides[0]:
         overrides[0] = f"data={overrides[0]}"
+    action = None
+    if args.command == "driving":
+        if not overrides or overrides[0] not in DRIVING_ACTIONS:
+            print(f"diffpilot driving: say what to do first: one of {list(DRIVING_ACTIONS)}, "
+                  "e.g. `diffpilot driving eval workers=2`", file=sys.stderr)
+            return 2
+        action = overrides.pop(0)
     try:
         cfg = load_config(COMMANDS[args.command][0], overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
@@ -54,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cfg:
         print(OmegaConf.to_yaml(cfg))
+        return 0
+    if args.command == "driving":
+        from diffpilot import driving_jobs
+
+        print(driving_jobs.driving_data_job(cfg["data"]) if action == "data" else driving_jobs.driving_eval_job(cfg) / "report.md")
         return 0
     if args.command != "deploy":
         from diffpilot import jobs  # heavy imports only once the config is valid
