@@ -55,13 +55,11 @@ GRIPPER: list[Row] = [
 ONE_STEP: list[Row] = [
     ("flow euler-10", "flow", {"name": "euler", "num_steps": 10}, None, None),
     ("flow 1-step", "flow", {"name": "euler", "num_steps": 1}, None, None),
-    ("meanflow 1-step", "meanflow", {"name": "meanflow", "num_steps": 1}, None, None),
 ]
 EXPORTED = (  # method, variant, sampler, warm start: the policies timed in every runtime
     ("ddim-10", "ddpm", DDIM10, None),
     ("warm-start ddim (re-noised)", "ddpm", DDIM10, RENOISED),
     ("flow 1-step", "flow", {"name": "euler", "num_steps": 1}, None),
-    ("meanflow 1-step", "meanflow", {"name": "meanflow", "num_steps": 1}, None),
 )
 
 

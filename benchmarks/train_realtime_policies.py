@@ -1,8 +1,7 @@
 """Train (or resume, or reuse) the chunk policies the real-time benchmark compares, same budget each.
 
-maze2d-umaze: DDPM and flow (benchmarks/chunk_policy.py) plus MeanFlow.
-pick-place: DDPM with the gripper snapped, DDPM with the gripper trained
-"scaled", flow and MeanFlow. Each policy lands in <out>/<task>/<variant>/policy.
+maze2d-umaze: DDPM and flow (benchmarks/chunk_policy.py). pick-place: DDPM
+with the gripper snapped, DDPM with the gripper trained "scaled", and flow. Each policy lands in <out>/<task>/<variant>/policy.
 
 Run: python benchmarks/train_realtime_policies.py [--steps 4000]
 """
@@ -25,13 +24,11 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
     "maze2d-umaze": {
         "ddpm": ["policy=chunk_diffusion", *MAZE],
         "flow": ["policy=chunk_flow", *MAZE],
-        "meanflow": ["policy=chunk_meanflow", *MAZE],
     },
     "pick-place": {
         "ddpm": ["policy=chunk_diffusion", *PICK, *GRIPPER, "+policy.discrete_mode=none"],
         "ddpm-scale": ["policy=chunk_diffusion", *PICK, *GRIPPER, "+policy.discrete_mode=scale"],
         "flow": ["policy=chunk_flow", *PICK, *GRIPPER, "+policy.discrete_mode=none"],
-        "meanflow": ["policy=chunk_meanflow", *PICK, *GRIPPER, "+policy.discrete_mode=none"],
     },
 }
 

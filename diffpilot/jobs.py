@@ -30,6 +30,7 @@ from diffpilot.sim.tasks import Task, dataset_reference, get_task
 
 POLICY_KEYS = ("obs_horizon", "action_horizon", "exec_horizon", "network", "objective", "sampler", "normalizer", "warm_start")
 DISCRETE_KEYS = ("discrete_dims", "discrete_mode", "discrete_factor")  # optional in a policy config
+OFFLINE_RL_POLICIES = ("dql", "ofql", "flow_bc", "diffusion_bc")
 
 
 def cache_dir() -> Path:
@@ -49,6 +50,14 @@ def dataset_path(data: dict[str, Any]) -> Path:
 
 def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
     """Generate the data set ``data`` describes, unless it is already on disk."""
+    if data["kind"] == "locomotion" and not data.get("path"):
+        from diffpilot.data.locomotion import build_locomotion_dataset  # SAC and stable-baselines3 only when needed
+
+        return build_locomotion_dataset(
+            data["env"], data["dataset"], None, data.get("sac_steps"), data.get("transitions"), int(data["seed"]),
+            eval_interval=data.get("eval_interval"), eval_episodes=int(data["eval_episodes"]),
+            reference_episodes=int(data["reference_episodes"]), progress=progress,
+        )
     path = dataset_path(data)
     if path.exists():
         return path
@@ -77,8 +86,29 @@ def _policy_from_config(policy_cfg: dict[str, Any], obs_dim: int, action_dim: in
     )
 
 
+def offline_rl_train_job(cfg: dict[str, Any]) -> Path:
+    """Train DQL, OFQL or a BC reference on the configured data set; returns the best policy's folder."""
+    from diffpilot.policy.offline_rl import OfflineRLConfig, policy_options, train_offline_rl
+
+    progress = bool(cfg.get("progress", True))
+    out = Path(cfg["out"])
+    data_path = generate_job(cfg["data"], progress)
+    ds = read_d4rl(data_path)
+    task_name = cfg["data"]["name"] if cfg["data"]["kind"] == "locomotion" else cfg["sim"]["task"]
+    name, options = policy_options(cfg["policy"], cfg["data"]["name"])
+    train = cfg["train"]
+    config = OfflineRLConfig(batch_size=int(train["batch_size"]), ckpt_every=int(train["ckpt_every"]),
+                             log_every=int(train["log_every"]), progress=progress)
+    train_offline_rl(name, ds, task_name, out, int(train["steps"]), int(cfg.get("eval_every") or 0),
+                     int(cfg["sim"]["episodes"]), int(cfg["seed"]), config=config, policy_config=options,
+                     resume=bool(cfg.get("resume", True)))
+    return out / "best"
+
+
 def train_job(cfg: dict[str, Any]) -> Path:
-    """Train a chunk policy on the configured data set; returns the saved policy folder."""
+    """Train the configured policy on the configured data set; returns the saved policy folder."""
+    if cfg["policy"]["name"] in OFFLINE_RL_POLICIES:
+        return offline_rl_train_job(cfg)
     progress = bool(cfg.get("progress", True))
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +150,13 @@ def _write_json(path: Path, obj: Any) -> None:
 def eval_job(cfg: dict[str, Any]) -> Path:
     """Evaluate a saved policy closed loop; writes eval.json and report.md next to it."""
     ckpt = Path(cfg["checkpoint"])
-    policy = ChunkDiffusionPolicy.load(ckpt)
+    kind = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("kind") if (ckpt / "config.yaml").is_file() else None
+    if kind in OFFLINE_RL_POLICIES:
+        from diffpilot.policy.offline_rl import load_offline_policy
+
+        policy = load_offline_policy(ckpt)
+    else:
+        policy = ChunkDiffusionPolicy.load(ckpt)
     if cfg.get("sampler"):
         sampler = dict(cfg["sampler"])
         policy.set_sampler(sampler.pop("name"), **sampler)
@@ -133,10 +169,10 @@ def eval_job(cfg: dict[str, Any]) -> Path:
     summary, records = evaluate(policy, task, int(cfg["sim"]["episodes"]), int(cfg["sim"]["seed"]), ref, cfg.get("progress", True))
     _write_json(out / "eval.json", {"summary": summary, "reference": list(ref), "reference_source": ref_source,
                                    "episodes": [r.row() for r in records]})
-    _rollout_figure(task, records, out / "rollouts.png")
+    figure = _rollout_figure(task, records, out / "rollouts.png")
     write_report(out, f"Closed-loop evaluation: {task.name}", [
         ("Summary", markdown_table([summary]) + f"\nReference returns (min, max) = {ref[0]:.2f}, {ref[1]:.2f} ({ref_source}).\n"),
-        ("Rollouts", "![rollouts](rollouts.png)\n"),
+        *([("Rollouts", "![rollouts](rollouts.png)\n")] if figure else []),
         ("Episodes", markdown_table([r.row() for r in records], ["episode", "seed", "episode_return", "normalized_score", "success", "latency_ms_p50", "latency_ms_p99"])),
     ])
     return out
@@ -154,11 +190,15 @@ def export_job(cfg: dict[str, Any]) -> Path:
     return path
 
 
-def _rollout_figure(task: Task, records: list[EpisodeRecord], path: Path) -> None:
+def _rollout_figure(task: Task, records: list[EpisodeRecord], path: Path) -> bool:
+    """Top-down rollouts for maze tasks; False (no figure) for the others."""
     env = task.make_env()
     try:
-        maze = env.unwrapped.maze
+        maze = getattr(env.unwrapped, "maze", None)
+        if maze is None:
+            return False
         plot_maze_rollouts(maze.maze_map, maze.maze_size_scaling, records, path)
+        return True
     finally:
         env.close()
 

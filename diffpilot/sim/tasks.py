@@ -10,6 +10,7 @@ import numpy as np
 
 from diffpilot.data.d4rl import OfflineDataset
 from diffpilot.data import pick_place
+from diffpilot.data.locomotion import LOCOMOTION_ENVS, locomotion_task
 from diffpilot.data.maze2d import MAZES, make_maze2d_env, reference_scores
 
 
@@ -46,12 +47,15 @@ PICK_PLACE = Task(
 
 
 def get_task(name: str, reward: str = "sparse") -> Task:
-    """The task called ``name`` (``maze2d-umaze``, ``maze2d-medium``, ``maze2d-large``, ``pick-place``)."""
+    """The task called ``name``: ``maze2d-{umaze,medium,large}``, ``pick-place``, ``hopper``/``halfcheetah``/``walker2d`` (with a data-set suffix)."""
     if name.startswith("maze2d-") and name[len("maze2d-"):] in MAZES:
         return _maze2d_task(name[len("maze2d-"):], reward)
     if name == PICK_PLACE.name:
         return PICK_PLACE
-    valid = [f"maze2d-{m}" for m in MAZES] + [PICK_PLACE.name]
+    family = name.split("-", 1)[0]
+    if family in LOCOMOTION_ENVS:  # hopper, hopper-medium, walker2d-medium-replay, ...
+        return locomotion_task(family)
+    valid = [f"maze2d-{m}" for m in MAZES] + [PICK_PLACE.name] + [f"{e}[-medium|-medium-replay|-medium-expert]" for e in LOCOMOTION_ENVS]
     raise ValueError(f"unknown task {name!r}; valid tasks: {valid}")
 
 
