@@ -1,0 +1,32 @@
+"""Trajectory optimization under STL driving rules and the data-augmentation job built on it."""
+
+from __future__ import annotations
+
+from diffpilot.planning.augment import DEFAULT_MARGINS, DEFAULT_NOISE, DEFAULT_RULES, augment, read_augmented, sample_params
+from diffpilot.planning.convex import CONVEX_RULES, ConvexPlanner, ConvexResult, solve_convex
+from diffpilot.planning.dynamics import UnicycleLimits, controls_from_raw, raw_from_controls, rollout, rollout_numpy
+from diffpilot.planning.gradient import MODES, RULE_SCALES, TrajOptResult, active_rules, mode_scenes, optimize_controls
+
+__all__ = [
+    "CONVEX_RULES",
+    "DEFAULT_MARGINS",
+    "DEFAULT_NOISE",
+    "DEFAULT_RULES",
+    "MODES",
+    "RULE_SCALES",
+    "ConvexPlanner",
+    "ConvexResult",
+    "TrajOptResult",
+    "UnicycleLimits",
+    "active_rules",
+    "augment",
+    "controls_from_raw",
+    "mode_scenes",
+    "optimize_controls",
+    "raw_from_controls",
+    "read_augmented",
+    "rollout",
+    "rollout_numpy",
+    "sample_params",
+    "solve_convex",
+]
