@@ -1,0 +1,673 @@
+"""STL-conditioned flow planner: few-step rectified flow (or MeanFlow) over unicycle controls.
+
+The planner generates a control sequence ``(omega, a) x T`` (yaw rate,
+acceleration) for the unicycle ``(x, y, theta, v)`` at :data:`DT`, rolled out
+from the ego's current speed. Controls rather than waypoints because every
+decoded plan is then kinematically feasible, the speed profile (what speed
+and comfort rules constrain) is an explicit, smooth function of the sample,
+and the rollout is a differentiable cumulative sum, so robustness gradients
+reach the sample cheaply. Generation is conditioned on
+
+* the scene: tokens from :class:`~diffpilot.policy.networks.scene_encoder.SceneEncoder`,
+* the driving mode (keep_lane / left / right, :data:`~diffpilot.stl.metrics.MODES`),
+* the rule parameter vector (normalized), e.g. ``vmax``: a user can ask for a
+  cautious (low ``vmax``, large ``dsafe``) or an aggressive plan.
+
+Parameters and mode enter as two extra condition tokens of the transformer
+denoiser's cross-attention (``network="transformer"``), or all conditions are
+pooled into one FiLM vector (``network="mlp"``). Training pairs come from
+augmented data (trajectory optimization under perturbed parameters) or from
+the logs, with parameters relabelled in hindsight: the tightest parameters a
+trajectory satisfies plus margins (:func:`data_from_logs`).
+
+Sampling: Euler with 1-4 steps (flow) or one MeanFlow step. Optional
+robustness guidance adds, at the chosen steps, the gradient of the smooth
+robustness of the decoded prediction of the clean sample (treating the
+network output as fixed, so no extra network evaluation), and a few
+gradient steps on the final sample; NFE stays that of the plain sampler.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffpilot.data.errors import DatasetError
+from diffpilot.data.normalizer import Normalizer
+from diffpilot.data.scenario import COMMANDS, DT, SceneSample, wrap_angle
+from diffpilot.data.scene_sample import stack_samples
+from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.generative import EulerSampler, FlowMatching, MeanFlow, MeanFlowSampler
+from diffpilot.policy.networks.mlp import MLPDenoiser
+from diffpilot.policy.networks.scene_encoder import SceneEncoder, batch_from_arrays
+from diffpilot.policy.networks.transformer import TransformerDenoiser
+from diffpilot.stl.calibration import calibrate
+from diffpilot.stl.metrics import MODE_COMMAND, MODES, mode_robustness, rule_robustness
+from diffpilot.stl.rules import RuleSet
+from diffpilot.stl.signals import driving_signals, scene_from_arrays
+
+__all__ = [
+    "DEFAULT_MARGINS",
+    "DEFAULT_RULES",
+    "ConditionNet",
+    "GuidanceConfig",
+    "ParamConditionedPlanner",
+    "PlannerData",
+    "SampleOutput",
+    "STLFlowPlanner",
+    "controls_from_poses",
+    "data_from_augmented",
+    "data_from_logs",
+    "hindsight_params",
+    "mode_from_command",
+    "unicycle_rollout",
+]
+
+DEFAULT_RULES = ("speed_limit", "lane_keeping", "heading", "safe_distance", "lane_change")
+"""The pSTL rule set: speed, lane offset, heading error, gap to others, lane change."""
+DEFAULT_MARGINS = {"vmin": 1.0, "vmax": 1.0, "dmin": 0.5, "dmax": 0.5, "theta_max": 0.1, "dsafe": 1.0, "w_target": 0.5}
+"""Loosening added to hindsight-calibrated parameters (units of each parameter)."""
+
+
+# --------------------------------------------------------------------------- dynamics
+
+
+def unicycle_rollout(controls: Tensor, v0: Tensor, dt: float = DT) -> Tensor:
+    """Controls ``(..., T, 2)`` = (yaw rate, acceleration) from speed ``v0`` ``(...)`` -> states ``(..., T, 4)``.
+
+    The step of :mod:`diffpilot.planning.dynamics` (new speed along the
+    mid-step heading, so the speed read back from the poses is the state's
+    speed), written in closed form with cumulative sums and without its
+    control clipping: the decoder stays smooth for guidance gradients, and
+    controls inside the limits (all augmented data) roll out identically.
+    """
+    om, acc = controls[..., 0], controls[..., 1]
+    theta = torch.cumsum(om, dim=-1) * dt
+    mid = theta - 0.5 * om * dt
+    v = v0[..., None] + torch.cumsum(acc, dim=-1) * dt
+    x = torch.cumsum(v * torch.cos(mid), dim=-1) * dt
+    y = torch.cumsum(v * torch.sin(mid), dim=-1) * dt
+    return torch.stack([x, y, theta, v], dim=-1)
+
+
+def controls_from_poses(poses: np.ndarray, v0: np.ndarray, dt: float = DT) -> np.ndarray:
+    """Finite-difference controls ``(W, T, 2)`` of ego-frame poses ``(W, T, 3)`` (logged futures).
+
+    The yaw rate comes from the heading change, the speed from the
+    displacement along the mid-step heading (as the STL speed signal reads
+    it), the acceleration from the speed change (the first from ``v0``). On
+    poses of :func:`unicycle_rollout` this is its exact inverse; on logs the
+    sideways slip of a step is dropped (centimetres on our data).
+    """
+    p = np.asarray(poses, dtype=np.float64)
+    if p.ndim != 3 or p.shape[-1] < 3:
+        raise DatasetError(f"poses must be (windows, steps, 3), got {p.shape}")
+    prev = np.concatenate([np.zeros_like(p[:, :1, :3]), p[:, :-1, :3]], axis=1)
+    dtheta = wrap_angle(p[..., 2] - prev[..., 2])
+    mid = prev[..., 2] + 0.5 * dtheta
+    d = p[..., :2] - prev[..., :2]
+    v = (d[..., 0] * np.cos(mid) + d[..., 1] * np.sin(mid)) / dt
+    prev_v = np.concatenate([np.asarray(v0, dtype=np.float64).reshape(-1, 1), v[:, :-1]], axis=1)
+    return np.stack([dtheta / dt, (v - prev_v) / dt], axis=-1)
+
+
+def mode_from_command(command: np.ndarray) -> np.ndarray:
+    """COMMANDS indices -> mode ids (keep_lane and stop -> keep_lane, left -> left, right -> right)."""
+    c = np.asarray(command, dtype=np.int64)
+    out = np.zeros_like(c)
+    out[c == COMMANDS.index("left")] = MODES.index("left")
+    out[c == COMMANDS.index("right")] = MODES.index("right")
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class PlannerData:
+    """Training rows for a parameter-conditioned planner.
+
+    ``arrays`` are stacked SceneSamples (``W`` windows); row ``i`` is the
+    control sequence ``controls[i]`` ``(T, 2)`` driven in window
+    ``window[i]`` under mode ``modes[i]``, satisfying parameters
+    ``params[name][i]``. Augmented data has many rows per window.
+    """
+
+    arrays: dict[str, np.ndarray]
+    window: np.ndarray
+    controls: np.ndarray
+    params: dict[str, np.ndarray]
+    modes: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        M = len(self.window)
+        if self.controls.ndim != 3 or self.controls.shape[0] != M or self.controls.shape[2] != 2:
+            raise DatasetError(f"controls must be (rows={M}, T, 2), got {self.controls.shape}")
+        if len(self.modes) != M or any(len(np.asarray(v)) != M for v in self.params.values()):
+            raise DatasetError(f"modes and every parameter need one value per row ({M})")
+        W = len(self.arrays["command"])
+        if M and (self.window.min() < 0 or self.window.max() >= W):
+            raise DatasetError(f"window indices must lie in [0, {W}) (the stacked samples)")
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, T: int, scale: float) -> np.ndarray:
+    """Random smooth profiles ``(n, T)``: a constant plus a ramp plus one slow sinusoid."""
+    t = np.linspace(0.0, 1.0, T)
+    c = rng.normal(0, 1, (n, 1))
+    ramp = rng.normal(0, 1, (n, 1)) * t
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    return scale * (0.5 * c + 0.5 * ramp + 0.4 * np.sin(np.pi * t + phase))
+
+
+def data_from_logs(
+    arrays: Mapping[str, np.ndarray],
+    rules: Sequence[str] | RuleSet = DEFAULT_RULES,
+    margins: Mapping[str, float] | None = None,
+    *,
+    perturb: int = 0,
+    accel_scale: float = 1.5,
+    yaw_rate_scale: float = 0.06,
+    seed: int = 0,
+) -> PlannerData:
+    """Rows from the logged futures (controls by finite differences), parameters by hindsight calibration.
+
+    With ``perturb > 0`` each window also gets ``perturb`` rows whose logged
+    controls carry smooth random offsets, relabelled with the parameters
+    they satisfy: a cheap stand-in for optimizer-augmented data that
+    decouples the parameters from the scene, which is what makes the
+    planner respond to them. Windows with an incomplete future are skipped.
+    """
+    rs = rules if isinstance(rules, RuleSet) else RuleSet(list(rules))
+    margins = dict(DEFAULT_MARGINS if margins is None else margins)
+    margins = {k: v for k, v in margins.items() if k in rs.defaults()}
+    arrays = dict(arrays)
+    complete = np.asarray(arrays["ego_future_valid"], dtype=bool).all(axis=1)
+    win = np.flatnonzero(complete)
+    if not len(win):
+        raise DatasetError("no window has a complete logged future; use longer scenes or fewer future steps")
+    v0 = np.asarray(arrays["ego_status"], dtype=np.float64)[win, 0]
+    base = controls_from_poses(np.asarray(arrays["ego_future"])[win], v0)
+    rng = np.random.default_rng(seed)
+    rows_w, rows_c = [win], [base]
+    for _ in range(perturb):
+        c = base.copy()
+        c[..., 1] += _smooth_noise(rng, len(win), c.shape[1], accel_scale)
+        c[..., 0] += _smooth_noise(rng, len(win), c.shape[1], yaw_rate_scale)
+        rows_w.append(win)
+        rows_c.append(c)
+    window = np.concatenate(rows_w)
+    controls = np.concatenate(rows_c)
+    modes = mode_from_command(np.asarray(arrays["command"])[window])
+    params = hindsight_params(arrays, window, controls, modes, rs, margins)
+    finite = np.all([np.isfinite(v) for v in params.values()], axis=0)
+    keep = np.flatnonzero(finite)
+    return PlannerData(
+        arrays=arrays, window=window[keep], controls=controls[keep],
+        params={k: v[keep] for k, v in params.items()}, modes=modes[keep],
+    )
+
+
+def data_from_augmented(arrays: Mapping[str, np.ndarray], augmented: Mapping[str, np.ndarray]) -> PlannerData:
+    """Rows from :func:`diffpilot.planning.augment.read_augmented` output over the same stacked ``arrays``.
+
+    Uses its ``controls`` (applied, so they roll out to its ``trajectories``),
+    ``params`` by ``param_names``, ``mode`` (an index into its ``modes``
+    names) and ``window`` (a row of ``arrays``).
+    """
+    need = ("controls", "params", "param_names", "mode", "modes", "window")
+    missing = [k for k in need if k not in augmented]
+    if missing:
+        raise DatasetError(f"augmented data lack {missing}; read it with diffpilot.planning.augment.read_augmented")
+    names = [str(n) for n in np.asarray(augmented["modes"]).reshape(-1)]
+    unknown = sorted(set(names) - set(MODES))
+    if unknown:
+        raise DatasetError(f"augmented data use mode(s) {unknown}; this planner knows {list(MODES)}")
+    mode_ids = np.array([MODES.index(n) for n in names], dtype=np.int64)[np.asarray(augmented["mode"], dtype=np.int64)]
+    P = np.asarray(augmented["params"], dtype=np.float64)
+    pnames = [str(n) for n in np.asarray(augmented["param_names"]).reshape(-1)]
+    if P.ndim != 2 or P.shape[1] != len(pnames):
+        raise DatasetError(f"augmented params are {P.shape}, expected (rows, {len(pnames)}) for {pnames}")
+    return PlannerData(
+        arrays=dict(arrays), window=np.asarray(augmented["window"], dtype=np.int64),
+        controls=np.asarray(augmented["controls"], dtype=np.float64),
+        params={n: P[:, i] for i, n in enumerate(pnames)}, modes=mode_ids,
+    )
+
+
+def hindsight_params(
+    arrays: Mapping[str, np.ndarray],
+    window: np.ndarray,
+    controls: np.ndarray,
+    modes: np.ndarray,
+    rules: RuleSet,
+    margins: Mapping[str, float],
+) -> dict[str, np.ndarray]:
+    """The tightest parameters (plus margins) that each row's rolled-out trajectory satisfies in its window."""
+    keys = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past")
+    sub = {k: np.asarray(arrays[k])[window] for k in keys}
+    sub["command"] = np.array([MODE_COMMAND[int(m)] for m in modes], dtype=np.int64)
+    sub["ego_future_valid"] = np.ones((len(window), controls.shape[1]), dtype=bool)
+    v0 = torch.as_tensor(sub["ego_status"][:, 0], dtype=torch.float64)
+    traj = unicycle_rollout(torch.as_tensor(controls, dtype=torch.float64), v0)
+    sig = driving_signals(traj[:, None], scene_from_arrays(sub))
+    return calibrate(sub, rules, margins, signals=sig)
+
+
+# --------------------------------------------------------------------------- networks
+
+
+class ConditionNet(nn.Module):
+    """Scene encoder + parameter / mode embeddings + denoiser, with the control and parameter normalizers.
+
+    ``condition`` returns what the denoiser attends to: scene tokens followed
+    by a parameter token and a mode token (transformer), or their pooled
+    concatenation (mlp).
+    """
+
+    def __init__(
+        self,
+        n_params: int,
+        horizon: int,
+        *,
+        network: str = "transformer",
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        past_steps: int = 4,
+        use_raster: bool = False,
+        use_r: bool = False,
+        out_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if network not in ("transformer", "mlp"):
+            raise ValueError(f"unknown network {network!r}; choose 'transformer' or 'mlp'")
+        self.network, self.horizon, self.n_params = network, horizon, n_params
+        self.encoder = SceneEncoder(d_model, past_steps=past_steps, hidden=d_model, use_raster=use_raster)
+        self.param_in = nn.Sequential(nn.Linear(n_params, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.mode_emb = nn.Embedding(len(MODES), d_model)
+        self.control_norm = Normalizer(2, "gaussian")
+        self.param_norm = Normalizer(n_params, "gaussian")
+        if out_dim is not None:  # a plain conditional head (the VAE builds its own)
+            self.denoiser = None
+        elif network == "transformer":
+            self.denoiser = TransformerDenoiser(
+                action_dim=2, cond_dim=d_model, horizon=horizon, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+                use_r=use_r,
+            )
+        else:
+            self.denoiser = MLPDenoiser(2 * horizon, cond_dim=3 * d_model, hidden=4 * d_model, depth=n_layers + 1, use_r=use_r)
+
+    def condition(self, scene: Mapping[str, Tensor], params_norm: Tensor, modes: Tensor) -> tuple[Tensor, Tensor | None]:
+        tokens, mask = self.encoder(scene)
+        p = self.param_in(params_norm)[:, None]
+        m = self.mode_emb(modes.long())[:, None]
+        if self.network == "mlp" or self.denoiser is None:
+            pooled = SceneEncoder.pooled(tokens, mask)
+            return torch.cat([pooled, p[:, 0], m[:, 0]], dim=-1), None
+        extra = torch.zeros(mask.shape[0], 2, dtype=torch.bool)
+        return torch.cat([tokens, p, m], dim=1), torch.cat([mask, extra], dim=1)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor, r: Tensor | None, mask: Tensor | None) -> Tensor:
+        """The denoiser on ``x`` ``(B, T, 2)`` whatever the network's own layout."""
+        if self.network == "transformer":
+            return self.denoiser(x, t, cond, r, mask)
+        return self.denoiser(x.flatten(1), t, cond, r).reshape(x.shape)
+
+
+class _Bound(nn.Module):
+    """The denoiser with its condition mask bound, in the ``f(x, t, cond, r)`` form the samplers call."""
+
+    def __init__(self, net: ConditionNet, mask: Tensor | None) -> None:
+        super().__init__()
+        self.net, self.mask = net, mask
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None) -> Tensor:
+        return self.net.velocity(x, t, cond, r, self.mask)
+
+
+@dataclass
+class GuidanceConfig:
+    """Robustness guidance: ``scale`` per step on the samples, at ``steps`` (indices of sampler steps, None = all),
+    then ``refine`` gradient steps on the final sample; ``smooth`` is the log-sum-exp temperature and
+    ``target`` the robustness (in the rule's units) above which a sample is left alone."""
+
+    scale: float = 0.3
+    steps: Sequence[int] | None = None
+    refine: int = 3
+    smooth: float = 0.2
+    target: float = 0.2
+    clip: float = 0.5
+
+
+@dataclass
+class SampleOutput:
+    """Sampled plans: states ``(W, N, T, 4)`` (x, y, theta, v), controls ``(W, N, T, 2)``, network evaluations."""
+
+    states: np.ndarray
+    controls: np.ndarray
+    nfe: int
+    guide_steps: int = 0
+
+    @property
+    def poses(self) -> np.ndarray:
+        return self.states[..., :3]
+
+
+# --------------------------------------------------------------------------- planner base
+
+
+class ParamConditionedPlanner:
+    """Shared machinery of the parameter-conditioned planners: data, conditioning, rules, Planner protocol, saving.
+
+    Subclasses define ``_loss(net, x0, cond, mask, gen)`` and
+    ``_generate(cond, mask, noise, guide)`` in normalized control space.
+    """
+
+    KIND = "param_conditioned_planner"
+    USE_R = False
+
+    def __init__(
+        self,
+        rules: Sequence[str] = DEFAULT_RULES,
+        horizon: int = 8,
+        *,
+        network: str = "transformer",
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        past_steps: int = 4,
+        use_raster: bool = False,
+        lr: float = 2e-3,
+        num_samples: int = 16,
+        seed: int = 0,
+    ) -> None:
+        self.rules = RuleSet(list(rules))
+        self.rule_names = list(rules)
+        self.param_names = sorted(self.rules.defaults())
+        self.horizon = int(horizon)
+        self.hparams = dict(network=network, d_model=d_model, n_layers=n_layers, n_heads=n_heads, past_steps=past_steps,
+                            use_raster=use_raster)
+        self.lr, self.num_samples, self.seed = float(lr), int(num_samples), int(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = self._build_net()
+        self.net.eval()
+        self.plan_params: dict[str, float] = dict(self.rules.defaults())
+        self.plan_mode: int | None = None
+        self.guidance: GuidanceConfig | None = None
+        self._rng = torch.Generator().manual_seed(seed)
+
+    # -- construction / config
+    def _build_net(self) -> ConditionNet:
+        return ConditionNet(len(self.param_names), self.horizon, use_r=self.USE_R, **self.hparams)
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "rules": self.rule_names, "horizon": self.horizon, **self.hparams, "lr": self.lr,
+            "num_samples": self.num_samples, "seed": self.seed, **self._extra_config(),
+        }
+
+    # -- user-facing parameters
+    def set_rule_params(self, **values: float) -> None:
+        """Set the rule parameters ``plan`` conditions on (e.g. ``vmax=5.0`` for a cautious plan)."""
+        unknown = sorted(set(values) - set(self.param_names))
+        if unknown:
+            raise ValueError(f"unknown rule parameter(s) {unknown}; this planner's parameters: {self.param_names}")
+        for k, v in values.items():
+            if not np.isfinite(float(v)):
+                raise ValueError(f"rule parameter {k} must be finite, got {v!r}")
+            self.plan_params[k] = float(v)
+
+    def set_mode(self, mode: int | str | None) -> None:
+        """Fix the driving mode of ``plan`` (``keep_lane``/``left``/``right``), or None to follow the sample's command."""
+        if mode is None or isinstance(mode, (int, np.integer)) and 0 <= int(mode) < len(MODES):
+            self.plan_mode = None if mode is None else int(mode)
+        elif isinstance(mode, str) and mode in MODES:
+            self.plan_mode = MODES.index(mode)
+        else:
+            raise ValueError(f"mode must be one of {MODES} (or its index) or None, got {mode!r}")
+
+    # -- tensors
+    def _param_matrix(self, params: Mapping[str, np.ndarray | float], n: int) -> Tensor:
+        """``(n, P)`` parameter rows in ``param_names`` order; each value is one per row or one for all."""
+        missing = [k for k in self.param_names if k not in params]
+        if missing:
+            raise DatasetError(f"rule parameters {missing} are missing; this planner needs {self.param_names}")
+        cols = []
+        for k in self.param_names:
+            v = np.asarray(params[k], dtype=np.float64).reshape(-1)
+            if v.size not in (1, n):
+                raise DatasetError(f"parameter {k!r} has {v.size} values for {n} rows; give one per row or one")
+            cols.append(np.broadcast_to(v, (n,)))
+        m = torch.as_tensor(np.stack(cols, axis=1), dtype=torch.float32)
+        if not torch.isfinite(m).all():
+            raise DatasetError("rule parameters contain NaN or inf; drop those rows")
+        return m
+
+    # -- training
+    def fit(self, data: PlannerData, steps: int = 500, batch_size: int = 64, seed: int | None = None) -> list[float]:
+        """Train from the current weights on ``data``; normalizers are fitted first. Returns per-step losses."""
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+        if data.controls.shape[1] != self.horizon:
+            raise DatasetError(f"controls have {data.controls.shape[1]} steps, this planner plans {self.horizon}")
+        seed = self.seed if seed is None else seed
+        gen = torch.Generator().manual_seed(seed)
+        self.net.control_norm.load_state_dict(Normalizer.fit(data.controls.reshape(-1, 2), "gaussian").state_dict())
+        P = self._param_matrix(data.params, len(data))
+        self.net.param_norm.load_state_dict(Normalizer.fit(P.numpy(), "gaussian").state_dict())
+        scene_all = batch_from_arrays(data.arrays, raster=self.hparams["use_raster"])
+        x_all = self.net.control_norm.normalize(torch.as_tensor(data.controls, dtype=torch.float32))
+        p_all = self.net.param_norm.normalize(P)
+        m_all = torch.as_tensor(data.modes, dtype=torch.long)
+        w_all = torch.as_tensor(data.window, dtype=torch.long)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4, foreach=True)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=self.lr * 0.1)
+        self.net.train()
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=gen)
+            scene = {k: v[w_all[idx]] for k, v in scene_all.items()}
+            cond, mask = self.net.condition(scene, p_all[idx], m_all[idx])
+            loss = self._loss(x_all[idx], cond, mask, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        self.net.eval()
+        return losses
+
+    def _loss(self, x0: Tensor, cond: Tensor, mask: Tensor | None, gen: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
+        raise NotImplementedError
+
+    # -- decoding and rules
+    def decode(self, x_norm: Tensor, v0: Tensor) -> Tensor:
+        """Normalized controls ``(B, T, 2)`` -> states ``(B, T, 4)`` from speeds ``v0`` ``(B,)``."""
+        return unicycle_rollout(self.net.control_norm.unnormalize(x_norm), v0)
+
+    def _guide_fn(self, arrays: Mapping[str, np.ndarray], index: np.ndarray, params: Mapping, modes: np.ndarray,
+                  n: int, g: GuidanceConfig):
+        """x_norm ``(W*N, T, 2)`` -> d(objective)/dx: pushes samples below ``target`` robustness up."""
+        W = len(index)
+        v0 = torch.as_tensor(np.asarray(arrays["ego_status"])[index, 0], dtype=torch.float32).repeat_interleave(n)
+
+        def grad(x: Tensor) -> Tensor:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                traj = self.decode(x, v0).double().reshape(W, n, self.horizon, 4)
+                rho = mode_robustness(
+                    rule_robustness(traj, arrays, index, self.rules, params, modes, smooth=g.smooth), modes, smooth=g.smooth
+                )
+                obj = -torch.relu(g.target - rho).sum()
+                (gx,) = torch.autograd.grad(obj, x)
+            return gx.clamp(-g.clip, g.clip).to(x.dtype)
+
+        return grad
+
+    # -- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        index: np.ndarray | Sequence[int],
+        params: Mapping[str, np.ndarray | float] | None = None,
+        modes: np.ndarray | Sequence[int] | None = None,
+        n: int | None = None,
+        *,
+        noise: Tensor | None = None,
+        guidance: GuidanceConfig | None = None,
+    ) -> SampleOutput:
+        """``n`` plans for each window ``arrays[index]`` under ``params`` (per window or shared) and ``modes``.
+
+        ``params`` default to the planner's ``plan_params``; ``modes`` to each
+        window's command. ``noise`` ``(W*n, T, 2)`` makes the draw deterministic.
+        """
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        W, n = len(idx), self.num_samples if n is None else int(n)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        params = dict(self.plan_params) if params is None else {**self.plan_params, **params}
+        modes_np = mode_from_command(np.asarray(arrays["command"])[idx]) if modes is None else \
+            np.broadcast_to(np.asarray(modes, dtype=np.int64).reshape(-1), (W,)).copy()
+        scene = batch_from_arrays(arrays, idx, raster=self.hparams["use_raster"])
+        P = self.net.param_norm.normalize(self._param_matrix(params, W))
+        cond, mask = self.net.condition(scene, P, torch.as_tensor(modes_np))
+        cond = cond.repeat_interleave(n, dim=0)
+        mask = None if mask is None else mask.repeat_interleave(n, dim=0)
+        shape = (W * n, self.horizon, 2)
+        if noise is None:
+            noise = torch.randn(shape, generator=self._rng)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be (W*n, T, 2) = {shape}, got {tuple(noise.shape)}")
+        guide = None
+        if guidance is not None:
+            pw = {k: (np.asarray(v, dtype=np.float64).reshape(-1) if np.size(v) > 1 else float(np.asarray(v).reshape(-1)[0]))
+                  for k, v in params.items()}
+            guide = (self._guide_fn(arrays, idx, pw, modes_np, n, guidance), guidance)
+        x, nfe, gsteps = self._generate(cond, mask, noise, guide)
+        v0 = torch.as_tensor(np.asarray(arrays["ego_status"])[idx, 0], dtype=torch.float32).repeat_interleave(n)
+        states = self.decode(x, v0)
+        ctrl = self.net.control_norm.unnormalize(x)
+        return SampleOutput(
+            states=states.double().numpy().reshape(W, n, self.horizon, 4),
+            controls=ctrl.double().numpy().reshape(W, n, self.horizon, 2), nfe=nfe, guide_steps=gsteps,
+        )
+
+    def satisfaction(
+        self, states: np.ndarray, arrays: Mapping[str, np.ndarray], index: np.ndarray | Sequence[int],
+        params: Mapping[str, np.ndarray | float], modes: np.ndarray | Sequence[int],
+    ) -> np.ndarray:
+        """Exact robustness ``(W, N)`` of the mode's rules for sampled states under ``params``."""
+        rho = rule_robustness(torch.as_tensor(states), arrays, index, self.rules, params, modes)
+        return mode_robustness(rho, modes).numpy()
+
+    # -- Planner protocol
+    def reset(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self._rng.manual_seed(int(seed))
+
+    def plan(self, sample: SceneSample) -> np.ndarray:
+        """Ego-frame poses ``(T, 3)`` at DT: of ``num_samples`` draws under ``plan_params``, the most robust."""
+        arrays = stack_samples([sample])
+        modes = np.array([self.plan_mode]) if self.plan_mode is not None else mode_from_command(arrays["command"])
+        out = self.sample(arrays, [0], None, modes, guidance=self.guidance)
+        rho = self.satisfaction(out.states, arrays, [0], self.plan_params, modes)[0]
+        best = int(np.argmax(rho))
+        poses = out.poses[0, best].copy()
+        poses[:, 2] = wrap_angle(poses[:, 2])
+        return poses
+
+    # -- persistence
+    def save(self, directory: str | Path) -> Path:
+        """Safetensors weights (normalizers included) + YAML config (with the plan parameters)."""
+        cfg = copy.deepcopy(self.config)
+        cfg["plan_params"] = {k: float(v) for k, v in self.plan_params.items()}
+        return save_checkpoint(directory, self.net.state_dict(), cfg, kind=self.KIND)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ParamConditionedPlanner":
+        tensors, config = load_checkpoint(directory, kind=cls.KIND)
+        plan_params = config.pop("plan_params", {})
+        try:
+            planner = cls(**config)
+        except TypeError as e:
+            raise ValueError(f"checkpoint {directory} config does not fit {cls.__name__}: {e}") from None
+        load_state_strict(planner.net, tensors, directory)
+        planner.net.eval()
+        planner.plan_params.update(plan_params)
+        return planner
+
+
+# --------------------------------------------------------------------------- the flow planner
+
+
+class STLFlowPlanner(ParamConditionedPlanner):
+    """Rectified flow (``objective="flow"``, Euler 1-4 steps) or MeanFlow (one step) over controls.
+
+    See the module docstring for the representation and the conditioning.
+    """
+
+    KIND = "stl_flow_planner"
+
+    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = 8, *, objective: str = "flow",
+                 sampler_steps: int = 2, **kwargs: Any) -> None:
+        if objective not in ("flow", "meanflow"):
+            raise ValueError(f"objective must be 'flow' or 'meanflow', got {objective!r}")
+        if not isinstance(sampler_steps, int) or sampler_steps < 1:
+            raise ValueError(f"sampler_steps must be a positive integer, got {sampler_steps!r}")
+        self.objective_name, self.sampler_steps = objective, sampler_steps
+        self.USE_R = objective == "meanflow"
+        self.objective = FlowMatching(time_sampling="logit_normal") if objective == "flow" else MeanFlow()
+        super().__init__(rules, horizon, **kwargs)
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"objective": self.objective_name, "sampler_steps": self.sampler_steps}
+
+    def _loss(self, x0: Tensor, cond: Tensor, mask: Tensor | None, gen: torch.Generator) -> Tensor:
+        return self.objective.loss(_Bound(self.net, mask), x0, cond, generator=gen)
+
+    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
+        model = _Bound(self.net, mask)
+        meanflow = self.objective_name == "meanflow"
+        if guide is None:
+            sampler = MeanFlowSampler(self.sampler_steps) if meanflow else EulerSampler(self.sampler_steps)
+            res = sampler.sample(model, noise, cond)
+            return res.sample, res.nfe, 0
+        grad_fn, g = guide
+        K = self.sampler_steps
+        grid = [1.0 - i / K for i in range(K + 1)]
+        use = set(range(K)) if g.steps is None else {int(s) % K for s in g.steps}
+        x, nfe, gsteps = noise, 0, 0
+        for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+            tt = x.new_full((x.shape[0],), t)
+            v = model(x, tt, cond, x.new_full((x.shape[0],), t_next)) if meanflow else model(x, tt, cond)
+            nfe += 1
+            if i in use:
+                # x0_hat = x - t v; with v held fixed, d x0_hat / d x = I, so the gradient moves x directly
+                x = x + g.scale * grad_fn(x - t * v)
+                gsteps += 1
+            x = x + (t_next - t) * v
+        for _ in range(g.refine):
+            x = x + g.scale * grad_fn(x)
+            gsteps += 1
+        return x, nfe, gsteps
