@@ -235,6 +235,7 @@ def demo_job(cfg: dict[str, Any]) -> Path:
         all_records[label] = records
     _write_json(out / "eval.json", {"reference": list(ref), "reference_source": ref_source, "rows": rows,
                                     "episodes": {k: [r.row() for r in v] for k, v in all_records.items()}})
+    driving_sections = _demo_driving(cfg["driving"], out / "driving") if cfg.get("driving") else []
     _rollout_figure(task, all_records[rows[0]["sampler"]], out / "rollouts.png")
     plot_training_curve(out / "train_log.csv", out / "train_loss.png")
     ds = read_d4rl(data_path)
@@ -255,5 +256,26 @@ def demo_job(cfg: dict[str, Any]) -> Path:
             f"{policy.exec_horizon} steps); `latency_ms_p99` is dominated by the planning steps.\n")),
         (f"Rollouts ({rows[0]['sampler']})", "![rollouts](rollouts.png)\n"),
         ("Training loss", "![training loss](train_loss.png)\n"),
+        *driving_sections,
         ("Reproduce", f"```\ndiffpilot demo out={out}\n```\n"),
     ])
+
+
+def _demo_driving(driving: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """The demo's driving part: a small embedded scenario set, the baselines closed loop; report sections."""
+    from diffpilot.driving_jobs import driving_eval_job
+
+    folder = driving_eval_job({**driving, "out": str(out)})
+    results = json.loads((folder / "results.json").read_text())
+    cols = ["method", "mode", "pdms", "nc", "dac", "ttc", "ep", "comfort", "progress_m", "out_of_lane_rate", "l2_3s", "collision_3s"]
+    pictures = [f for f in results["figures"] if f.startswith("route_")] + results["figures"][:1]
+    gif = f"![closed-loop episode]({folder.name}/{results['gif']})\n" if results.get("gif") else ""
+    return [
+        ("Driving baselines, closed loop", (
+            f"{len(results['scenes'])} val scenes of a {driving['data']['num_scenes']}-scene embedded set (simulated traffic "
+            "written in the nuScenes format, read back through nuscenes-devkit); PDM sub-scores on [0, 1]; "
+            f"full report: [{folder.name}/report.md]({folder.name}/report.md).\n\n"
+            + markdown_table(results["summary"], cols)
+        )),
+        ("Driving pictures", "".join(f"![{p}]({folder.name}/{p})\n" for p in pictures) + gif),
+    ]
