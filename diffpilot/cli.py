@@ -1,4 +1,4 @@
-"""The ``diffpilot`` command: ``data``, ``train``, ``eval``, ``export``, ``deploy``, ``demo`` and ``driving``, configured by hydra.
+"""The ``diffpilot`` command: ``data``, ``train``, ``eval``, ``export``, ``deploy``, ``demo``, ``driving`` and ``stl``, configured by hydra.
 
 Every sub-command takes hydra overrides (``key=value``, ``group=option``),
 e.g. ``diffpilot train policy=chunk_flow data=maze2d-medium sim=maze2d-medium
@@ -24,8 +24,10 @@ COMMANDS = {
     "deploy": ("deploy", "run an exported policy at a fixed rate with onnxruntime only (needs model=PATH)"),
     "demo": ("demo", "generate, train, evaluate and write a report (what `make demo` runs)"),
     "driving": ("driving", "driving planners: `driving data` gets the nuScenes-format set, `driving eval` scores the baselines"),
+    "stl": ("stl", "STL rules: `stl report source=data|planner|rollouts` writes a compliance report"),
 }
 DRIVING_ACTIONS = ("data", "eval")
+SUB_ACTIONS = {"driving": DRIVING_ACTIONS, "stl": ("report",)}
 
 
 def load_config(name: str, overrides: list[str]) -> dict[str, Any]:
@@ -50,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "data" and overrides and "=" not in overrides[0]:
         overrides[0] = f"data={overrides[0]}"
     action = None
-    if args.command == "driving":
-        if not overrides or overrides[0] not in DRIVING_ACTIONS:
-            print(f"diffpilot driving: say what to do first: one of {list(DRIVING_ACTIONS)}, "
-                  "e.g. `diffpilot driving eval workers=2`", file=sys.stderr)
+    if args.command in SUB_ACTIONS:
+        actions = SUB_ACTIONS[args.command]
+        if not overrides or overrides[0] not in actions:
+            print(f"diffpilot {args.command}: say what to do first: one of {list(actions)}, "
+                  f"e.g. `diffpilot {args.command} {actions[-1]}`", file=sys.stderr)
             return 2
         action = overrides.pop(0)
     try:
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         from diffpilot import driving_jobs
 
         print(driving_jobs.driving_data_job(cfg["data"]) if action == "data" else driving_jobs.driving_eval_job(cfg) / "report.md")
+        return 0
+    if args.command == "stl":
+        from diffpilot import stl_jobs
+
+        print(stl_jobs.stl_report_job(cfg) / "report.md")
         return 0
     if args.command != "deploy":
         from diffpilot import jobs  # heavy imports only once the config is valid
