@@ -232,3 +232,23 @@ def test_policy_configs_build_and_apply_task_overrides():
     assert ant["critic"]["max_q_backup"] is True and ant["reward_bias"] == -1.0 and ant["eta"] == 4.5
     with pytest.raises(ValueError, match="unknown option 'etaa'"):
         DQLPolicy(11, 3, etaa=1.0)
+
+
+def test_ofql_actor_exports_to_onnx_and_the_runtime_acts_like_torch(runs, maze_data, tmp_path):
+    from diffpilot.export.onnx import export_actor
+    from diffpilot.export.runtime import OnnxChunkPolicy
+
+    policy = load_offline_policy(runs["ofql"][0] / "best")
+    path = export_actor(policy, tmp_path / "ofql.onnx")
+    runtime = OnnxChunkPolicy(path)
+    assert (runtime.nfe, runtime.info.form, runtime.exec_horizon) == (1, "one_step", 1)
+    obs = np.concatenate([maze_data.observations, maze_data.infos["goal"]], axis=1)[:5].astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal((5, 1, policy.action_dim)).astype(np.float32)
+    got = runtime.predict(obs[:, None], noise)[:, 0]
+    want = policy.predict({"obs": torch.from_numpy(obs)}, noise=torch.from_numpy(noise[:, 0])).numpy()
+    assert np.abs(got - want).max() <= 1e-5
+    runtime.reset(seed=0)
+    assert runtime.act(obs[0]).shape == (policy.action_dim,)
+    with pytest.raises(ValueError, match="needs the critic"):
+        export_actor(load_offline_policy(runs["dql"][0] / "best"), tmp_path / "dql.onnx")
+    assert not (tmp_path / "dql.onnx").exists()

@@ -10,6 +10,8 @@ Three forms:
   optimizer may fold them into constants.
 - ``export_warm_start``: the full denoise and the warm-started replan
   (RTI-DP) side by side in one graph, the previous chunk as an input.
+- ``export_actor``: a single-step offline-RL actor (OFQL's one-step MeanFlow
+  actor, flow BC) as a chunk of one, run by the same runtime.
 - ``export_denoiser``: the network alone, for users who run their own loop.
 
 Every export runs the written graph in onnxruntime at batch 1 and 3 against
@@ -112,6 +114,20 @@ class _Switch(nn.Module):
 
     def forward(self, obs: Tensor, noise: Tensor, previous: Tensor, warm: Tensor) -> tuple[Tensor, Tensor]:
         return self.warm(obs, noise, previous) if bool(warm) else self.cold(obs, noise)
+
+
+class _ActorGraph(nn.Module):
+    """A single-step offline-RL actor as a chunk of one: obs (B, 1, obs_dim) + noise (B, 1, A) -> actions (B, 1, A)."""
+
+    def __init__(self, policy: Any) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: Tensor, noise: Tensor) -> Tensor:
+        p = self.policy
+        cond = p.obs_normalizer.normalize(obs[:, 0])
+        action = p.sample(p.actor_ema, cond, noise=noise[:, 0]).sample
+        return p.action_normalizer.unnormalize(action)[:, None]
 
 
 class _DenoiserGraph(nn.Module):
@@ -277,6 +293,67 @@ def export_warm_start(
         for module, training in modes:
             module.training = training
     return path
+
+
+def export_actor(
+    policy: Any,
+    path: str | os.PathLike[str],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    fp32_slack: float = 2.0,
+    seed: int = 0,
+) -> Path:
+    """Write a single-step offline-RL actor (OFQL's one-step MeanFlow actor, flow BC) as a ``one_step``/``multi_step`` policy.
+
+    The graph is the EMA actor with its normalizers and its deterministic
+    sampler, shaped as a chunk of one (obs horizon 1, one action executed),
+    so :class:`~diffpilot.export.runtime.OnnxChunkPolicy` runs it unchanged.
+    Candidate selection by Q (DQL's softmax over 50 samples) and stochastic
+    samplers stay in torch: such a policy is refused with the reason.
+    """
+    from diffpilot.policy.bc import SingleStepPolicy
+
+    if not isinstance(policy, SingleStepPolicy):
+        raise TypeError(f"export_actor takes DQL/OFQL/BC policies, got {type(policy).__name__}; use export_policy for chunk policies")
+    sel = policy.config["action_selection"]
+    if int(sel["samples"]) > 1 and sel["mode"] != "first":
+        raise ValueError(
+            f"this actor picks among {sel['samples']} candidates by Q ({sel['mode']}), which needs the critic; "
+            "export it with action_selection samples=1 (the one-step actor alone)"
+        )
+    if policy.step_noise_shape(1) is not None:
+        raise ValueError("this actor's sampler draws fresh noise at every step (DDPM); export a deterministic one (OFQL, flow BC)")
+    devices = {p.device.type for p in policy.parameters()} | {b.device.type for b in policy.buffers()}
+    if devices != {"cpu"}:
+        raise ValueError(f"export runs on the CPU; the policy is on {sorted(devices)}: call policy.cpu() first")
+    od, a = policy.obs_dim, policy.action_dim
+
+    def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+        z = torch.randn(b, 1, od, generator=g)
+        return {"obs": policy.obs_normalizer.unnormalize(z), "noise": torch.randn(b, 1, a, generator=g)}
+
+    with torch.no_grad():
+        probe = feeds(1, torch.Generator().manual_seed(seed))
+        nfe = policy.sample(policy.actor_ema, policy.obs_normalizer.normalize(probe["obs"][:, 0]), noise=probe["noise"][:, 0]).nfe
+    meta = {
+        "diffpilot_format": str(EXPORT_FORMAT),
+        "diffpilot_version": diffpilot.__version__,
+        "policy_kind": policy.KIND,
+        "obs_dim": str(od), "action_dim": str(a), "obs_horizon": "1", "action_horizon": "1", "exec_horizon": "1",
+        "network": json.dumps(policy.config["network"], sort_keys=True),
+        "objective": json.dumps(policy.config["objective"], sort_keys=True),
+        "kind": KIND_POLICY,
+        "form": "one_step" if nfe == 1 else "multi_step",
+        "inputs": "obs,noise",
+        "outputs": "actions",
+        "sampler": json.dumps(policy.config["sampler"], sort_keys=True),
+        "nfe": str(nfe),
+        "t_start": "1.0",
+        "step_noise_steps": "0",
+    }
+    return _export_verified(_ActorGraph(policy), feeds, ["obs", "noise"], ["actions"], meta, path,
+                            atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed)
 
 
 def export_denoiser(
