@@ -319,3 +319,25 @@ def test_bad_inputs_give_specific_errors(written: tuple[Path, list[ScenarioLog]]
     with pytest.raises(DatasetError, match="named 'scene-0001'"):
         write_nuscenes(tmp_path / "new", VERSION, {LOCATION: logs[0].map}, [logs[0], logs[0]], {})
     assert not (tmp_path / "new").exists()
+
+
+def test_agent_tracks_agree_with_the_devkit_predict_helper(reader: NuScenesReader) -> None:
+    """The reader's agent past/future (global frame) equal what nuscenes-devkit's PredictHelper returns."""
+    from nuscenes.prediction import PredictHelper
+
+    helper = PredictHelper(reader.nusc)
+    log = reader.scenario_log("scene-0001")
+    checked = 0
+    for a, instance in enumerate(log.agents_token):
+        for t in range(1, log.num_frames - 1):
+            if not log.agents_valid[a, t]:
+                continue
+            sample = log.sample_tokens[t]
+            future = np.reshape(helper.get_future_for_agent(instance, sample, seconds=1.0, in_agent_frame=False), (-1, 2))
+            past = np.reshape(helper.get_past_for_agent(instance, sample, seconds=1.0, in_agent_frame=False), (-1, 2))
+            fut_t = [u for u in range(t + 1, min(t + 3, log.num_frames)) if log.agents_valid[a, u]][: len(future)]
+            past_t = [u for u in range(t - 1, max(t - 3, -1), -1) if log.agents_valid[a, u]][: len(past)]
+            np.testing.assert_allclose(future, log.agents_pose[a, fut_t, :2], atol=1e-6)
+            np.testing.assert_allclose(past, log.agents_pose[a, past_t, :2], atol=1e-6)
+            checked += len(future) + len(past)
+    assert checked > 10
