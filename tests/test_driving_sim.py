@@ -9,7 +9,7 @@ import shapely
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import DT, MapGeometry, ScenarioLog
 from diffpilot.sim.driving.agents import interpolate_tracks
-from diffpilot.sim.driving.geometry import box_corners, boxes_overlap
+from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.sim.driving.simulator import DrivingSimulator
 from diffpilot.sim.driving.tracker import LQRTracker, PurePursuitTracker, track
 from diffpilot.sim.driving.vehicle import KinematicBicycle

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
+from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import COMMANDS, DT, EGO_SIZE, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
@@ -359,32 +360,6 @@ def _smoothstep(u: np.ndarray) -> np.ndarray:
     return u * u * (3.0 - 2.0 * u)
 
 
-def _box_corners(pose: np.ndarray, length: float | np.ndarray, width: float | np.ndarray) -> np.ndarray:
-    """Corners ``(..., 4, 2)`` of boxes centred at ``pose`` (..., 3), counter-clockwise; sizes broadcast."""
-    pose = np.asarray(pose, dtype=np.float64)
-    signs = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], dtype=np.float64)
-    lx = 0.5 * np.asarray(length, dtype=np.float64)[..., None] * signs[:, 0]
-    ly = 0.5 * np.asarray(width, dtype=np.float64)[..., None] * signs[:, 1]
-    c, s = np.cos(pose[..., 2])[..., None], np.sin(pose[..., 2])[..., None]
-    x = pose[..., 0][..., None] + c * lx - s * ly
-    y = pose[..., 1][..., None] + s * lx + c * ly
-    return np.stack([x, y], axis=-1)
-
-
-def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Separating-axis test for rectangles ``(..., 4, 2)``: True where they touch."""
-    axes = []
-    for box in (a, b):
-        for e in (box[..., 0, :] - box[..., 1, :], box[..., 0, :] - box[..., 3, :]):
-            axes.append(e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12))
-    separated = np.zeros(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), dtype=bool)
-    for ax in axes:
-        pa = np.einsum("...cd,...d->...c", a, ax)
-        pb = np.einsum("...cd,...d->...c", b, ax)
-        separated |= (pa.max(-1) < pb.min(-1)) | (pb.max(-1) < pa.min(-1))
-    return ~separated
-
-
 class LaneFollowerIDMPlanner:
     """Follow the ego's lane centerline; speed from the Intelligent Driver Model.
 
@@ -560,7 +535,7 @@ class LaneFollowerIDMPlanner:
         if not len(idx):
             return best_s, best_v
         # Project every agent's four corners and centre at once: (A, 5) arclengths and offsets.
-        pts = np.concatenate([_box_corners(poses[idx, now], sizes[idx, 0], sizes[idx, 1]), poses[idx, now, None, :2]], axis=1)
+        pts = np.concatenate([box_corners(poses[idx, now], sizes[idx]), poses[idx, now, None, :2]], axis=1)
         s_all, lat_all, _ = path.project(pts.reshape(-1, 2))
         s_all, lat_all = s_all.reshape(-1, 5), lat_all.reshape(-1, 5)
         for j, a in enumerate(idx):
@@ -614,7 +589,7 @@ class LaneFollowerIDMPlanner:
         t_plan = DT * np.arange(0, len(s_plan) + 1)
         t = np.arange(1, 5 * len(s_plan) + 1) * (DT / 5)
         ego_poses = path.pose_at(np.interp(t, t_plan, np.concatenate([[0.0], s_plan])))
-        ego_boxes = _box_corners(ego_poses, self.ego_size[0] + 2.0, self.ego_size[1] + 2 * self.corridor_margin)  # (T, 4, 2)
+        ego_boxes = box_corners(ego_poses, np.array([self.ego_size[0] + 2.0, self.ego_size[1] + 2 * self.corridor_margin]))  # (T, 4, 2)
         half = self.ego_size[1] / 2 + self.corridor_margin
         front = self.ego_size[0] / 2
         cand = np.flatnonzero(moving)
@@ -624,8 +599,8 @@ class LaneFollowerIDMPlanner:
             return None
         fut = np.repeat(poses[cand][:, None], len(t), axis=1)  # (A, T, 3)
         fut[..., :2] += t[None, :, None] * vel[cand][:, None, :]
-        boxes = _box_corners(fut, sizes[cand, 0][:, None], sizes[cand, 1][:, None])  # (A, T, 4, 2)
-        hits = _overlap(ego_boxes[None], boxes)  # (A, T)
+        boxes = box_corners(fut, sizes[cand][:, None, :])  # (A, T, 4, 2)
+        hits = boxes_overlap(ego_boxes[None], boxes)  # (A, T)
         best: float | None = None
         for j in np.flatnonzero(hits.any(axis=1)):
             first = int(np.argmax(hits[j]))

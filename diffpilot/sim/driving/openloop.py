@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffpilot.data.scenario import DT, EGO_SIZE
-from diffpilot.sim.driving.geometry import box_corners, boxes_overlap
+from diffpilot.data.geometry import box_corners, boxes_overlap
 
 
 def _horizon_index(h: float, steps: int) -> int:

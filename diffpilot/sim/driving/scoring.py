@@ -37,7 +37,7 @@ from scipy.signal import savgol_filter
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import CATEGORIES, DT, ScenarioLog, to_global_frame, wrap_angle
 from diffpilot.sim.driving.agents import replay_agents, track_velocities
-from diffpilot.sim.driving.geometry import box_corners, boxes_overlap
+from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.sim.driving.tracker import LQRTracker, track
 from diffpilot.sim.driving.vehicle import KinematicBicycle
 
