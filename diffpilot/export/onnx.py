@@ -336,13 +336,7 @@ def export_actor(
     with torch.no_grad():
         probe = feeds(1, torch.Generator().manual_seed(seed))
         nfe = policy.sample(policy.actor_ema, policy.obs_normalizer.normalize(probe["obs"][:, 0]), noise=probe["noise"][:, 0]).nfe
-    meta = {
-        "diffpilot_format": str(EXPORT_FORMAT),
-        "diffpilot_version": diffpilot.__version__,
-        "policy_kind": policy.KIND,
-        "obs_dim": str(od), "action_dim": str(a), "obs_horizon": "1", "action_horizon": "1", "exec_horizon": "1",
-        "network": json.dumps(policy.config["network"], sort_keys=True),
-        "objective": json.dumps(policy.config["objective"], sort_keys=True),
+    meta = _metadata(policy.KIND, policy.config, 1, 1, 1) | {
         "kind": KIND_POLICY,
         "form": "one_step" if nfe == 1 else "multi_step",
         "inputs": "obs,noise",
@@ -474,15 +468,20 @@ def _check_policy(policy: ChunkDiffusionPolicy) -> None:
 
 def _common_metadata(policy: ChunkDiffusionPolicy) -> dict[str, str]:
     cfg = policy.config
+    return _metadata(policy.KIND, cfg, cfg["obs_horizon"], cfg["action_horizon"], cfg["exec_horizon"])
+
+
+def _metadata(kind: str, cfg: dict[str, Any], obs_horizon: int, action_horizon: int, exec_horizon: int) -> dict[str, str]:
+    """The metadata every export carries (see diffpilot.export.runtime for the schema)."""
     return {
         "diffpilot_format": str(EXPORT_FORMAT),
         "diffpilot_version": diffpilot.__version__,
-        "policy_kind": policy.KIND,
+        "policy_kind": kind,
         "obs_dim": str(cfg["obs_dim"]),
         "action_dim": str(cfg["action_dim"]),
-        "obs_horizon": str(cfg["obs_horizon"]),
-        "action_horizon": str(cfg["action_horizon"]),
-        "exec_horizon": str(cfg["exec_horizon"]),
+        "obs_horizon": str(obs_horizon),
+        "action_horizon": str(action_horizon),
+        "exec_horizon": str(exec_horizon),
         "network": json.dumps(cfg["network"], sort_keys=True),
         "objective": json.dumps(cfg["objective"], sort_keys=True),
     }

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 __all__ = [
     "Affine",
@@ -506,16 +506,18 @@ def _fmt_interval(a: int, b: int | None) -> str:
 
 
 @dataclass(frozen=True)
-class Always(Formula):
-    """``G[a,b] arg``: ``arg`` holds at every step of ``[t+a, t+b]`` (min)."""
+class _Temporal(Formula):
+    """A unary temporal operator over the step window ``[t+a, t+b]`` (``b=None``: to the signal's end)."""
 
     arg: Formula
     a: int = 0
     b: int | None = None
+    SYMBOL: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        _check_formula(self.arg, "Always")
-        a, b = _check_interval(f"Always {self.arg}", self.a, self.b)
+        name = type(self).__name__
+        _check_formula(self.arg, name)
+        a, b = _check_interval(f"{name} {self.arg}", self.a, self.b)
         object.__setattr__(self, "a", a)
         object.__setattr__(self, "b", b)
 
@@ -527,32 +529,21 @@ class Always(Formula):
         return None if h is None or self.b is None else self.b + h
 
     def __str__(self) -> str:
-        return f"G{_fmt_interval(self.a, self.b)} {self.arg}"
+        return f"{self.SYMBOL}{_fmt_interval(self.a, self.b)} {self.arg}"
 
 
 @dataclass(frozen=True)
-class Eventually(Formula):
+class Always(_Temporal):
+    """``G[a,b] arg``: ``arg`` holds at every step of ``[t+a, t+b]`` (min)."""
+
+    SYMBOL: ClassVar[str] = "G"
+
+
+@dataclass(frozen=True)
+class Eventually(_Temporal):
     """``F[a,b] arg``: ``arg`` holds at some step of ``[t+a, t+b]`` (max)."""
 
-    arg: Formula
-    a: int = 0
-    b: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_formula(self.arg, "Eventually")
-        a, b = _check_interval(f"Eventually {self.arg}", self.a, self.b)
-        object.__setattr__(self, "a", a)
-        object.__setattr__(self, "b", b)
-
-    def children(self) -> tuple[Formula, ...]:
-        return (self.arg,)
-
-    def horizon(self) -> int | None:
-        h = self.arg.horizon()
-        return None if h is None or self.b is None else self.b + h
-
-    def __str__(self) -> str:
-        return f"F{_fmt_interval(self.a, self.b)} {self.arg}"
+    SYMBOL: ClassVar[str] = "F"
 
 
 @dataclass(frozen=True)

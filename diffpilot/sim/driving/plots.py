@@ -23,6 +23,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import PathPatch, Polygon  # noqa: E402
 from matplotlib.path import Path as MplPath  # noqa: E402
 
+from diffpilot.data.geometry import box_corners
 from diffpilot.data.scenario import CATEGORIES, COMMANDS, EGO_SIZE, SceneSample, ScenarioLog  # noqa: E402
 from diffpilot.fileio import atomic_path  # noqa: E402
 
@@ -39,10 +40,8 @@ def _category_color(index: int) -> str:
 
 
 def _corners(pose: np.ndarray, length: float, width: float) -> np.ndarray:
-    """Box corners (4, 2) around a centre pose (front-left, rear-left, rear-right, front-right)."""
-    c, s = np.cos(pose[2]), np.sin(pose[2])
-    local = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], dtype=np.float64) * [length / 2, width / 2]
-    return pose[:2] + local @ np.array([[c, s], [-s, c]])
+    """Box corners (4, 2) around a centre pose, from the shared box geometry."""
+    return box_corners(np.asarray(pose, dtype=np.float64), np.array([length, width], dtype=np.float64))
 
 
 def _save(fig: Any, path: str | Path, fmt: str) -> Path:
