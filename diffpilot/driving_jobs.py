@@ -52,7 +52,7 @@ def driving_config(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def embedded_data_path(data: dict[str, Any]) -> Path:
     """Where the embedded data set of these settings lives: ``cache_dir()/driving/<version>-<num_scenes>-s<seed>``."""
-    from diffpilot.jobs import cache_dir
+    from diffpilot.fileio import cache_dir
 
     return cache_dir() / "driving" / f"{data['version']}-{int(data['num_scenes'])}-s{int(data['seed'])}"
 

@@ -56,3 +56,8 @@ def publish_dir(tmp_dir: Path, directory: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, directory)
+
+
+def cache_dir() -> Path:
+    """Where generated data sets and built artefacts live: ``$DIFFPILOT_CACHE`` or ``~/.cache/diffpilot``."""
+    return Path(os.environ.get("DIFFPILOT_CACHE", Path.home() / ".cache" / "diffpilot"))

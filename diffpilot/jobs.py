@@ -8,7 +8,6 @@ share one code path.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import yaml
 from diffpilot.data.d4rl import read_d4rl
 from diffpilot.data.maze2d import generate_maze2d
 from diffpilot.data.pick_place import generate_pick_place
-from diffpilot.fileio import atomic_write_text
+from diffpilot.fileio import atomic_write_text, cache_dir
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.training import TrainConfig, train
@@ -31,11 +30,6 @@ from diffpilot.sim.tasks import Task, dataset_reference, get_task
 POLICY_KEYS = ("obs_horizon", "action_horizon", "exec_horizon", "network", "objective", "sampler", "normalizer", "warm_start")
 DISCRETE_KEYS = ("discrete_dims", "discrete_mode", "discrete_factor")  # optional in a policy config
 OFFLINE_RL_POLICIES = ("dql", "ofql", "flow_bc", "diffusion_bc")
-
-
-def cache_dir() -> Path:
-    """Where generated data sets live: ``$DIFFPILOT_CACHE`` or ``~/.cache/diffpilot``."""
-    return Path(os.environ.get("DIFFPILOT_CACHE", Path.home() / ".cache" / "diffpilot"))
 
 
 def dataset_path(data: dict[str, Any]) -> Path:

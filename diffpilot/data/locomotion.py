@@ -23,7 +23,7 @@ D4RL's v2 ones):
    ``reference_episodes`` episodes, ``ref_max`` = the expert over as many;
    both stored in each file's metadata next to D4RL's published values.
 
-Files live under ``diffpilot.jobs.cache_dir()/locomotion/``. The SAC run
+Files live under ``diffpilot.fileio.cache_dir()/locomotion/``. The SAC run
 checkpoints after every evaluation (SB3's own zip for the agent; the replay
 buffer as plain arrays in ``.npz``, never a pickle), so an interrupted build
 resumes; finished files are reused.
@@ -307,7 +307,7 @@ def build_locomotion_dataset(
     ``env``: hopper, halfcheetah, walker2d. ``kind``: medium, medium-replay,
     medium-expert (or expert). ``sac_steps`` (default 300k) is the SAC run's
     length, ``transitions`` (default 200k) the rollout size per policy.
-    ``cache`` defaults to ``diffpilot.jobs.cache_dir()/locomotion``.
+    ``cache`` defaults to ``diffpilot.fileio.cache_dir()/locomotion``.
     """
     _check_env(env)
     if kind not in KINDS:
@@ -323,7 +323,7 @@ def build_locomotion_dataset(
     if eval_interval < 1:
         raise DatasetError(f"eval_interval must be >= 1, got {eval_interval}")
     if cache is None:
-        from diffpilot.jobs import cache_dir
+        from diffpilot.fileio import cache_dir
 
         cache = cache_dir() / "locomotion"
     root = Path(cache)

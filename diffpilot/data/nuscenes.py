@@ -464,7 +464,7 @@ def load_scene_samples(
     root = Path(root).expanduser()
     _check_root(root, version)
     if cache_dir is None:
-        from diffpilot.jobs import cache_dir as default_cache_dir
+        from diffpilot.fileio import cache_dir as default_cache_dir
 
         cache_dir = default_cache_dir()
     path = _cache_file(root, version, split, spec, Path(cache_dir))
