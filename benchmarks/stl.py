@@ -58,7 +58,7 @@ def _subset(data, keep):  # noqa: ANN001, ANN202
 def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]:
     """Train every generative planner on the train scenes, sample the held-out windows, score them alike."""
     from diffpilot.planning.augment import augment, read_augmented
-    from diffpilot.planning.gradient import _take_scene, optimize_controls
+    from diffpilot.planning.gradient import take_scene, optimize_controls
     from diffpilot.policy.driving_generative import ConditionalVAEPlanner, CTGGuidance, ParamDDPMPlanner
     from diffpilot.policy.stl_flow import GuidanceConfig, PlannerData, STLFlowPlanner, data_from_augmented, data_from_logs
     from diffpilot.stl.metrics import MODES
@@ -92,7 +92,7 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
     states = np.zeros((W, N, 8, 4))
     for m in np.unique(test.modes):  # one call per mode: each window is optimized in its own mode
         sel = np.flatnonzero(test.modes == m)
-        sub = _take_scene(scene, torch.as_tensor(sel))
+        sub = take_scene(scene, torch.as_tensor(sel))
         params = {k: torch.as_tensor(v[sel], dtype=torch.float64)[:, None].expand(-1, N) for k, v in test.params.items()}
         res = optimize_controls(sub, rules, params, modes=(MODES[int(m)],), steps=args.trajopt_steps, samples=N, seed=0)
         states[sel] = res.trajectories[:, 0].double().numpy()

@@ -158,7 +158,7 @@ def run_shard(arrays: Mapping[str, np.ndarray], window_index: np.ndarray, config
 
 def _convex_shard(scene, rules, union, modes, params, N, T, config, rng):  # noqa: ANN001, ANN202
     from diffpilot.planning.convex import ConvexPlanner
-    from diffpilot.planning.gradient import _take_scene, mode_scenes
+    from diffpilot.planning.gradient import take_scene, mode_scenes
 
     W, M = scene.batch, len(modes)
     traj = np.full((W, M, N, T, 4), np.nan)
@@ -172,7 +172,7 @@ def _convex_shard(scene, rules, union, modes, params, N, T, config, rng):  # noq
         for w in range(W):
             if not valid[w, m]:
                 continue
-            sc = _take_scene(rep, torch.tensor([w * M + m]))
+            sc = take_scene(rep, torch.tensor([w * M + m]))
             v0 = float(sc.speed0[0])
             for n in range(N):
                 p = {k: float(v[w, m, n]) for k, v in params.items() if k in planner.union.defaults()}

@@ -51,7 +51,7 @@ from diffpilot.data.scenario import EGO_SIZE
 from diffpilot.planning.dynamics import DEFAULT_LIMITS, UnicycleLimits, rollout_numpy
 from diffpilot.planning.gradient import RULE_SCALES, _check_modes, active_rules, mode_scenes, rule_union
 from diffpilot.stl.rules import RuleSet
-from diffpilot.stl.signals import DISCS, DrivingScene, _agents_over, _project, driving_signals
+from diffpilot.stl.signals import DISCS, DrivingScene, agents_over_horizon, project_on_lane, driving_signals
 
 __all__ = ["CONVEX_RULES", "ConvexPlanner", "ConvexResult", "solve_convex"]
 
@@ -204,7 +204,7 @@ class ConvexPlanner:
 
         def lane_lin(lane_idx: int) -> tuple[np.ndarray, ...]:
             lane = scene.lanes[0, max(lane_idx, 0)][None]
-            lat, head, _, _ = (t[0].numpy() for t in _project(pts, lane))
+            lat, head, _, _ = (t[0].numpy() for t in project_on_lane(pts, lane))
             nx, ny = -np.sin(head), np.cos(head)
             return nx, ny, lat - nx * x - ny * y, head
 
@@ -221,7 +221,7 @@ class ConvexPlanner:
 
     def _agent_rows(self, scene: DrivingScene, ref: np.ndarray) -> None:
         T, K, P = self.T, self.K, self.p
-        pose, valid = (t[0].numpy() for t in _agents_over(scene, T))  # (A, T, 3), (A, T)
+        pose, valid = (t[0].numpy() for t in agents_over_horizon(scene, T))  # (A, T, 3), (A, T)
         size = scene.agents_size[0].numpy()
         ego_off = _disc_offsets(EGO_SIZE[0])
         r_ego = float(_disc_radius(*EGO_SIZE))

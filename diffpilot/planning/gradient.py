@@ -31,7 +31,7 @@ from diffpilot.data.scenario import EGO_SIZE
 from diffpilot.planning.dynamics import DEFAULT_LIMITS, UnicycleLimits, controls_from_raw, raw_from_controls, rollout
 from diffpilot.stl.robustness import robustness
 from diffpilot.stl.rules import RuleSet, make_rule
-from diffpilot.stl.signals import DrivingScene, _agents_over, _lane_choice, driving_signals
+from diffpilot.stl.signals import DrivingScene, agents_over_horizon, lane_choice, driving_signals
 
 __all__ = [
     "MODES",
@@ -116,14 +116,14 @@ def mode_scenes(scene: DrivingScene, modes: Sequence[str]) -> tuple[DrivingScene
                 target[b, m] = ref
                 ok[b, m] = ref >= 0
             else:
-                t = _lane_choice(lanes[b], valid_l[b], side)
+                t = lane_choice(lanes[b], valid_l[b], side)
                 target[b, m] = t
                 ok[b, m] = t >= 0 and ref >= 0
     rep.target_lane = torch.as_tensor(target.reshape(-1), dtype=torch.long)
     return rep, torch.as_tensor(ok)
 
 
-def _take_scene(scene: DrivingScene, rows: Tensor) -> DrivingScene:
+def take_scene(scene: DrivingScene, rows: Tensor) -> DrivingScene:
     return DrivingScene(**{f.name: getattr(scene, f.name)[rows] for f in dataclasses.fields(scene)})
 
 
@@ -145,7 +145,7 @@ def prune_agents(scene: DrivingScene, horizon: int, limits: UnicycleLimits = DEF
     T = int(horizon)
     t_end = T * limits.dt
     reach = scene.speed0 * t_end + 0.5 * limits.accel_max * t_end**2  # (B,)
-    pose, valid = _agents_over(scene, T)
+    pose, valid = agents_over_horizon(scene, T)
     if pose.shape[1] == 0:
         return scene
     size = scene.agents_size.norm(dim=-1)  # agent diagonal
@@ -287,7 +287,7 @@ def optimize_controls(
     p_all = _broadcast_params(params, B, M, N, dtype)
     # only (window, mode) rows whose mode exists are optimized
     rows = torch.nonzero(mode_ok.reshape(-1), as_tuple=False)[:, 0]
-    rep = _take_scene(rep_all, rows)
+    rep = take_scene(rep_all, rows)
     p64 = {k: v[rows] for k, v in p_all.items()}
     p32 = {k: v.to(work) for k, v in p64.items()}
     act_rows = active.repeat(B, 1)[rows][:, None, :]  # (R', 1, rules)

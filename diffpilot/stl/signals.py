@@ -117,7 +117,7 @@ class DrivingScene:
 # ---------------------------------------------------------------------------
 
 
-def _project(points: Tensor, lane: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def project_on_lane(points: Tensor, lane: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Project ``points`` (B, ..., 2) onto polylines ``lane`` (B, N, 3).
 
     Returns signed lateral offset (left +), lane heading, arc length and the
@@ -153,13 +153,13 @@ def _project(points: Tensor, lane: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     return tuple(o.reshape(shape[:-1]) for o in out)  # type: ignore[return-value]
 
 
-def _lane_choice(lanes: np.ndarray, valid: np.ndarray, side: int) -> int:
+def lane_choice(lanes: np.ndarray, valid: np.ndarray, side: int) -> int:
     """Index of the lane under the ego (side 0) or of the neighbour on the left (+1) / right (-1); -1 if none."""
     if not valid.any():
         return -1
     lt = torch.as_tensor(lanes[valid], dtype=torch.float64)
     origin = torch.zeros(lt.shape[0], 2, dtype=torch.float64)
-    lat, heading, s, dist = _project(origin, lt)
+    lat, heading, s, dist = project_on_lane(origin, lt)
     idx = np.flatnonzero(valid)
     aligned = np.abs(np.asarray(_wrap(heading))) < np.pi / 2
     # the lane's position relative to the ego is minus the ego's offset from the lane
@@ -267,14 +267,14 @@ def _scenes(*, lanes, lanes_valid, agents_pose, agents_valid, agents_size, ego_s
     B = lanes.shape[0]
     if len(stop_points) != B or len(zones) != B:
         raise DatasetError(f"give one stop-line array and one zone list per scene ({B}), got {len(stop_points)} / {len(zones)}")
-    ref = np.array([_lane_choice(lanes[b], lanes_valid[b], 0) for b in range(B)])
+    ref = np.array([lane_choice(lanes[b], lanes_valid[b], 0) for b in range(B)])
     tgt = np.empty(B, dtype=np.int64)
     for b in range(B):
         side = target_side
         if side is None:
             cmd = COMMANDS[int(command[b])]
             side = 1 if cmd == "left" else -1 if cmd == "right" else 0
-        tgt[b] = ref[b] if side == 0 else _lane_choice(lanes[b], lanes_valid[b], int(side))
+        tgt[b] = ref[b] if side == 0 else lane_choice(lanes[b], lanes_valid[b], int(side))
     P = int(past_steps)
     fut = np.asarray(agents_pose, dtype=np.float64)[:, :, P + 1 :]
     fut_valid = np.asarray(agents_valid, dtype=bool)[:, :, P + 1 :]
@@ -320,7 +320,7 @@ def _discs(pose: Tensor, length: Tensor, width: Tensor) -> tuple[Tensor, Tensor]
     return centres, radius
 
 
-def _agents_over(scene: DrivingScene, T: int) -> tuple[Tensor, Tensor]:
+def agents_over_horizon(scene: DrivingScene, T: int) -> tuple[Tensor, Tensor]:
     """Agent future poses and validity for T steps, extended at constant velocity past the log."""
     pose, valid = scene.agents_pose, scene.agents_valid
     F = pose.shape[2]
@@ -396,16 +396,16 @@ def driving_signals(traj: Tensor | np.ndarray, scene: DrivingScene) -> dict[str,
         return lanes[torch.arange(Bs), idx.clamp_min(0)], has
 
     ref, has_ref = lane_of(scene.ref_lane)
-    lat, lane_yaw, s_ego, _ = _project(xy, ref)
+    lat, lane_yaw, s_ego, _ = project_on_lane(xy, ref)
     hr = has_ref.view(-1, 1, 1)
     lane_offset = torch.where(hr, lat, torch.zeros_like(lat))
     heading_error = torch.where(hr, _wrap(yaw - lane_yaw), _wrap(yaw))
     tgt, has_tgt = lane_of(scene.target_lane)
-    tlat, _, _, _ = _project(xy, tgt)
+    tlat, _, _, _ = project_on_lane(xy, tgt)
     target_offset = torch.where(has_tgt.view(-1, 1, 1), tlat, lane_offset)
 
     # agents -----------------------------------------------------------------
-    apose, avalid = _agents_over(scene, T)
+    apose, avalid = agents_over_horizon(scene, T)
     if apose.shape[0] == 1 and Bs > 1:
         apose, avalid = apose.expand(Bs, -1, -1, -1), avalid.expand(Bs, -1, -1)
     size = scene.agents_size.expand(Bs, -1, -1) if scene.agents_size.shape[0] == 1 else scene.agents_size
@@ -426,8 +426,8 @@ def driving_signals(traj: Tensor | np.ndarray, scene: DrivingScene) -> dict[str,
     # stop lines along the reference lane -------------------------------------
     stops = scene.stop_points.expand(Bs, -1, -1) if scene.stop_points.shape[0] == 1 else scene.stop_points
     svalid = scene.stop_valid.expand(Bs, -1) if scene.stop_valid.shape[0] == 1 else scene.stop_valid
-    s_lat, _, s_stop, _ = _project(stops, ref)  # (B, S)
-    s_now = _project(torch.zeros_like(xy[:, :1, 0]), ref)[2]  # (B, 1): the ego's arc length at t=0
+    s_lat, _, s_stop, _ = project_on_lane(stops, ref)  # (B, S)
+    s_now = project_on_lane(torch.zeros_like(xy[:, :1, 0]), ref)[2]  # (B, 1): the ego's arc length at t=0
     ahead = svalid & has_ref[:, None] & (s_lat.abs() <= STOP_LINE_LATERAL_M) & (s_stop >= s_now)
     s_next = torch.where(ahead, s_stop, torch.full_like(s_stop, _BIG)).amin(dim=-1)  # (B,)
     stop_distance = (s_next.view(-1, 1, 1) - s_ego - EGO_SIZE[0] / 2).clamp(max=STOP_CAP_M)
