@@ -230,6 +230,9 @@ def demo_job(cfg: dict[str, Any]) -> Path:
     _write_json(out / "eval.json", {"reference": list(ref), "reference_source": ref_source, "rows": rows,
                                     "episodes": {k: [r.row() for r in v] for k, v in all_records.items()}})
     driving_sections = _demo_driving(cfg["driving"], out / "driving") if cfg.get("driving") else []
+    if cfg.get("stl"):
+        data = (cfg.get("driving") or {}).get("data") or {}
+        driving_sections += _demo_stl({"data": data, **cfg["stl"]}, out / "stl")
     _rollout_figure(task, all_records[rows[0]["sampler"]], out / "rollouts.png")
     plot_training_curve(out / "train_log.csv", out / "train_loss.png")
     ds = read_d4rl(data_path)
@@ -253,6 +256,22 @@ def demo_job(cfg: dict[str, Any]) -> Path:
         *driving_sections,
         ("Reproduce", f"```\ndiffpilot demo out={out}\n```\n"),
     ])
+
+
+def _demo_stl(stl: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """The demo's STL part: the compliance report of the demo's STL flow planner on the driving data; report sections."""
+    from diffpilot.stl_jobs import stl_report_job
+
+    folder = stl_report_job({**stl, "out": str(out)})
+    summary = json.loads((folder / "compliance.json").read_text())
+    pictures = "![controllability](stl/controllability.png)\n" if (folder / "controllability.png").exists() else ""
+    return [(
+        "STL rule compliance of the demo planner",
+        f"The STL-conditioned flow planner, trained on the driving set's train split, samples plans for "
+        f"{summary['windows']} val windows ({summary['trajectories']} trajectories) under the rule parameters shown in "
+        f"the full report: [stl/report.md](stl/report.md). Share of trajectories that satisfy each rule where it applies:\n\n"
+        + markdown_table(summary["rules"]) + "\n" + pictures,
+    )]
 
 
 def _demo_driving(driving: dict[str, Any], out: Path) -> list[tuple[str, str]]:
