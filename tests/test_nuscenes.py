@@ -227,6 +227,18 @@ def test_scene_sample_matches_hand_computed_values(reader: NuScenesReader) -> No
     first = build_scene_sample(log, 0, spec).drivable
     assert np.flatnonzero(first[:, R // 2]).tolist() == list(range(0, 42))
     assert s.command == COMMANDS.index("keep_lane")
+    # The stop line (75 m along the lane) and the crosswalk (78..82 m along, 5 m either side of the lane centre),
+    # read back through the devkit's stop_line / ped_crossing records, in the frame of the ego 30 m along and
+    # OFFSET to the right of the lane.
+    assert s.stop_lines_valid.tolist() == [True] + [False] * (spec.num_stop_lines - 1)
+    np.testing.assert_allclose(s.stop_lines[0], [45.0, -OFFSET], atol=1e-3)  # map nodes are stored rounded
+    assert s.zones_valid.tolist() == [True] + [False] * (spec.num_zones - 1)
+    zone = shapely.Polygon(s.zones[0])
+    want = shapely.box(48.0, -5.0 - OFFSET, 52.0, 5.0 - OFFSET)
+    assert shapely.symmetric_difference(zone, want).area < 1e-2
+    # Two frames earlier the crosswalk (56 m ahead) is beyond lane_radius_m; the stop line (53 m) too.
+    early = build_scene_sample(log, 2, spec)
+    assert not early.zones_valid.any() and not early.stop_lines_valid.any()
     # An explicit ego status is passed through unchanged.
     np.testing.assert_allclose(build_scene_sample(log, frame, spec, ego_status=np.array([1.0, 2.0, 3.0])).ego_status,
                                [1.0, 2.0, 3.0])
@@ -261,8 +273,11 @@ def test_cache_is_one_file_and_reloads_equal(written: tuple[Path, list[ScenarioL
     back = scene_samples_from_arrays(second, 3)
     fresh = build_scene_sample(NuScenesReader(root, VERSION).scenario_log("scene-0001"), back.frame, spec)
     assert back.token == fresh.token and back.command == fresh.command
-    for key in ("ego_status", "ego_future", "agents_pose", "agents_valid", "agents_category", "lanes", "drivable"):
+    for key in ("ego_status", "ego_future", "agents_pose", "agents_valid", "agents_category", "lanes", "drivable",
+                "stop_lines", "stop_lines_valid", "zones", "zones_valid"):
         np.testing.assert_allclose(getattr(back, key), getattr(fresh, key))
+    assert first["zones"].shape[1:] == (spec.num_zones, spec.zone_vertices, 2)
+    assert first["stop_lines_valid"].any() and first["zones_valid"].any() and not first["stop_lines_valid"].all()
 
     # Rewriting the data set (both scenes now in train) rebuilds the same cache file.
     write_nuscenes(root, VERSION, {LOCATION: logs[0].map}, logs, {"train": ["scene-0001", "scene-0002"]})

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import shapely
 import torch
 
 from diffpilot.data.scenario import COMMANDS, DT, EGO_SIZE, SceneSample
-from diffpilot.data.scene_sample import build_scene_sample, stack_samples
+from diffpilot.data.scene_sample import build_scene_sample, pack_map_elements, stack_samples
 from diffpilot.data.traffic.generate import simulate_scenes
 from diffpilot.stl.calibration import calibrate, calibration_report, logged_signals
 from diffpilot.stl.formula import STLError
 from diffpilot.stl.rules import RuleSet, make_rule, stack_param_sets
-from diffpilot.stl.signals import driving_signals, map_context, scene_from_sample
+from diffpilot.stl.signals import driving_signals, scene_from_sample
 
 P = 4  # past steps in the hand-made samples
 
@@ -97,12 +99,13 @@ def test_stop_at_line_rolling_through_violates_stopping_satisfies() -> None:
     stops = _traj_from_speeds([7, 6, 5, 4, 3, 2, 1, 0, 0, 0, 0, 2, 4, 6, 8])
     for t in (rolling, slow_roll, brief, stops):  # every trajectory ends past the line
         assert float(t[0, -1, 0]) + EGO_SIZE[0] / 2 > 20.0
-    rho = {name: float(_rho("stop_at_line", t, sample, stop_points=STOP)[0])
+    with_line = replace(sample, **pack_map_elements(STOP))
+    rho = {name: float(_rho("stop_at_line", t, with_line)[0])
            for name, t in [("rolling", rolling), ("slow", slow_roll), ("brief", brief), ("stops", stops)]}
     assert rho["rolling"] < 0 and rho["slow"] < 0 and rho["brief"] < 0
     assert rho["stops"] > 0
     # the signal: front bumper to the line, positive before it
-    sig = driving_signals(stops, scene_from_sample(sample, stop_points=STOP))
+    sig = driving_signals(stops, scene_from_sample(with_line))
     x = stops[0, :, 0].numpy()
     np.testing.assert_allclose(sig["stop_distance"][0].numpy(), np.minimum(20.0 - x - EGO_SIZE[0] / 2, 50.0), atol=1e-9)
     # no stop line: the rule holds for any trajectory
@@ -117,11 +120,12 @@ def test_yield_to_agent_inside_conflict_zone() -> None:
     ped_away = _sample(agents=[(20.0, 12.0, 0.6, 0.6)])
     through = _traj_from_speeds([8.0] * 8)  # x = 4 .. 32
     halt = _traj_from_speeds([6, 4, 3, 2, 1, 0, 0, 0])  # stops at x = 8
-    r_through = float(_rho("yield", through, ped_inside, zones=CROSSWALK)[0])
-    r_halt = float(_rho("yield", halt, ped_inside, zones=CROSSWALK)[0])
-    r_away = float(_rho("yield", through, ped_away, zones=CROSSWALK)[0])
+    ped_inside, ped_away = (replace(s, **pack_map_elements(zones=CROSSWALK)) for s in (ped_inside, ped_away))
+    r_through = float(_rho("yield", through, ped_inside)[0])
+    r_halt = float(_rho("yield", halt, ped_inside)[0])
+    r_away = float(_rho("yield", through, ped_away)[0])
     assert r_through < 0 < r_halt and r_away > 0
-    sig = driving_signals(through, scene_from_sample(ped_inside, zones=CROSSWALK))
+    sig = driving_signals(through, scene_from_sample(ped_inside))
     assert sig["zone_occupied"].min() == 1.0 and sig["ego_in_zone"].max() == 1.0 and sig["ego_in_zone"].min() == 0.0
 
 
@@ -192,23 +196,15 @@ def test_ruleset_trajectories_by_parameter_sets_and_smooth_gradients() -> None:
 
 
 @pytest.fixture(scope="module")
-def logged() -> tuple[dict, list, list]:
+def logged() -> dict:
     _, logs = simulate_scenes(2, seed=3, progress=False)
-    samples, stops, zones = [], [], []
-    for log in logs:
-        for f in range(P, log.num_frames - 1):
-            s = build_scene_sample(log, f)
-            sp, z = map_context(log.map, s.ego_pose_global)
-            samples.append(s)
-            stops.append(sp)
-            zones.append(z)
-    return stack_samples(samples), stops, zones
+    return stack_samples([build_scene_sample(log, f) for log in logs for f in range(P, log.num_frames - 1)])
 
 
-def test_every_logged_window_satisfies_its_calibrated_rules(logged: tuple[dict, list, list]) -> None:
-    arrays, stops, zones = logged
+def test_every_logged_window_satisfies_its_calibrated_rules(logged: dict) -> None:
+    arrays = logged
     rs = RuleSet()
-    sig, complete = logged_signals(arrays, stop_points=stops, zones=zones)
+    sig, complete = logged_signals(arrays)
     assert complete.sum() >= 20 and (~complete).any()
     cal = calibrate(arrays, rs, signals=sig)
     assert set(cal) == set(rs.defaults())

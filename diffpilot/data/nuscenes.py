@@ -39,7 +39,8 @@ __all__ = [
 MAP_MARGIN_M = 60.0
 """The map of a scenario log covers the ego route's bounding box plus this margin."""
 LANE_RESOLUTION_M = 0.5
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Bumped whenever SceneSample gains or changes a field (2: stop lines and zones), so older caches rebuild."""
 
 
 def category_index(name: str) -> int:

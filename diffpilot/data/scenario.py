@@ -100,6 +100,16 @@ class SceneSample:
     (R, R) uint8 raster, row 0 = most forward, column 0 = most left, the ego
     at the centre; ``ego_status`` = (speed m/s, longitudinal acceleration
     m/s², yaw rate rad/s).
+
+    Map elements the traffic rules need, nearest the ego first, within
+    ``lane_radius_m``: ``stop_lines`` (S, 2) stop-line centres with
+    ``stop_lines_valid`` (S,); ``zones`` (Z, V, 2) crosswalks as convex
+    polygons (counter-clockwise hull vertices, padded by repeating the last
+    vertex so a padded polygon is still the same polygon; a crosswalk whose
+    hull has more than V vertices is replaced by its smallest enclosing
+    rectangle, which still contains it) with ``zones_valid`` (Z,). They
+    default to "none" in the :class:`SampleSpec` default sizes for sources
+    without such a map (e.g. highway-env).
     """
 
     token: str
@@ -118,6 +128,10 @@ class SceneSample:
     lanes_valid: np.ndarray
     drivable: np.ndarray
     command: int
+    stop_lines: np.ndarray = field(default_factory=lambda: _no_map_elements()[0])
+    stop_lines_valid: np.ndarray = field(default_factory=lambda: _no_map_elements()[1])
+    zones: np.ndarray = field(default_factory=lambda: _no_map_elements()[2])
+    zones_valid: np.ndarray = field(default_factory=lambda: _no_map_elements()[3])
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,16 @@ class SampleSpec:
     lane_radius_m: float = 50.0
     raster_size: int = 64
     raster_m_per_px: float = 1.0
+    num_stop_lines: int = 4
+    num_zones: int = 4
+    zone_vertices: int = 8
+
+
+def _no_map_elements(spec: SampleSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All-invalid stop lines and zones in the sizes of ``spec`` (a sample without such map elements)."""
+    spec = SampleSpec() if spec is None else spec
+    S, Z, V = spec.num_stop_lines, spec.num_zones, spec.zone_vertices
+    return np.zeros((S, 2)), np.zeros(S, dtype=bool), np.zeros((Z, V, 2)), np.zeros(Z, dtype=bool)
 
 
 @runtime_checkable

@@ -8,10 +8,13 @@ over every logged keyframe, stacked with :func:`stack_samples`.
 
 from __future__ import annotations
 
-from dataclasses import fields
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 import shapely
+import shapely.geometry
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import (
@@ -30,6 +33,9 @@ __all__ = [
     "build_scene_sample",
     "driving_command",
     "ego_status_from_log",
+    "MAP_ELEMENT_FIELDS",
+    "map_elements_near",
+    "pack_map_elements",
     "scene_samples_from_arrays",
     "stack_samples",
 ]
@@ -177,6 +183,128 @@ def _raster(drivable: shapely.Geometry | None, origin: np.ndarray, spec: SampleS
     return shapely.contains_xy(drivable, gx, gy).astype(np.uint8)
 
 
+# ---------------------------------------------------------------------------- stop lines and crosswalks
+
+MAP_ELEMENT_FIELDS = ("stop_lines", "stop_lines_valid", "zones", "zones_valid")
+"""The SceneSample fields holding the stop lines and conflict zones the traffic rules read."""
+
+
+@dataclass
+class _Elements:
+    """Stop-line centres and crosswalk zones of one map in one frame, ready to crop (computed once per map)."""
+
+    stop_xy: np.ndarray  # (n, 2)
+    zone_xy: np.ndarray  # (m, V, 2) counter-clockwise, padded with the last vertex
+    zone_geoms: np.ndarray  # (m,) the zones as shapely polygons (for distances)
+
+
+def _zone_ring(poly: shapely.Geometry, max_vertices: int) -> np.ndarray | None:
+    """Counter-clockwise convex-hull vertices ``(max_vertices, 2)`` of ``poly`` padded with the last one; None if flat.
+
+    A hull with too many vertices becomes its smallest enclosing rectangle,
+    which still contains the crosswalk (a conservative conflict zone).
+    """
+    hull = shapely.convex_hull(poly)
+    if hull.geom_type != "Polygon" or hull.area <= 1e-9:
+        return None
+    if len(hull.exterior.coords) - 1 > max_vertices:
+        hull = shapely.oriented_envelope(hull)
+    ring = np.asarray(shapely.geometry.polygon.orient(hull, sign=1.0).exterior.coords)[:-1]
+    out = np.repeat(ring[-1:], max_vertices, axis=0)
+    out[: len(ring)] = ring
+    return out
+
+
+def _elements(stop_polys: Sequence[shapely.Geometry], stop_points: np.ndarray | None,
+              zone_polys: Sequence[shapely.Geometry], max_vertices: int) -> _Elements:
+    if max_vertices < 4 and len(zone_polys):
+        raise DatasetError(f"SampleSpec.zone_vertices must be >= 4 to hold a crosswalk (a rectangle), got {max_vertices}")
+    if stop_points is None:
+        stop_xy = shapely.get_coordinates(shapely.centroid(np.asarray(list(stop_polys), dtype=object)))
+    else:
+        stop_xy = np.asarray(stop_points, dtype=np.float64).reshape(-1, 2)
+    rings = [r for r in (_zone_ring(p, max_vertices) for p in zone_polys) if r is not None]
+    zone_xy = np.stack(rings) if rings else np.zeros((0, max_vertices, 2))
+    geoms = shapely.polygons(zone_xy) if rings else np.zeros(0, dtype=object)
+    return _Elements(stop_xy=stop_xy.reshape(-1, 2), zone_xy=zone_xy, zone_geoms=geoms)
+
+
+_CACHE: dict[int, tuple[weakref.ref, tuple[int, int, int, int], dict[int, _Elements]]] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is ref:
+        del _CACHE[key]
+
+
+def _map_elements(geom: MapGeometry, max_vertices: int) -> _Elements:
+    """The map's elements, cached per MapGeometry object (the simulator asks at every replanning step)."""
+    key = id(geom)
+    signature = (id(geom.stop_lines), len(geom.stop_lines), id(geom.crosswalks), len(geom.crosswalks))
+    hit = _CACHE.get(key)
+    if hit is None or hit[0]() is not geom or hit[1] != signature:
+        ref = weakref.ref(geom, lambda r, k=key: _forget(k, r))
+        hit = (ref, signature, {})
+        _CACHE[key] = hit
+    per_size = hit[2]
+    if max_vertices not in per_size:
+        per_size[max_vertices] = _elements(geom.stop_lines, None, geom.crosswalks, max_vertices)
+    return per_size[max_vertices]
+
+
+def _ego_xy(xy: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    c, s = np.cos(origin[2]), np.sin(origin[2])
+    dx, dy = xy[..., 0] - origin[0], xy[..., 1] - origin[1]
+    return np.stack([c * dx + s * dy, -s * dx + c * dy], axis=-1)
+
+
+def _near(el: _Elements, origin: np.ndarray, spec: SampleSpec) -> dict[str, np.ndarray]:
+    """The nearest ``num_stop_lines`` / ``num_zones`` elements within ``lane_radius_m`` of ``origin``, ego frame."""
+    S, Z, V = spec.num_stop_lines, spec.num_zones, spec.zone_vertices
+    r = spec.lane_radius_m
+    stops, stops_valid = np.zeros((S, 2)), np.zeros(S, dtype=bool)
+    zones, zones_valid = np.zeros((Z, V, 2)), np.zeros(Z, dtype=bool)
+    if S and len(el.stop_xy):
+        d = np.hypot(el.stop_xy[:, 0] - origin[0], el.stop_xy[:, 1] - origin[1])
+        order = np.argsort(d, kind="stable")
+        order = order[d[order] <= r][:S]
+        stops[: len(order)] = _ego_xy(el.stop_xy[order], origin)
+        stops_valid[: len(order)] = True
+    if Z and len(el.zone_xy):
+        d = shapely.distance(el.zone_geoms, shapely.Point(origin[0], origin[1]))
+        order = np.argsort(d, kind="stable")
+        order = order[d[order] <= r][:Z]
+        zones[: len(order)] = _ego_xy(el.zone_xy[order], origin)
+        zones_valid[: len(order)] = True
+    return {"stop_lines": stops, "stop_lines_valid": stops_valid, "zones": zones, "zones_valid": zones_valid}
+
+
+def map_elements_near(geom: MapGeometry, origin: np.ndarray, spec: SampleSpec = SampleSpec()) -> dict[str, np.ndarray]:
+    """The SceneSample stop-line and zone fields (:data:`MAP_ELEMENT_FIELDS`) of ``geom`` around the global pose ``origin``.
+
+    Stop lines are their polygons' centroids; zones are the crosswalks'
+    convex hulls. Both are nearest first (centroid distance / polygon
+    distance), within ``spec.lane_radius_m``, in the ego frame of ``origin``.
+    """
+    origin = np.asarray(origin, dtype=np.float64).reshape(3)
+    return _near(_map_elements(geom, spec.zone_vertices), origin, spec)
+
+
+def pack_map_elements(
+    stop_points: np.ndarray | Sequence[Sequence[float]] = (),
+    zones: Sequence[np.ndarray | shapely.Geometry] = (),
+    spec: SampleSpec = SampleSpec(),
+) -> dict[str, np.ndarray]:
+    """The stop-line and zone fields for hand-given ego-frame stop-line centres ``(n, 2)`` and zone polygons.
+
+    Same rules as :func:`map_elements_near` (convex hull, nearest first,
+    within ``lane_radius_m``), for scenes that have no :class:`MapGeometry`.
+    """
+    polys = [z if isinstance(z, shapely.Geometry) else shapely.Polygon(np.asarray(z, dtype=np.float64)) for z in zones]
+    return _near(_elements((), np.asarray(stop_points, dtype=np.float64), polys, spec.zone_vertices), np.zeros(3), spec)
+
+
 def build_scene_sample(
     log: ScenarioLog,
     frame: int,
@@ -258,6 +386,7 @@ def build_scene_sample(
         lanes_valid=lanes_valid,
         drivable=drivable,
         command=driving_command(log, frame),
+        **map_elements_near(log.map, origin, spec),
     )
 
 
@@ -281,9 +410,15 @@ def stack_samples(samples: list[SceneSample]) -> dict[str, np.ndarray]:
 
 
 def scene_samples_from_arrays(arrays: dict[str, np.ndarray], i: int) -> SceneSample:
-    """Sample ``i`` of stacked arrays (from :func:`stack_samples` or the HDF5 cache) back as a SceneSample."""
+    """Sample ``i`` of stacked arrays (from :func:`stack_samples` or the HDF5 cache) back as a SceneSample.
+
+    Arrays stacked before stop lines and zones existed lack those fields;
+    the sample then has none (the field defaults).
+    """
     kwargs = {}
     for f in fields(SceneSample):
+        if f.name not in arrays and f.name in MAP_ELEMENT_FIELDS:
+            continue
         if f.name not in arrays:
             raise DatasetError(f"stacked samples lack the field {f.name!r}; rebuild them with stack_samples")
         v = arrays[f.name][i]

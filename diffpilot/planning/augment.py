@@ -41,7 +41,7 @@ from diffpilot.fileio import atomic_path, atomic_write_text
 from diffpilot.planning.gradient import MODES, _check_modes, active_rules, optimize_controls, rule_union
 from diffpilot.stl.calibration import calibrate
 from diffpilot.stl.rules import RuleSet
-from diffpilot.stl.signals import scene_from_arrays
+from diffpilot.stl.signals import SCENE_KEYS, scene_from_arrays
 
 __all__ = [
     "DEFAULT_MARGINS",
@@ -66,6 +66,10 @@ LANE_CHANGE_THETA_MIN = 0.3
 W_TARGET_BASE = 0.5
 _NEEDED = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past",
            "command", "ego_future", "ego_future_valid", "token")
+_MAP_FIELDS = tuple(k for k in SCENE_KEYS if k not in _NEEDED)
+"""Stop lines and zones: carried into every shard's scenes when the samples have them."""
+_MAP_RULES = ("stop_at_line", "yield")
+"""Rules whose result depends on the stop lines and zones (so those join the data fingerprint)."""
 
 
 # --------------------------------------------------------------------------- parameters
@@ -125,7 +129,7 @@ def run_shard(arrays: Mapping[str, np.ndarray], window_index: np.ndarray, config
     cal = calibrate(arrays, rules, config["margins"])
     rng = np.random.default_rng([int(config["seed"]), int(shard), 0xA06])
     params = sample_params(cal, rules, modes, N, config["param_noise"], rng)
-    scene = scene_from_arrays(dict(arrays))
+    scene = scene_from_arrays(arrays)
     if config["solver"] == "gradient":
         res = optimize_controls(scene, rules, {k: torch.as_tensor(v) for k, v in params.items()}, modes,
                                 steps=int(config["steps"]), samples=N, horizon=T,
@@ -229,11 +233,16 @@ def _load_arrays(arrays_or_root: Mapping[str, np.ndarray] | str | Path, version:
     return arrays
 
 
-def _fingerprint(arrays: Mapping[str, np.ndarray], windows: np.ndarray) -> str:
+def _fingerprint(arrays: Mapping[str, np.ndarray], windows: np.ndarray, map_rules: bool = False) -> str:
     h = hashlib.sha256()
     h.update(np.asarray(windows, dtype=np.int64).tobytes())
     h.update("\n".join(str(t) for t in np.asarray(arrays["token"])[windows]).encode())
     h.update(np.ascontiguousarray(np.asarray(arrays["ego_future"], dtype=np.float64)[windows]).tobytes())
+    if map_rules:
+        for k in _MAP_FIELDS:
+            if k in arrays:
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(np.asarray(arrays[k], dtype=np.float64)[windows]).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -311,7 +320,7 @@ def augment(
         "format_version": FORMAT_VERSION, "rules": list(rs.names), "modes": list(modes),
         "samples_per_window": int(samples_per_window), "param_noise": noise, "margins": marg, "solver": solver,
         "shard_size": int(shard_size), "horizon": T, "steps": int(steps), "seed": int(seed),
-        "data": _fingerprint(arrays, win), "num_windows": int(len(win)),
+        "data": _fingerprint(arrays, win, any(r in rs.names for r in _MAP_RULES)), "num_windows": int(len(win)),
     }
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(out_dir).expanduser()
@@ -330,7 +339,7 @@ def augment(
         stale.unlink()
 
     def subset(idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: np.asarray(arrays[k])[idx] for k in _NEEDED}
+        return {k: np.asarray(arrays[k])[idx] for k in _NEEDED + _MAP_FIELDS if k in arrays}
 
     from tqdm.auto import tqdm
 

@@ -34,19 +34,17 @@ __all__ = ["calibrate", "calibration_report", "logged_signals"]
 _ITERS = 60
 
 
-def logged_signals(
-    arrays: Mapping[str, np.ndarray],
-    *,
-    stop_points: list[np.ndarray | None] | None = None,
-    zones: list[list[np.ndarray] | None] | None = None,
-) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Signals ``(W, 1, F)`` of every window's logged future and which windows have a complete future."""
+def logged_signals(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """Signals ``(W, 1, F)`` of every window's logged future and which windows have a complete future.
+
+    Stop lines and zones come from the samples' own fields.
+    """
     for key in ("ego_future", "ego_future_valid"):
         if key not in arrays:
             raise DatasetError(f"stacked samples lack {key!r}; build them with diffpilot.data.scene_sample.stack_samples")
     fut = np.asarray(arrays["ego_future"], dtype=np.float64)
     complete = np.asarray(arrays["ego_future_valid"], dtype=bool).all(axis=-1)
-    scene = scene_from_arrays(dict(arrays), stop_points=stop_points, zones=zones)
+    scene = scene_from_arrays(arrays)
     sig = driving_signals(torch.as_tensor(fut)[:, None], scene)
     return sig, complete
 
@@ -89,8 +87,6 @@ def calibrate(
     margins: Mapping[str, float] | None = None,
     *,
     signals: Mapping[str, torch.Tensor] | None = None,
-    stop_points: list[np.ndarray | None] | None = None,
-    zones: list[list[np.ndarray] | None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per window, the tightest parameters of every rule that its logged future satisfies, loosened by ``margins``.
 
@@ -109,7 +105,7 @@ def calibrate(
         if not np.isfinite(m) or m < 0:
             raise STLError(f"margin for {k!r} must be a finite number >= 0, got {m!r}")
     if signals is None:
-        signals, complete = logged_signals(arrays, stop_points=stop_points, zones=zones)
+        signals, complete = logged_signals(arrays)
     else:
         complete = np.asarray(arrays["ego_future_valid"], dtype=bool).all(axis=-1)
     out: dict[str, np.ndarray] = {}
@@ -135,8 +131,6 @@ def calibration_report(
     *,
     quantile: float = 0.9,
     signals: Mapping[str, torch.Tensor] | None = None,
-    stop_points: list[np.ndarray | None] | None = None,
-    zones: list[list[np.ndarray] | None] | None = None,
 ) -> dict[str, object]:
     """How many complete windows satisfy each rule with their own, shared and default parameters.
 
@@ -147,7 +141,7 @@ def calibration_report(
         raise STLError(f"quantile must be in [0, 1], got {quantile}")
     rs = _as_rules(rules)
     if signals is None:
-        signals, complete = logged_signals(arrays, stop_points=stop_points, zones=zones)
+        signals, complete = logged_signals(arrays)
     else:
         complete = np.asarray(arrays["ego_future_valid"], dtype=bool).all(axis=-1)
     idx = np.flatnonzero(complete)

@@ -35,7 +35,7 @@ from diffpilot.fileio import atomic_path, atomic_write_text  # noqa: E402
 from diffpilot.stl.formula import STLError  # noqa: E402
 from diffpilot.stl.metrics import MODES, applicable_rules  # noqa: E402
 from diffpilot.stl.rules import RuleSet  # noqa: E402
-from diffpilot.stl.signals import driving_signals, scene_from_arrays  # noqa: E402
+from diffpilot.stl.signals import SCENE_KEYS, driving_signals, scene_from_arrays  # noqa: E402
 
 __all__ = [
     "ComplianceResult",
@@ -48,7 +48,7 @@ __all__ = [
     "trajectories_from_rollouts",
 ]
 
-_SCENE_KEYS = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past", "command")
+_REQUIRED_KEYS = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past", "command")
 _SETTING_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")
 
 
@@ -136,7 +136,7 @@ class ComplianceResult:
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray]) -> int:
-    missing = [k for k in _SCENE_KEYS if k not in arrays]
+    missing = [k for k in _REQUIRED_KEYS if k not in arrays]
     if missing:
         raise DatasetError(f"stacked samples lack {missing}; build them with diffpilot.data.scene_sample.stack_samples")
     return len(np.asarray(arrays["command"]))
@@ -180,22 +180,18 @@ def evaluate_compliance(
     *,
     trajectories: np.ndarray | None = None,
     index: np.ndarray | Sequence[int] | None = None,
-    stop_points: list[np.ndarray | None] | None = None,
-    zones: list[list[np.ndarray] | None] | None = None,
 ) -> ComplianceResult:
     """Exact robustness of every rule for each trajectory in its window (logged futures by default).
 
-    ``stop_points`` / ``zones`` are per *window* of ``arrays``
-    (:func:`diffpilot.stl.signals.map_context`), needed by ``stop_at_line``
-    and ``yield`` to see anything.
+    ``stop_at_line`` and ``yield`` read the windows' own stop lines and
+    zones (the SceneSample fields).
     """
     if not isinstance(rules, RuleSet):
         raise STLError(f"rules must be a RuleSet, got {type(rules).__name__}; build one with RuleSet([...names])")
     traj, idx = _trajectories(arrays, trajectories, index)
     p = resolve_params(rules, params, len(idx))
-    sub = {k: np.asarray(arrays[k])[idx] for k in _SCENE_KEYS}
-    scene = scene_from_arrays(sub, stop_points=None if stop_points is None else [stop_points[i] for i in idx],
-                              zones=None if zones is None else [zones[i] for i in idx])
+    sub = {k: np.asarray(arrays[k])[idx] for k in SCENE_KEYS if k in arrays}
+    scene = scene_from_arrays(sub)
     sig = driving_signals(torch.as_tensor(traj)[:, None], scene)
     rho = rules.evaluate(sig, {k: torch.as_tensor(v)[:, None] for k, v in p.items()})
     from diffpilot.policy.stl_flow import mode_from_command
@@ -475,8 +471,6 @@ def compliance_report(
     params: Mapping[str, Any] | None = None,
     title: str = "STL compliance",
     worst: int = 6,
-    stop_points: list[np.ndarray | None] | None = None,
-    zones: list[list[np.ndarray] | None] | None = None,
     intro: str = "",
     sections: Sequence[tuple[str, str]] = (),
     controllability: ControllabilityResult | None = None,
@@ -498,8 +492,7 @@ def compliance_report(
 
     if worst < 0:
         raise ValueError(f"worst must be >= 0, got {worst}")
-    res = evaluate_compliance(arrays, rules, params, trajectories=trajectories, index=index, stop_points=stop_points,
-                              zones=zones)
+    res = evaluate_compliance(arrays, rules, params, trajectories=trajectories, index=index)
     traj, _ = _trajectories(arrays, trajectories, index)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,27 +18,29 @@ Geometry choices:
 * Agents' future poses come from the sample (the logged future); past the
   logged horizon they move on at their last velocity; an agent unknown at
   a step is ignored there.
-* Stop lines and conflict zones (crosswalks) are not part of a SceneSample;
-  pass them in the ego frame (:func:`map_context`) or leave them out (then
-  the stop distance is :data:`STOP_CAP_M` and no zone exists).
+* Stop lines and conflict zones (crosswalks) come from the sample's
+  ``stop_lines`` / ``zones`` fields (filled from the map by
+  ``build_scene_sample``). A scene with none of them valid has the stop
+  distance :data:`STOP_CAP_M` and no zone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import shapely
-import shapely.geometry
 import torch
 from torch import Tensor
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import COMMANDS, DT, EGO_SIZE, MapGeometry, SceneSample, to_ego_frame
+from diffpilot.data.scenario import COMMANDS, DT, EGO_SIZE, MapGeometry, SampleSpec, SceneSample
+from diffpilot.data.scene_sample import MAP_ELEMENT_FIELDS, map_elements_near
 
 __all__ = [
     "DISCS",
     "DIST_CAP_M",
+    "SCENE_KEYS",
     "SIGNAL_NAMES",
     "STOP_CAP_M",
     "DrivingScene",
@@ -59,6 +61,12 @@ STOP_LINE_LATERAL_M = 3.0
 TARGET_LANE_OFFSET_M = 3.5
 """Expected lateral spacing of the neighbouring lane when picking a lane-change target."""
 _BIG = 1e6
+_ZONE_AREA_MIN = 1e-6
+"""m²: a valid zone smaller than this is an error (no inside to speak of)."""
+
+SCENE_KEYS = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past", "command",
+              *MAP_ELEMENT_FIELDS)
+"""The stacked-sample arrays :func:`scene_from_arrays` reads; subset arrays with these to keep stop lines and zones."""
 
 SIGNAL_NAMES = (
     "speed",
@@ -180,48 +188,66 @@ def lane_choice(lanes: np.ndarray, valid: np.ndarray, side: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def map_context(
-    geom: MapGeometry, ego_pose_global: np.ndarray, radius: float = 60.0
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Stop-line centres ``(S, 2)`` and conflict-zone polygons (crosswalks, each ``(V, 2)``) near the ego, ego frame."""
-    origin = np.asarray(ego_pose_global, dtype=np.float64)
-    centres = []
-    for poly in geom.stop_lines:
-        c = np.asarray(poly.centroid.coords[0])
-        if np.hypot(*(c - origin[:2])) <= radius:
-            centres.append(to_ego_frame(np.array([c[0], c[1], 0.0]), origin)[:2])
-    zones = []
-    for poly in geom.crosswalks:
-        if shapely.distance(poly, shapely.Point(origin[:2])) <= radius:
-            hull = np.asarray(poly.convex_hull.exterior.coords)[:-1]
-            pts = np.column_stack([hull, np.zeros(len(hull))])
-            zones.append(to_ego_frame(pts, origin)[:, :2])
-    return np.asarray(centres, dtype=np.float64).reshape(-1, 2), zones
+def map_context(geom: MapGeometry, ego_pose_global: np.ndarray, spec: SampleSpec = SampleSpec()) -> dict[str, np.ndarray]:
+    """Stop lines and conflict zones of ``geom`` around a global pose, as the SceneSample fields of that name.
+
+    The same arrays ``build_scene_sample`` stores (see
+    :func:`diffpilot.data.scene_sample.map_elements_near`); put them into a
+    sample with ``dataclasses.replace(sample, **map_context(...))``.
+    """
+    return map_elements_near(geom, ego_pose_global, spec)
 
 
-def _halfplanes(poly: np.ndarray, max_edges: int) -> np.ndarray:
-    """Convex polygon vertices ``(V, 2)`` -> half-planes ``(max_edges, 3)`` (n·p <= h inside)."""
-    hull = shapely.Polygon(poly).convex_hull
-    if hull.geom_type != "Polygon" or hull.area <= 0:
-        raise DatasetError(f"a conflict zone must be a polygon with area, got {hull.geom_type} {poly.tolist()}")
-    v = np.asarray(shapely.geometry.polygon.orient(hull, sign=1.0).exterior.coords)  # counter-clockwise, closed
-    out = np.tile(np.array([0.0, 0.0, _BIG]), (max_edges, 1))
-    for i in range(min(len(v) - 1, max_edges)):
-        e = v[i + 1] - v[i]
-        n = np.array([e[1], -e[0]]) / max(np.hypot(*e), 1e-12)  # outward for a CCW ring
-        out[i] = (n[0], n[1], float(n @ v[i]))
+def _halfplanes(zones: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Convex polygons ``(B, Z, V, 2)`` (padded by repeating a vertex) -> half-planes ``(B, Z, V, 3)``, n·p <= h inside.
+
+    Edge ``i`` runs from vertex ``i`` to ``i + 1`` (the last closes the
+    ring); zero-length edges (the padding) and invalid zones become rows
+    ``(0, 0, 1e6)`` that every point satisfies. Either orientation works.
+    """
+    B, Z, V, _ = zones.shape
+    out = np.tile(np.array([0.0, 0.0, _BIG]), (B, Z, V, 1))
+    if V < 3:
+        if valid.any():
+            raise DatasetError(f"zones need at least 3 vertices each, got {V}; rebuild the samples with zone_vertices >= 4")
+        return out
+    nxt = np.roll(zones, -1, axis=2)
+    x, y = zones[..., 0], zones[..., 1]
+    area = 0.5 * np.sum(x * nxt[..., 1] - nxt[..., 0] * y, axis=-1)  # (B, Z), > 0 counter-clockwise
+    flat = valid & (np.abs(area) < _ZONE_AREA_MIN)
+    if flat.any():
+        b, z = np.argwhere(flat)[0]
+        raise DatasetError(f"zone {z} of scene {b} is flagged valid but has no area ({zones[b, z].tolist()}); "
+                           "mark it invalid or rebuild the samples")
+    e = nxt - zones
+    length = np.hypot(e[..., 0], e[..., 1])
+    sign = np.where(area >= 0, 1.0, -1.0)[..., None]
+    n = sign[..., None] * np.stack([e[..., 1], -e[..., 0]], axis=-1) / np.maximum(length, 1e-12)[..., None]
+    h = np.sum(n * zones, axis=-1)
+    real = valid[..., None] & (length > 1e-9)
+    out[real] = np.concatenate([n, h[..., None]], axis=-1)[real]
     return out
+
+
+def _map_arrays(arrays: Mapping[str, np.ndarray], sel: np.ndarray | slice, B: int) -> tuple[np.ndarray, ...]:
+    """The stop-line and zone fields of rows ``sel``; none at all when the arrays predate them."""
+    have = [k for k in MAP_ELEMENT_FIELDS if k in arrays]
+    if not have:
+        return np.zeros((B, 0, 2)), np.zeros((B, 0), dtype=bool), np.zeros((B, 0, 3, 2)), np.zeros((B, 0), dtype=bool)
+    if len(have) != len(MAP_ELEMENT_FIELDS):
+        missing = [k for k in MAP_ELEMENT_FIELDS if k not in arrays]
+        raise DatasetError(f"stacked samples have {have} but lack {missing}; keep all of {list(MAP_ELEMENT_FIELDS)} "
+                           "(e.g. subset with diffpilot.stl.signals.SCENE_KEYS)")
+    return tuple(np.asarray(arrays[k])[sel] for k in MAP_ELEMENT_FIELDS)
 
 
 def scene_from_sample(
     sample: SceneSample,
     *,
-    stop_points: np.ndarray | None = None,
-    zones: list[np.ndarray] | None = None,
     target_side: int | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> DrivingScene:
-    """A one-scene :class:`DrivingScene` from a SceneSample (and optional ego-frame stop lines / zones).
+    """A one-scene :class:`DrivingScene` from a SceneSample (its lanes, agents, stop lines and zones).
 
     ``target_side`` is +1 (left), -1 (right) or 0 (stay); by default it follows
     the sample's command (``left`` / ``right`` pick the neighbouring lane).
@@ -230,43 +256,64 @@ def scene_from_sample(
         lanes=sample.lanes[None], lanes_valid=sample.lanes_valid[None], agents_pose=sample.agents_pose[None],
         agents_valid=sample.agents_valid[None], agents_size=sample.agents_size[None],
         ego_status=sample.ego_status[None], past_steps=sample.ego_past.shape[0] - 1,
-        command=np.array([sample.command]), stop_points=[stop_points], zones=[zones], target_side=target_side,
-        dtype=dtype,
+        command=np.array([sample.command]), stop_lines=np.asarray(sample.stop_lines)[None],
+        stop_valid=np.asarray(sample.stop_lines_valid)[None], zones=np.asarray(sample.zones)[None],
+        zones_valid=np.asarray(sample.zones_valid)[None], target_side=target_side, dtype=dtype,
     )
 
 
 def scene_from_arrays(
-    arrays: dict[str, np.ndarray],
+    arrays: Mapping[str, np.ndarray],
     index: np.ndarray | slice | None = None,
     *,
-    stop_points: list[np.ndarray | None] | None = None,
-    zones: list[list[np.ndarray] | None] | None = None,
     target_side: int | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> DrivingScene:
-    """Scenes for stacked SceneSample arrays (from ``stack_samples`` / ``load_scene_samples``), rows ``index``."""
-    need = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past", "command")
+    """Scenes for stacked SceneSample arrays (from ``stack_samples`` / ``load_scene_samples``), rows ``index``.
+
+    Reads :data:`SCENE_KEYS`; arrays without the stop-line and zone fields
+    (stacked before they existed) give scenes with none.
+    """
+    need = SCENE_KEYS[: -len(MAP_ELEMENT_FIELDS)]
     missing = [k for k in need if k not in arrays]
     if missing:
         raise DatasetError(f"stacked samples lack {missing}; build them with diffpilot.data.scene_sample.stack_samples")
     sel = slice(None) if index is None else index
-    B = len(np.asarray(arrays["command"])[sel])
+    command = np.asarray(arrays["command"])[sel]
+    stops, stop_valid, zones, zones_valid = _map_arrays(arrays, sel, len(command))
     return _scenes(
         lanes=arrays["lanes"][sel], lanes_valid=arrays["lanes_valid"][sel], agents_pose=arrays["agents_pose"][sel],
         agents_valid=arrays["agents_valid"][sel], agents_size=arrays["agents_size"][sel],
-        ego_status=arrays["ego_status"][sel], past_steps=arrays["ego_past"].shape[-2] - 1,
-        command=np.asarray(arrays["command"])[sel], stop_points=stop_points or [None] * B, zones=zones or [None] * B,
-        target_side=target_side, dtype=dtype,
+        ego_status=arrays["ego_status"][sel], past_steps=arrays["ego_past"].shape[-2] - 1, command=command,
+        stop_lines=stops, stop_valid=stop_valid, zones=zones, zones_valid=zones_valid, target_side=target_side,
+        dtype=dtype,
     )
 
 
+def _used(valid: np.ndarray) -> np.ndarray:
+    """Column indices up to the last one valid in any row (index 0 alone when none is)."""
+    cols = np.flatnonzero(valid.any(axis=0)) if valid.size else np.zeros(0, dtype=np.int64)
+    return np.arange(int(cols[-1]) + 1 if len(cols) else 1)
+
+
 def _scenes(*, lanes, lanes_valid, agents_pose, agents_valid, agents_size, ego_status, past_steps, command,  # noqa: ANN001
-            stop_points, zones, target_side, dtype) -> DrivingScene:
+            stop_lines, stop_valid, zones, zones_valid, target_side, dtype) -> DrivingScene:
     lanes = np.asarray(lanes, dtype=np.float64)
     lanes_valid = np.asarray(lanes_valid, dtype=bool)
     B = lanes.shape[0]
-    if len(stop_points) != B or len(zones) != B:
-        raise DatasetError(f"give one stop-line array and one zone list per scene ({B}), got {len(stop_points)} / {len(zones)}")
+    stop_lines = np.asarray(stop_lines, dtype=np.float64)
+    stop_valid = np.asarray(stop_valid, dtype=bool)
+    zones = np.asarray(zones, dtype=np.float64)
+    zones_valid = np.asarray(zones_valid, dtype=bool)
+    S, Z = stop_valid.shape[-1], zones_valid.shape[-1]
+    if stop_lines.shape != (B, S, 2) or stop_valid.shape != (B, S):
+        raise DatasetError(f"stop_lines must be (B, S, 2) with stop_lines_valid (B, S) for {B} scenes, "
+                           f"got {stop_lines.shape} / {stop_valid.shape}")
+    if zones.ndim != 4 or zones.shape[:2] != (B, Z) or zones.shape[-1] != 2:
+        raise DatasetError(f"zones must be (B, Z, V, 2) with zones_valid (B, Z) for {B} scenes, "
+                           f"got {zones.shape} / {zones_valid.shape}")
+    if not (np.isfinite(stop_lines[stop_valid]).all() and np.isfinite(zones[zones_valid]).all()):
+        raise DatasetError("a stop line or zone flagged valid holds NaN or inf; repair or invalidate it")
     ref = np.array([lane_choice(lanes[b], lanes_valid[b], 0) for b in range(B)])
     tgt = np.empty(B, dtype=np.int64)
     for b in range(B):
@@ -278,29 +325,29 @@ def _scenes(*, lanes, lanes_valid, agents_pose, agents_valid, agents_size, ego_s
     P = int(past_steps)
     fut = np.asarray(agents_pose, dtype=np.float64)[:, :, P + 1 :]
     fut_valid = np.asarray(agents_valid, dtype=bool)[:, :, P + 1 :]
-    S = max([0] + [0 if s is None else len(s) for s in stop_points])
-    stops = np.zeros((B, max(S, 1), 2))
-    stop_valid = np.zeros((B, max(S, 1)), dtype=bool)
-    for b, s in enumerate(stop_points):
-        if s is not None and len(s):
-            s = np.asarray(s, dtype=np.float64).reshape(-1, 2)
-            stops[b, : len(s)] = s
-            stop_valid[b, : len(s)] = True
-    Z = max([0] + [0 if z is None else len(z) for z in zones])
-    E = max([3] + [len(p) for z in zones if z for p in z])
-    zone_arr = np.tile(np.array([0.0, 0.0, _BIG]), (B, max(Z, 1), E, 1))
-    zone_valid = np.zeros((B, max(Z, 1)), dtype=bool)
-    for b, z in enumerate(zones):
-        for i, poly in enumerate(z or []):
-            zone_arr[b, i] = _halfplanes(np.asarray(poly, dtype=np.float64), E)
-            zone_valid[b, i] = True
+    # Keep only as many stop lines, zones and edges as some scene uses (at least one, invalid, so no
+    # reduction runs over an empty axis): the zone test costs points x zones x edges.
+    if S == 0:
+        stop_lines, stop_valid = np.zeros((B, 1, 2)), np.zeros((B, 1), dtype=bool)
+    keep_s = _used(stop_valid)
+    stop_lines = np.where(stop_valid[..., None], stop_lines, 0.0)[:, keep_s]
+    stop_valid = stop_valid[:, keep_s]
+    zone_arr = _halfplanes(zones, zones_valid)
+    if Z == 0 or zone_arr.shape[2] == 0:
+        zone_arr = np.tile(np.array([0.0, 0.0, _BIG]), (B, max(Z, 1), 1, 1))
+        zones_valid = np.zeros((B, max(Z, 1)), dtype=bool)
+    keep_z = _used(zones_valid)
+    zone_arr, zones_valid = zone_arr[:, keep_z], zones_valid[:, keep_z]
+    padding = zone_arr[..., 2] >= _BIG
+    zone_arr = np.take_along_axis(zone_arr, np.argsort(padding, axis=-1, kind="stable")[..., None], axis=2)
+    zone_arr = zone_arr[:, :, : max(1, int((~padding).sum(axis=-1).max(initial=0)))]
     status = np.asarray(ego_status, dtype=np.float64)
     t = lambda x, dt=dtype: torch.as_tensor(np.asarray(x), dtype=dt)  # noqa: E731
     return DrivingScene(
         lanes=t(lanes), lanes_valid=t(lanes_valid, torch.bool), ref_lane=t(ref, torch.long),
         target_lane=t(tgt, torch.long), agents_pose=t(fut), agents_valid=t(fut_valid, torch.bool),
-        agents_size=t(agents_size), speed0=t(status[:, 0]), accel0=t(status[:, 1]), stop_points=t(stops),
-        stop_valid=t(stop_valid, torch.bool), zones=t(zone_arr), zones_valid=t(zone_valid, torch.bool),
+        agents_size=t(agents_size), speed0=t(status[:, 0]), accel0=t(status[:, 1]), stop_points=t(stop_lines),
+        stop_valid=t(stop_valid, torch.bool), zones=t(zone_arr), zones_valid=t(zones_valid, torch.bool),
     )
 
 
