@@ -41,7 +41,7 @@ from torch import Tensor
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import EGO_SIZE
 from diffpilot.stl.rules import RuleSet
-from diffpilot.stl.signals import driving_signals, scene_from_arrays
+from diffpilot.stl.signals import SCENE_KEYS, driving_signals, scene_from_arrays
 
 __all__ = [
     "MODES",
@@ -204,8 +204,7 @@ def rule_robustness(
     m = np.asarray(modes, dtype=np.int64).reshape(-1)
     if len(m) != len(idx):
         raise DatasetError(f"{len(m)} modes for {len(idx)} windows; give one mode per window")
-    sub = {k: np.asarray(arrays[k])[idx] for k in ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size",
-                                                   "ego_status", "ego_past")}
+    sub = {k: np.asarray(arrays[k])[idx] for k in SCENE_KEYS if k in arrays and k != "command"}
     sub["command"] = np.array([MODE_COMMAND[int(x)] for x in m], dtype=np.int64)
     scene = scene_from_arrays(sub)
     traj = torch.as_tensor(trajs) if not isinstance(trajs, Tensor) else trajs

@@ -33,6 +33,7 @@ import numpy as np
 import shapely
 
 from diffpilot.data.scenario import CATEGORIES, COMMANDS, DT, Planner, SampleSpec, SceneSample, to_ego_frame, to_global_frame, wrap_angle
+from diffpilot.data.scene_sample import pack_map_elements
 from diffpilot.sim.driving.tracker import LQRTracker
 from diffpilot.sim.driving.vehicle import KinematicBicycle
 
@@ -274,6 +275,7 @@ class HighwaySceneBuilder:
             lanes_valid=lanes_valid,
             drivable=drivable,
             command=COMMANDS.index(command),
+            **pack_map_elements(spec=self.spec),  # highway-env roads have no stop lines or crosswalks
         )
 
     def _map(self, env: gym.Env, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray, shapely.Geometry]:
