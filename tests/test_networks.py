@@ -318,3 +318,18 @@ def test_mlp_onnx_parity(tmp_path) -> None:
         }
 
     _export_and_compare(model, feeds, tmp_path)
+
+
+def test_mish_matches_torch_in_value_gradient_and_forward_mode() -> None:
+    from diffpilot.policy.networks.mlp import Mish
+
+    x = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    m = Mish().train()
+    assert torch.autograd.gradcheck(m, (x,))
+    assert torch.autograd.gradcheck(m, (x,), check_forward_ad=True, check_backward_ad=False, check_batched_grad=False)
+    v = torch.randn_like(x)
+    y, dy = torch.func.jvp(m, (x.detach(),), (v,))
+    y_ref, dy_ref = torch.func.jvp(torch.nn.functional.mish, (x.detach(),), (v,))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dy, dy_ref)
+    torch.testing.assert_close(m.eval()(x), torch.nn.Mish()(x))
