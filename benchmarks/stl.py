@@ -4,10 +4,15 @@ Tables (all rows in ``results/stl.json``, DESIGN.md §6):
 
 * open loop, the same held-out windows (scenes never seen in training) for
   every method, parameters = each window's hindsight-calibrated values:
-  the gradient trajectory optimizer, our STL flow planner (Euler 2 steps
-  with and without guidance, MeanFlow 1 step), a conditional VAE, a
-  parameter-conditioned DDPM without and with optimizer-augmented data, and
-  the DDPM with CTG-style guidance at every step;
+  the gradient trajectory optimizer, our STL flow planner (Euler with and
+  without guidance, MeanFlow 1 step with and without), a conditional VAE, a
+  parameter-conditioned DDPM on the logs only and on optimizer-augmented
+  data, each DDPM also with CTG-style guidance at every step. Every learned
+  planner that uses augmentation trains on the same rows (optimizer rows
+  under commanded parameters + logged / perturbed rows under hindsight
+  parameters) for the same number of steps;
+* controllability: the same held-out windows with only ``vmax`` lowered /
+  raised, mean planned speed (no guidance);
 * closed loop on a few held-out scenes: our planner vs the lane follower
   (rule compliance of the driven windows, progress, collision, out of lane,
   planning time per step);
@@ -55,12 +60,27 @@ def _subset(data, keep):  # noqa: ANN001, ANN202
                        params={k: v[keep] for k, v in data.params.items()}, modes=data.modes[keep])
 
 
+def _concat(*parts):  # noqa: ANN002, ANN202
+    from diffpilot.policy.stl_flow import PlannerData
+
+    names = [k for k in parts[0].params if all(k in p.params for p in parts)]
+    return PlannerData(arrays=parts[0].arrays, window=np.concatenate([p.window for p in parts]),
+                       controls=np.concatenate([p.controls for p in parts]),
+                       params={k: np.concatenate([p.params[k] for p in parts]) for k in names},
+                       modes=np.concatenate([p.modes for p in parts]))
+
+
 def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]:
-    """Train every generative planner on the train scenes, sample the held-out windows, score them alike."""
+    """Train every generative planner on the train scenes, sample the held-out windows, score them alike.
+
+    Every learned planner that uses augmentation trains on the same rows (optimizer-augmented rows
+    under *commanded* parameters + the logged and perturbed rows under hindsight parameters), for
+    the same number of steps; the "logs only" DDPM trains on the logged rows alone.
+    """
     from diffpilot.planning.augment import augment, read_augmented
     from diffpilot.planning.gradient import take_scene, optimize_controls
     from diffpilot.policy.driving_generative import ConditionalVAEPlanner, CTGGuidance, ParamDDPMPlanner
-    from diffpilot.policy.stl_flow import GuidanceConfig, PlannerData, STLFlowPlanner, data_from_augmented, data_from_logs
+    from diffpilot.policy.stl_flow import GuidanceConfig, STLFlowPlanner, data_from_augmented, data_from_logs
     from diffpilot.stl.metrics import MODES
     from diffpilot.stl.signals import scene_from_arrays
 
@@ -74,16 +94,21 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
     N, W = args.samples, len(test)
     gt, gt_valid = test.arrays["ego_future"][test.window], test.arrays["ego_future_valid"][test.window]
     noise = torch.randn((W * N, 8, 2), generator=torch.Generator().manual_seed(0))
-    hp = dict(d_model=args.d_model, n_layers=2, n_heads=4, seed=0)
+    hp = dict(d_model=args.d_model, n_layers=2, n_heads=4, seed=0, network=args.network, param_dropout=args.param_dropout)
     rows: list[dict] = []
+    times: dict[str, float] = {}
 
-    def ev(name: str, planner, guidance=None) -> None:  # noqa: ANN001
+    def ev(name: str, planner, guidance=None) -> dict:  # noqa: ANN001
+        planner.sample(test.arrays, test.window[:1], {k: v[:1] for k, v in test.params.items()}, test.modes[:1], n=2,
+                       guidance=guidance)  # warm-up: lazy imports and allocator, not the method's cost
         tic = time.perf_counter()
         out = planner.sample(test.arrays, test.window, test.params, test.modes, n=N, noise=noise, guidance=guidance)
         dt = time.perf_counter() - tic
         rho = planner.satisfaction(out.states, test.arrays, test.window, test.params, test.modes)
         rows.append(_row(name, out.states, rho >= 0, gt, gt_valid, dt, out.nfe))
+        times[name] = dt
         print(json.dumps(rows[-1]), flush=True)
+        return rows[-1]
 
     # gradient trajectory optimizer: N random starts per window under its mode and parameters
     scene = scene_from_arrays({k: np.asarray(v)[test.window] for k, v in test.arrays.items()})
@@ -96,52 +121,99 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
         params = {k: torch.as_tensor(v[sel], dtype=torch.float64)[:, None].expand(-1, N) for k, v in test.params.items()}
         res = optimize_controls(sub, rules, params, modes=(MODES[int(m)],), steps=args.trajopt_steps, samples=N, seed=0)
         states[sel] = res.trajectories[:, 0].double().numpy()
-    dt = time.perf_counter() - tic
+    # a lane change towards a lane the window lacks: the optimizer plans it as lane keeping (the rules then read
+    # the offset to the current lane as the target offset, so such a plan can satisfy them)
+    missing = np.flatnonzero(np.isnan(states).any(axis=(1, 2, 3)))
+    if len(missing):
+        sub = take_scene(scene, torch.as_tensor(missing))
+        params = {k: torch.as_tensor(v[missing], dtype=torch.float64)[:, None].expand(-1, N) for k, v in test.params.items()}
+        res = optimize_controls(sub, rules, params, modes=("keep_lane",), steps=args.trajopt_steps, samples=N, seed=0)
+        states[missing] = res.trajectories[:, 0].double().numpy()
+    trajopt_s = time.perf_counter() - tic
     planner_for_rho = STLFlowPlanner()
     rho = planner_for_rho.satisfaction(states, test.arrays, test.window, test.params, test.modes)
-    rows.append(_row(f"trajopt (gradient, {args.trajopt_steps} steps)", states, rho >= 0, gt, gt_valid, dt, None))
+    trajopt_name = f"trajopt (gradient, {args.trajopt_steps} steps)"
+    rows.append(_row(trajopt_name, states, rho >= 0, gt, gt_valid, trajopt_s, None))
+    times[trajopt_name] = trajopt_s
     print(json.dumps(rows[-1]), flush=True)
 
-    def fit(p, d):  # noqa: ANN001, ANN202
-        tic = time.perf_counter()
-        p.fit(d, steps=args.train_steps, batch_size=64)
-        return time.perf_counter() - tic
-
-    flow = STLFlowPlanner(sampler_steps=2, **hp)
-    train_s = fit(flow, train)
-    ev("stl-flow euler2 (ours)", flow)
-    ev("stl-flow euler2 + guidance (ours)", flow, GuidanceConfig())
-    mf = STLFlowPlanner(objective="meanflow", sampler_steps=1, **hp)
-    fit(mf, train)
-    ev("stl-flow meanflow 1 step (ours)", mf)
-    vae = ConditionalVAEPlanner(**hp)
-    fit(vae, train)
-    ev("cvae", vae)
-    ddpm = ParamDDPMPlanner(sampler="ddim", sampler_steps=10, **hp)
-    fit(ddpm, train_log)
-    ev("ddpm ddim10, logs only (no augmentation)", ddpm)
-    ev("ddpm ddim10 + CTG every step", ddpm, CTGGuidance())
-
-    # augmentation by the trajectory optimizer, then the same DDPM on it
+    # augmentation by the trajectory optimizer under commanded parameters (calibrated values + wide noise)
     aug_dir = Path(args.scratch) / "stl_bench_aug"
     tw = np.unique(train.window)
+    wide = {"vmin": args.param_noise, "vmax": args.param_noise, "dsafe": args.param_noise / 2}
     tic = time.perf_counter()
+    aug_rules = [r for r in rules.names if r != "lane_change"]  # the lane-change modes add it themselves
     augment(arrays, aug_dir, samples_per_window=args.aug_samples, windows=tw, steps=args.trajopt_steps, progress=False,
-            resume=False)
+            resume=False, param_noise=wide, rules=aug_rules)
     aug_s = time.perf_counter() - tic
     ad = data_from_augmented(arrays, read_augmented(aug_dir))
     aug_rows = len(ad)
-    both = PlannerData(arrays=arrays, window=np.concatenate([ad.window, train_log.window]),
-                       controls=np.concatenate([ad.controls, train_log.controls]),
-                       params={k: np.concatenate([ad.params[k], train_log.params[k]]) for k in train_log.params},
-                       modes=np.concatenate([ad.modes, train_log.modes]))
+    both = _concat(ad, train)  # the data of every augmented learner
+
+    def fit(p, d):  # noqa: ANN001, ANN202
+        tic = time.perf_counter()
+        p.fit(d, steps=args.train_steps, batch_size=args.batch_size)
+        return time.perf_counter() - tic
+
+    ours = f"stl-flow euler{args.sampler_steps} + guidance, {args.guide_refine} steps (ours)"
+    flow = STLFlowPlanner(sampler_steps=args.sampler_steps, **hp)
+    train_s = fit(flow, both)
+    ev(f"stl-flow euler{args.sampler_steps} (ours, no guidance)", flow)
+    guidance = GuidanceConfig(refine=args.guide_refine)
+    ev(ours, flow, guidance)
+    if args.guide_refine > 1:
+        ev(f"stl-flow euler{args.sampler_steps} + guidance, {args.guide_refine - 1} steps (ours)", flow,
+           GuidanceConfig(refine=args.guide_refine - 1))
+    flow.guidance = guidance
+    mf = STLFlowPlanner(objective="meanflow", sampler_steps=1, **hp)
+    fit(mf, both)
+    ev("stl-flow meanflow 1 step (ours, no guidance)", mf)
+    ev("stl-flow meanflow 1 step + guidance (ours)", mf, guidance)
+    vae = ConditionalVAEPlanner(**hp)
+    fit(vae, both)
+    ev("cvae, trajopt-augmented + logs", vae)
+    ddpm_log = ParamDDPMPlanner(sampler="ddim", sampler_steps=10, **hp)
+    fit(ddpm_log, train_log)
+    ev("ddpm ddim10, logs only (no augmentation)", ddpm_log)
+    ev("ddpm ddim10 + CTG every step, logs only", ddpm_log, CTGGuidance())
     ddpm_aug = ParamDDPMPlanner(sampler="ddim", sampler_steps=10, **hp)
     fit(ddpm_aug, both)
     ev("ddpm ddim10, trajopt-augmented + logs", ddpm_aug)
+    ev("ddpm ddim10 + CTG every step, trajopt-augmented + logs", ddpm_aug, CTGGuidance())
+    base = f"stl-flow euler{args.sampler_steps} (ours, no guidance)"
+    for r in rows:
+        if r["method"].startswith(f"stl-flow euler{args.sampler_steps} + guidance"):
+            r["time_vs_trajopt"] = round(times[r["method"]] / trajopt_s, 4)
+            r["guidance_overhead"] = round(times[r["method"]] / times[base], 2)
+    rows += controllability(test, {"stl-flow (ours)": flow, "ddpm, trajopt-augmented + logs": ddpm_aug,
+                                   "ddpm, logs only": ddpm_log}, N, args.vmax_delta)
     info = {"train_windows": int(len(np.unique(train.window))), "test_windows": W, "samples": N,
-            "flow_train_s": round(train_s, 1), "augment_windows": int(len(tw)), "augment_rows_kept": aug_rows,
-            "augment_s": round(aug_s, 1), "held_out_scenes": held}
+            "train_rows": int(len(both)), "train_rows_logs_only": int(len(train_log)), "flow_train_s": round(train_s, 1),
+            "augment_windows": int(len(tw)), "augment_rows_kept": aug_rows, "augment_s": round(aug_s, 1),
+            "augment_param_noise": wide, "held_out_scenes": held}
     return rows, {"flow": flow, "info": info}
+
+
+def controllability(test, planners: dict, n: int, delta: float) -> list[dict]:  # noqa: ANN001
+    """Same held-out windows and noise, only ``vmax`` moved by -delta / +delta: mean planned speed of each.
+
+    The right direction is a lower mean speed under the lower ``vmax``; ``right_direction`` is the
+    share of windows where it is (no guidance: the parameters' effect through the network alone).
+    """
+    W = len(test)
+    noise = torch.randn((W * n, 8, 2), generator=torch.Generator().manual_seed(1))
+    rows = []
+    for name, planner in planners.items():
+        speed = {}
+        for sign in (-1, 1):
+            params = {**test.params, "vmax": test.params["vmax"] + sign * delta}
+            out = planner.sample(test.arrays, test.window, params, test.modes, n=n, noise=noise)
+            speed[sign] = out.states[..., 3].mean(axis=(1, 2))
+        rows.append({"task": "controllability", "method": name, "vmax_delta": delta,
+                     "speed_low_vmax": round(float(speed[-1].mean()), 3), "speed_high_vmax": round(float(speed[1].mean()), 3),
+                     "right_direction": round(float((speed[-1] < speed[1]).mean()), 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def closed_loop(args: argparse.Namespace, logs: list, flow) -> list[dict]:  # noqa: ANN001
@@ -155,7 +227,7 @@ def closed_loop(args: argparse.Namespace, logs: list, flow) -> list[dict]:  # no
     rules = RuleSet(list(flow.rule_names))
     sim = DrivingSimulator(reactive=False)
     rows = []
-    for name, make in (("stl-flow euler2 (ours)", lambda: flow), ("lane_follower", lambda: build_planner("lane_follower"))):
+    for name, make in (("stl-flow + guidance (ours)", lambda: flow), ("lane_follower", lambda: build_planner("lane_follower"))):
         ros, scores = [], []
         for log in logs:
             ro = sim.run(log, make(), end_frame=min(log.num_frames - 1, 4 + args.closed_loop_frames))
@@ -225,11 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-scenes", type=int, default=3)
     ap.add_argument("--stride", type=int, default=2, help="keyframes between windows")
     ap.add_argument("--samples", type=int, default=16, help="plans per held-out window")
-    ap.add_argument("--perturb", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=600)
+    ap.add_argument("--perturb", type=int, default=3, help="perturbed, hindsight-relabelled copies of each logged window")
+    ap.add_argument("--train-steps", type=int, default=600, help="training steps of every learned planner")
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--network", default="fusion", choices=["fusion", "transformer", "mlp"], help="every learned planner's")
+    ap.add_argument("--sampler-steps", type=int, default=2, help="Euler steps of our flow planner")
+    ap.add_argument("--guide-refine", type=int, default=3, help="guidance steps on our final samples (one fewer also shown)")
+    ap.add_argument("--param-dropout", type=float, default=0.1, help="every learned planner's parameter dropout in training")
     ap.add_argument("--trajopt-steps", type=int, default=30)
-    ap.add_argument("--aug-samples", type=int, default=8)
+    ap.add_argument("--aug-samples", type=int, default=8, help="commanded parameter sets per window and mode")
+    ap.add_argument("--param-noise", type=float, default=2.0,
+                    help="std (m/s) of the commanded vmin / vmax around the calibrated values (dsafe: half, metres)")
+    ap.add_argument("--vmax-delta", type=float, default=3.0, help="controllability: vmax moved by -/+ this alone")
     ap.add_argument("--closed-loop-scenes", type=int, default=2)
     ap.add_argument("--closed-loop-frames", type=int, default=20, help="keyframes driven per closed-loop scene")
     ap.add_argument("--stlpy-trajectories", type=int, default=1024)
@@ -252,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"Open loop: {extra['info']['test_windows']} held-out windows of {len(held)} unseen scenes, "
              f"{args.samples} samples each, parameters = each window's hindsight-calibrated values (+ margins); "
              "compliance = share of samples satisfying every applicable rule, success = share of windows with one, "
+             "time_vs_trajopt = our guided batch time / the optimizer's, guidance_overhead = guided / unguided time; "
+             "controllability: the same windows with only vmax lowered / raised, mean planned speed (no guidance); "
              "valid_area m² (swept paths of satisfying samples), entropy nats (final positions, 1 m cells), "
              "min_ade m, time_s = one batch call on 1 thread. Closed loop: non-reactive agents, default rule "
              "parameters, compliance over 4-s windows of the driven path. Paper (Meng & Fan, nuScenes): TrajOpt "

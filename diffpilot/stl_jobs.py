@@ -103,7 +103,8 @@ def _planner(cfg: dict[str, Any], train: dict[str, np.ndarray] | None, out: Path
         raise ValueError("training the planner needs the train split's windows")
     planner = STLFlowPlanner(objective=str(p["objective"]), sampler_steps=int(p["sampler_steps"]), d_model=int(p["d_model"]),
                              n_layers=int(p["n_layers"]), n_heads=int(p["n_heads"]), seed=int(p["seed"]),
-                             num_samples=int(p["samples"]))
+                             num_samples=int(p["samples"]), network=str(p["network"]),
+                             param_dropout=float(p["param_dropout"]), relative_speed=bool(p["relative_speed"]))
     data = data_from_logs(train, planner.rules, perturb=int(p["perturb"]), seed=int(p["seed"]))
     tic = time.perf_counter()
     losses = planner.fit(data, steps=int(p["train_steps"]), batch_size=int(p["batch_size"]))
@@ -118,7 +119,7 @@ def _guidance(cfg: dict[str, Any]) -> Any:
         return None
     from diffpilot.policy.stl_flow import GuidanceConfig
 
-    return GuidanceConfig()
+    return GuidanceConfig(refine=int(cfg["planner"]["guidance_refine"]))
 
 
 def stl_report_job(cfg: dict[str, Any]) -> Path:

@@ -10,6 +10,10 @@ control-effort term. One call optimizes windows × modes × parameter samples
 at once. The verdict is always the *exact* robustness: a trajectory counts
 as satisfying only if every active rule's exact robustness is > 0.
 
+The signals come from :func:`rule_signals` (only those the rules read, the closest disc pair
+found without gradient), the scenes of a batch of windows from :func:`window_scene` (one batched
+lane projection); both give exactly the values of :mod:`diffpilot.stl.signals`.
+
 Modes: ``keep_lane`` uses the given rules without ``lane_change``;
 ``left`` / ``right`` replace ``lane_keeping`` by ``lane_change`` towards the
 neighbouring lane on that side. A window without such a lane has that mode
@@ -27,21 +31,36 @@ import torch
 from torch import Tensor
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import EGO_SIZE
+from diffpilot.data.scenario import DT, EGO_SIZE
 from diffpilot.planning.dynamics import DEFAULT_LIMITS, UnicycleLimits, controls_from_raw, raw_from_controls, rollout
 from diffpilot.stl.robustness import robustness
 from diffpilot.stl.rules import RuleSet, make_rule
-from diffpilot.stl.signals import DrivingScene, agents_over_horizon, lane_choice, driving_signals
+from diffpilot.stl.signals import (
+    DIST_CAP_M,
+    DISCS,
+    TARGET_LANE_OFFSET_M,
+    DrivingScene,
+    agents_over_horizon,
+    driving_signals,
+    lane_choice,
+    project_on_lane,
+    scene_from_arrays,
+)
 
 __all__ = [
     "MODES",
     "RULE_SCALES",
     "TrajOptResult",
     "active_rules",
+    "lane_choices",
     "mode_scenes",
+    "normalized_rule_robustness",
     "optimize_controls",
     "prune_agents",
+    "rule_signals",
     "rule_union",
+    "take_scene",
+    "window_scene",
 ]
 
 MODES = ("keep_lane", "left", "right")
@@ -127,6 +146,134 @@ def take_scene(scene: DrivingScene, rows: Tensor) -> DrivingScene:
     return DrivingScene(**{f.name: getattr(scene, f.name)[rows] for f in dataclasses.fields(scene)})
 
 
+def lane_choices(lanes: np.ndarray, lanes_valid: np.ndarray, sides: np.ndarray) -> np.ndarray:
+    """Batched :func:`~diffpilot.stl.signals.lane_choice`: per row, the lane under the ego (side 0) or its
+    neighbour on the left (+1) / right (-1), -1 if none; ``lanes`` (B, L, N, 3), ``sides`` (B,).
+
+    One projection call for every lane of every row instead of one per row: building the scenes of a
+    planner's batch is then a small share of its guidance cost. Same scores and tie-breaking as the
+    per-row function, so both pick the same lane.
+    """
+    lanes = np.asarray(lanes, dtype=np.float64)
+    valid = np.asarray(lanes_valid, dtype=bool)
+    B, L = valid.shape
+    if B == 0 or L == 0:
+        return np.full(B, -1, dtype=np.int64)
+    flat = torch.as_tensor(lanes.reshape(B * L, *lanes.shape[2:]))
+    lat, heading, _, _ = project_on_lane(torch.zeros(B * L, 2, dtype=torch.float64), flat)
+    lane_y = -lat.numpy().reshape(B, L)
+    aligned = np.abs(((heading.numpy() + np.pi) % (2 * np.pi) - np.pi).reshape(B, L)) < np.pi / 2
+    side = np.asarray(sides, dtype=np.float64).reshape(B, 1)
+    score = np.where(side == 0, np.abs(lane_y), np.abs(lane_y - side * TARGET_LANE_OFFSET_M))
+    ok = valid & aligned & ((side == 0) | ((side * lane_y > 1.5) & (side * lane_y < 6.0)))
+    score = np.where(ok, score, np.inf)
+    best = np.argmin(score, axis=1)
+    return np.where(np.isfinite(score).any(axis=1), best, -1).astype(np.int64)
+
+
+def window_scene(arrays: Mapping[str, np.ndarray], index: np.ndarray | Sequence[int], modes: np.ndarray | Sequence[int],
+                 dtype: torch.dtype = torch.float32) -> DrivingScene:
+    """The scenes of windows ``arrays[index]`` with each row's mode (an index into :data:`MODES`) picking the target lane.
+
+    What :func:`diffpilot.stl.metrics.rule_robustness` evaluates (its ``scene_from_arrays`` with the
+    mode's command), built with :func:`lane_choices` so a sampler can afford it once per call.
+    """
+    idx = np.asarray(index, dtype=np.int64).reshape(-1)
+    m = np.asarray(modes, dtype=np.int64).reshape(-1)
+    if len(m) != len(idx):
+        raise DatasetError(f"{len(m)} modes for {len(idx)} windows; give one mode per window")
+    if len(m) and (m.min() < 0 or m.max() >= len(MODES)):
+        raise DatasetError(f"modes must index {MODES}, got {sorted(set(m.tolist()))}")
+    total = len(np.asarray(arrays["command"]))
+    sub = {k: np.asarray(v)[idx] for k, v in arrays.items() if np.ndim(v) >= 1 and len(v) == total}
+    blank = dict(sub)
+    blank["lanes_valid"] = np.zeros_like(np.asarray(sub["lanes_valid"], dtype=bool))  # skips the per-row lane choice
+    blank["command"] = np.zeros(len(idx), dtype=np.int64)
+    scene = scene_from_arrays(blank, dtype=dtype)
+    valid = np.asarray(sub["lanes_valid"], dtype=bool)
+    ref = lane_choices(sub["lanes"], valid, np.zeros(len(idx)))
+    side = np.array([MODE_SIDE[MODES[int(x)]] for x in m], dtype=np.int64)
+    tgt = np.where(side == 0, ref, lane_choices(sub["lanes"], valid, side))
+    return dataclasses.replace(scene, lanes_valid=torch.as_tensor(valid), ref_lane=torch.as_tensor(ref),
+                               target_lane=torch.as_tensor(tgt))
+
+
+LEAN_SIGNALS = frozenset({"speed", "accel_long", "jerk_long", "lane_offset", "heading_error", "target_offset",
+                          "min_distance"})
+"""Signals :func:`rule_signals` computes itself; rules reading any other get the full signal set."""
+
+
+def _wrap(a: Tensor) -> Tensor:
+    return torch.remainder(a + torch.pi, 2 * torch.pi) - torch.pi
+
+
+def _disc_cover(pose: Tensor, length: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+    n = DISCS
+    frac = (torch.arange(n, dtype=pose.dtype) + 0.5) / n - 0.5
+    along = frac * length[..., None]
+    c, s = torch.cos(pose[..., 2:3]), torch.sin(pose[..., 2:3])
+    centres = torch.stack([pose[..., 0:1] + along * c, pose[..., 1:2] + along * s], dim=-1)
+    return centres, torch.sqrt((length / (2 * n)) ** 2 + (width / 2) ** 2)
+
+
+def rule_signals(states: Tensor, scene: DrivingScene, needed: Sequence[str] | frozenset[str]) -> dict[str, Tensor]:
+    """The signals ``needed`` by a rule set, for states ``(B, N, T, 4)`` (x, y, yaw, speed) of a rollout.
+
+    The same formulas as :func:`~diffpilot.stl.signals.driving_signals` (so the same values), but
+    only the ones asked for: an optimizer or a guided sampler evaluates them many times, and stop
+    lines and conflict zones cost as much as the rest when no rule reads them. Falls back to
+    ``driving_signals`` when a rule needs a signal outside :data:`LEAN_SIGNALS`.
+    """
+    needed = frozenset(needed)
+    if not needed <= LEAN_SIGNALS or states.dim() != 4 or states.shape[-1] != 4 or states.shape[0] != scene.batch:
+        return driving_signals(states, scene)
+    states = states.to(scene.lanes.dtype)
+    B, N, T, _ = states.shape
+    xy, yaw, speed = states[..., :2], states[..., 2], states[..., 3]
+    out: dict[str, Tensor] = {"speed": speed}
+    if needed & {"accel_long", "jerk_long"}:
+        v0 = scene.speed0.view(-1, 1, 1).expand(B, N, 1)
+        a0 = scene.accel0.view(-1, 1, 1).expand(B, N, 1)
+        accel = (speed - torch.cat([v0, speed[:, :, :-1]], dim=2)) / DT
+        out["accel_long"] = accel
+        out["jerk_long"] = (accel - torch.cat([a0, accel[:, :, :-1]], dim=2)) / DT
+    rows = torch.arange(B)
+    if needed & {"lane_offset", "heading_error", "target_offset"}:
+        has_ref = scene.ref_lane >= 0
+        lat, lane_yaw, _, _ = project_on_lane(xy, scene.lanes[rows, scene.ref_lane.clamp_min(0)])
+        hr = has_ref.view(-1, 1, 1)
+        out["lane_offset"] = torch.where(hr, lat, torch.zeros_like(lat))
+        out["heading_error"] = torch.where(hr, _wrap(yaw - lane_yaw), _wrap(yaw))
+        if "target_offset" in needed:
+            same = bool(torch.equal(scene.target_lane, scene.ref_lane))
+            tlat = lat if same else project_on_lane(xy, scene.lanes[rows, scene.target_lane.clamp_min(0)])[0]
+            out["target_offset"] = torch.where((scene.target_lane >= 0).view(-1, 1, 1), tlat, out["lane_offset"])
+    if "min_distance" in needed:
+        apose, avalid = agents_over_horizon(scene, T)
+        if apose.shape[1] == 0:
+            out["min_distance"] = torch.full_like(speed, DIST_CAP_M)
+        else:
+            size = scene.agents_size
+            ego_c, ego_r = _disc_cover(states[..., :3], torch.full_like(yaw, EGO_SIZE[0]), torch.full_like(yaw, EGO_SIZE[1]))
+            ag_c, ag_r = _disc_cover(apose, size[:, :, None, 0].expand_as(apose[..., 0]),
+                                     size[:, :, None, 1].expand_as(apose[..., 0]))
+            n = ego_c.shape[-2]
+            K = ag_c.shape[1]
+            g_all = ag_c.permute(0, 2, 1, 3, 4)  # (B, T, K, n, 2)
+            with torch.no_grad():  # which disc pair is closest; only that pair carries a gradient anyway
+                d2 = (ego_c.detach()[:, :, :, None, :, None, :] - g_all.detach()[:, None, :, :, None, :, :]).pow(2).sum(-1)
+                pair = d2.flatten(-2).argmin(dim=-1)  # (B, N, T, K)
+            ei = (pair // n)[..., None, None].expand(-1, -1, -1, -1, 1, 2)
+            gi = (pair % n)[..., None, None].expand(-1, -1, -1, -1, 1, 2)
+            e_sel = torch.gather(ego_c[:, :, :, None].expand(-1, -1, -1, K, -1, -1), 4, ei)[..., 0, :]
+            g_sel = torch.gather(g_all[:, None].expand(-1, N, -1, -1, -1, -1), 4, gi)[..., 0, :]
+            centre = (e_sel - g_sel).norm(dim=-1)  # (B, N, T, K)
+            gap = centre - ego_r[..., None] - ag_r.permute(0, 2, 1)[:, None]
+            gap = torch.where(avalid.permute(0, 2, 1)[:, None], gap, torch.full_like(gap, DIST_CAP_M))
+            out["min_distance"] = gap.amin(dim=-1).clamp(max=DIST_CAP_M)
+    return out
+
+
 def _cast_scene(scene: DrivingScene, dtype: torch.dtype) -> DrivingScene:
     return DrivingScene(**{f.name: (v.to(dtype) if v.is_floating_point() else v)
                            for f in dataclasses.fields(scene) for v in [getattr(scene, f.name)]})
@@ -146,7 +293,7 @@ def prune_agents(scene: DrivingScene, horizon: int, limits: UnicycleLimits = DEF
     t_end = T * limits.dt
     reach = scene.speed0 * t_end + 0.5 * limits.accel_max * t_end**2  # (B,)
     pose, valid = agents_over_horizon(scene, T)
-    if pose.shape[1] == 0:
+    if pose.shape[1] == 0 or scene.batch == 0:
         return scene
     size = scene.agents_size.norm(dim=-1)  # agent diagonal
     dist = pose[..., :2].norm(dim=-1) - size[..., None] / 2  # (B, K, T)
@@ -226,9 +373,13 @@ def _max_param(params: Mapping[str, Tensor | float | np.ndarray], name: str) -> 
                                      else params[name]).max()), 0.0)
 
 
-def _rule_robustness(union: RuleSet, signals: Mapping[str, Tensor], params: Mapping[str, Tensor],
-                     smooth: float | None) -> Tensor:
-    """Normalized robustness (B*M, N, R) of every rule in ``union``."""
+def normalized_rule_robustness(union: RuleSet, signals: Mapping[str, Tensor], params: Mapping[str, Tensor | float],
+                               smooth: float | None) -> Tensor:
+    """Robustness ``(B, N, R)`` of every rule in ``union``, each divided by its :data:`RULE_SCALES` entry.
+
+    ``smooth`` (in scaled units) gives the log-sum-exp robustness, None the exact one. Parameters are
+    numbers or tensors broadcasting against ``(B, N)``; missing ones take the rule defaults.
+    """
     values = {**union.defaults(), **params}
     cols = []
     for r in union.rules:
@@ -276,6 +427,7 @@ def optimize_controls(
                            f"steps={steps}, lr={lr}, smooth={smooth}, horizon={horizon}, check_every={check_every}")
     union = rule_union(rules, modes)
     B, M, T = scene.batch, len(modes), int(horizon)
+    needed = frozenset().union(*[r.signals(T) for r in union.rules])
     shapes = [tuple(torch.as_tensor(v).shape) for v in params.values()]
     N = samples if samples is not None else max([s[-1] for s in shapes if len(s) >= 2] + [1])
     if N < 1:
@@ -314,7 +466,7 @@ def optimize_controls(
     def exact_score(r: Tensor) -> Tensor:
         with torch.no_grad():
             _, states = controls_from_raw(r, v0, limits)
-            rho = _rule_robustness(union, driving_signals(states, rep32), p32, None)
+            rho = normalized_rule_robustness(union, rule_signals(states, rep32, needed), p32, None)
             return torch.where(act_rows, rho, big).amin(dim=-1)
 
     ran = 0
@@ -327,7 +479,7 @@ def optimize_controls(
             if bool((best > 0).all()) or it == steps:
                 break
         controls, states = controls_from_raw(raw, v0, limits)
-        rho = _rule_robustness(union, driving_signals(states, rep32), p32, smooth)
+        rho = normalized_rule_robustness(union, rule_signals(states, rep32, needed), p32, smooth)
         rho = torch.where(act_rows, rho, big)
         soft = -smooth * torch.logsumexp(-rho / smooth, dim=-1)  # (R', N)
         eff = (controls[..., 0] / limits.omega_max) ** 2 + (controls[..., 1] / limits.accel_max) ** 2
@@ -341,7 +493,7 @@ def optimize_controls(
     v0d = rep.speed0.view(-1, 1).to(dtype)
     controls, _ = controls_from_raw(best_raw.to(dtype), v0d, limits)
     controls, states = rollout(controls, v0d, limits)
-    rho = _rule_robustness(union, driving_signals(states, rep), p64, None) if Rn else \
+    rho = normalized_rule_robustness(union, driving_signals(states, rep), p64, None) if Rn else \
         torch.zeros((0, N, len(union.names)), dtype=dtype)
     rho = rho * torch.tensor([RULE_SCALES.get(n, 1.0) for n in union.names], dtype=dtype)
     rho = torch.where(act_rows, rho, torch.tensor(float("nan"), dtype=dtype))

@@ -37,8 +37,14 @@ __all__ = ["CTGGuidance", "ConditionalVAEPlanner", "ParamDDPMPlanner"]
 
 @dataclass
 class CTGGuidance(GuidanceConfig):
-    """Guidance at every denoising step with ``inner`` gradient steps each (CTG); no final refinement by default."""
+    """Guidance at every denoising step with ``inner`` gradient steps each (CTG); no final refinement by default.
 
+    CTG's own update: fixed-length steps along the robustness gradient on the predicted clean sample.
+    """
+
+    scale: float = 0.25
+    step_rule: str = "normalized"
+    steps: Sequence[int] | None = None
     inner: int = 2
     refine: int = 0
 
@@ -68,12 +74,12 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
         return self.ddpm.loss(_Bound(self.net, mask), x0, cond, generator=gen)
 
     def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
-        model = _Bound(self.net, mask)
+        model = _Bound(self.net, mask, self.cfg_scale)
         sampler = self._sampler()
         if guide is None:
             res = sampler.sample(model, noise, cond)
             return res.sample, res.nfe, 0
-        grad_fn, g = guide
+        g = guide.config
         inner = getattr(g, "inner", 1)
         use = None if g.steps is None else {int(s) % sampler.num_steps for s in g.steps}
         x, nfe, gsteps = noise, 0, 0
@@ -83,13 +89,11 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
             x0, eps = self.ddpm.split_prediction(out, x, step.abar)
             if use is None or i in use:
                 for _ in range(inner):
-                    x0 = x0 + g.scale * grad_fn(x0)
+                    x0 = x0 + guide.direction(x0)
                     gsteps += 1
             x = sampler._update(x, x0, eps, step, None)
-        for _ in range(g.refine):
-            x = x + g.scale * grad_fn(x)
-            gsteps += 1
-        return x, nfe, gsteps
+        x, k = guide.refine(x)
+        return x, nfe, gsteps + k
 
 
 class ConditionalVAEPlanner(ParamConditionedPlanner):
@@ -137,12 +141,11 @@ class ConditionalVAEPlanner(ParamConditionedPlanner):
         return F.mse_loss(recon, x) + self.beta * kl / x.shape[1]
 
     def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
+        if self.cfg_scale != 1.0:  # no guidance on a one-pass decoder: the conditional half
+            cond = cond.chunk(2, dim=-1)[0]
         z = noise.flatten(1)[:, : self.latent_dim]
         x = self.net.vae_dec(torch.cat([z, cond], dim=-1)).reshape(noise.shape)
         gsteps = 0
         if guide is not None:
-            grad_fn, g = guide
-            for _ in range(g.refine):
-                x = x + g.scale * grad_fn(x)
-                gsteps += 1
+            x, gsteps = guide.refine(x)
         return x, 1, gsteps

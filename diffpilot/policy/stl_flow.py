@@ -13,18 +13,25 @@ reach the sample cheaply. Generation is conditioned on
 * the rule parameter vector (normalized), e.g. ``vmax``: a user can ask for a
   cautious (low ``vmax``, large ``dsafe``) or an aggressive plan.
 
-Parameters and mode enter as two extra condition tokens of the transformer
-denoiser's cross-attention (``network="transformer"``), or all conditions are
-pooled into one FiLM vector (``network="mlp"``). Training pairs come from
-augmented data (trajectory optimization under perturbed parameters) or from
-the logs, with parameters relabelled in hindsight: the tightest parameters a
-trajectory satisfies plus margins (:func:`data_from_logs`).
+Parameters and mode become two extra condition tokens. With ``network="fusion"`` (the
+default) a small transformer fuses them with the scene tokens once per scene into one vector,
+and a FiLM MLP (:class:`ControlDenoiser`) whose condition projection is also made per scene
+denoises the samples, so the per-sample cost is a few small matrix products; ``"transformer"``
+cross-attends every sample to every token, ``"mlp"`` mean-pools the scene. The speed bounds
+enter as offsets from the ego's current speed (``relative_speed``), and a share of training
+rows can drop the parameters (``param_dropout``), which enables classifier-free guidance on
+them (``cfg_scale``). Training pairs come from augmented data (trajectory optimization under
+commanded, i.e. sampled, parameters: :func:`data_from_augmented`) and from the logs, with
+parameters relabelled in hindsight: the tightest parameters a trajectory satisfies plus
+margins (:func:`data_from_logs`). Hindsight labels alone tie the parameters to the scene;
+commanded ones are what makes a single parameter move the plan.
 
-Sampling: Euler with 1-4 steps (flow) or one MeanFlow step. Optional
-robustness guidance adds, at the chosen steps, the gradient of the smooth
-robustness of the decoded prediction of the clean sample (treating the
-network output as fixed, so no extra network evaluation), and a few
-gradient steps on the final sample; NFE stays that of the plain sampler.
+Sampling: Euler with 1-4 steps (flow) or one MeanFlow step. Optional robustness guidance
+(:class:`GuidanceConfig`, :class:`RobustnessGuide`) takes a few gradient steps of the smooth
+robustness on the final controls (and optionally on the predicted clean sample at chosen
+sampler steps) through the differentiable rollout; only samples still short of the target
+robustness are updated, and each keeps its most robust iterate. NFE stays that of the plain
+sampler.
 """
 
 from __future__ import annotations
@@ -45,21 +52,25 @@ from diffpilot.data.scenario import COMMANDS, DT, SceneSample, wrap_angle
 from diffpilot.data.scene_sample import stack_samples
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from diffpilot.policy.generative import EulerSampler, FlowMatching, MeanFlow, MeanFlowSampler
+from diffpilot.policy.networks.embeddings import TimeEmbedding
 from diffpilot.policy.networks.mlp import MLPDenoiser
-from diffpilot.policy.networks.scene_encoder import SceneEncoder, batch_from_arrays
+from diffpilot.policy.networks.scene_encoder import ConditionFusion, SceneEncoder, batch_from_arrays
 from diffpilot.policy.networks.transformer import TransformerDenoiser
 from diffpilot.stl.calibration import calibrate
-from diffpilot.stl.metrics import MODE_COMMAND, MODES, mode_robustness, rule_robustness
+from diffpilot.stl.metrics import MODE_COMMAND, MODES, applicable_rules, mode_robustness, rule_robustness
 from diffpilot.stl.rules import RuleSet
-from diffpilot.stl.signals import driving_signals, scene_from_arrays
+from diffpilot.stl.signals import SCENE_KEYS, driving_signals, scene_from_arrays
 
 __all__ = [
     "DEFAULT_MARGINS",
     "DEFAULT_RULES",
+    "NETWORKS",
     "ConditionNet",
+    "ControlDenoiser",
     "GuidanceConfig",
     "ParamConditionedPlanner",
     "PlannerData",
+    "RobustnessGuide",
     "SampleOutput",
     "STLFlowPlanner",
     "controls_from_poses",
@@ -70,6 +81,8 @@ __all__ = [
     "unicycle_rollout",
 ]
 
+NETWORKS = ("fusion", "transformer", "mlp")
+"""Denoiser layouts: fused condition vector + FiLM MLP, cross-attention transformer, mean-pooled scene + FiLM MLP."""
 DEFAULT_RULES = ("speed_limit", "lane_keeping", "heading", "safe_distance", "lane_change")
 """The pSTL rule set: speed, lane offset, heading error, gap to others, lane change."""
 DEFAULT_MARGINS = {"vmin": 1.0, "vmax": 1.0, "dmin": 0.5, "dmax": 0.5, "theta_max": 0.1, "dsafe": 1.0, "w_target": 0.5}
@@ -254,8 +267,7 @@ def hindsight_params(
     margins: Mapping[str, float],
 ) -> dict[str, np.ndarray]:
     """The tightest parameters (plus margins) that each row's rolled-out trajectory satisfies in its window."""
-    keys = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past")
-    sub = {k: np.asarray(arrays[k])[window] for k in keys}
+    sub = {k: np.asarray(arrays[k])[window] for k in SCENE_KEYS if k in arrays and k != "command"}
     sub["command"] = np.array([MODE_COMMAND[int(m)] for m in modes], dtype=np.int64)
     sub["ego_future_valid"] = np.ones((len(window), controls.shape[1]), dtype=bool)
     v0 = torch.as_tensor(sub["ego_status"][:, 0], dtype=torch.float64)
@@ -267,12 +279,57 @@ def hindsight_params(
 # --------------------------------------------------------------------------- networks
 
 
+class ControlDenoiser(nn.Module):
+    """FiLM MLP over a flattened control sequence whose condition projection is made once per scene.
+
+    FiLM's affine map of ``[condition, time]`` splits into a condition part (:meth:`project`,
+    run on the scene rows before they are repeated for the samples) and a time part (per
+    sample, small), so drawing many plans of one scene costs per sample only the MLP itself.
+    The output layer starts at zero (an untrained net predicts zero velocity / noise).
+    """
+
+    def __init__(self, x_dim: int, cond_dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 32,
+                 use_r: bool = False) -> None:
+        super().__init__()
+        if x_dim < 1 or cond_dim < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"need x_dim, cond_dim, hidden, depth >= 1; got {x_dim}, {cond_dim}, {hidden}, {depth}")
+        self.x_dim, self.hidden, self.depth = x_dim, hidden, depth
+        self.time_emb = TimeEmbedding(time_dim, use_r=use_r)
+        self.cond_proj = nn.Linear(cond_dim, 2 * hidden * depth)
+        self.time_proj = nn.Linear(time_dim, 2 * hidden * depth)
+        for lin in (self.cond_proj, self.time_proj):  # every block starts as the identity modulation
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.inp = nn.Linear(x_dim, hidden)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(depth))
+        self.lin1 = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.lin2 = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, x_dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def project(self, cond: Tensor) -> Tensor:
+        """Scene-level condition ``(B, cond_dim)`` -> its FiLM part ``(B, 2 * hidden * depth)``."""
+        return self.cond_proj(cond)
+
+    def forward(self, x: Tensor, t: Tensor, film: Tensor, r: Tensor | None = None) -> Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        f = film + self.time_proj(self.time_emb(t, r))
+        h = self.inp(x)
+        for k, (norm, l1, l2) in enumerate(zip(self.norms, self.lin1, self.lin2)):
+            scale, shift = f[:, 2 * k * self.hidden:(2 * k + 2) * self.hidden].chunk(2, dim=-1)
+            h = h + l2(nn.functional.silu(l1(norm(h)) * (1 + scale) + shift))
+        return self.out(h)
+
+
 class ConditionNet(nn.Module):
     """Scene encoder + parameter / mode embeddings + denoiser, with the control and parameter normalizers.
 
-    ``condition`` returns what the denoiser attends to: scene tokens followed
-    by a parameter token and a mode token (transformer), or their pooled
-    concatenation (mlp).
+    ``condition`` returns what the denoiser reads: scene tokens followed by a
+    parameter token and a mode token (transformer), their pooled concatenation
+    (mlp), or, for fusion, the FiLM projection of the fused scene / parameter /
+    mode vector (one row per scene; the sampler repeats it per sample).
     """
 
     def __init__(
@@ -290,8 +347,8 @@ class ConditionNet(nn.Module):
         out_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if network not in ("transformer", "mlp"):
-            raise ValueError(f"unknown network {network!r}; choose 'transformer' or 'mlp'")
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}; choose one of {NETWORKS}")
         self.network, self.horizon, self.n_params = network, horizon, n_params
         self.encoder = SceneEncoder(d_model, past_steps=past_steps, hidden=d_model, use_raster=use_raster)
         self.param_in = nn.Sequential(nn.Linear(n_params, d_model), nn.GELU(), nn.Linear(d_model, d_model))
@@ -305,13 +362,28 @@ class ConditionNet(nn.Module):
                 action_dim=2, cond_dim=d_model, horizon=horizon, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
                 use_r=use_r,
             )
+        elif network == "fusion":
+            self.fusion = ConditionFusion(d_model, n_queries=2, n_layers=n_layers, n_heads=n_heads)
+            self.denoiser = ControlDenoiser(2 * horizon, self.fusion.out_dim + 2 * d_model, hidden=2 * d_model,
+                                            depth=n_layers + 1, use_r=use_r)
         else:
             self.denoiser = MLPDenoiser(2 * horizon, cond_dim=3 * d_model, hidden=4 * d_model, depth=n_layers + 1, use_r=use_r)
+        # the learned "no parameters" embedding (parameter dropout in training, unconditional branch of CFG)
+        self.null_param = nn.Parameter(torch.zeros(d_model))
 
-    def condition(self, scene: Mapping[str, Tensor], params_norm: Tensor, modes: Tensor) -> tuple[Tensor, Tensor | None]:
+    def condition(self, scene: Mapping[str, Tensor], params_norm: Tensor, modes: Tensor,
+                  drop_params: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``drop_params`` (B,) bool replaces those rows' parameter embedding by the learned null embedding."""
         tokens, mask = self.encoder(scene)
-        p = self.param_in(params_norm)[:, None]
+        p = self.param_in(params_norm)
+        if drop_params is not None:
+            p = torch.where(drop_params[:, None], self.null_param.expand_as(p), p)
+        p = p[:, None]
         m = self.mode_emb(modes.long())[:, None]
+        if self.network == "fusion" and self.denoiser is not None:
+            extra = torch.zeros(mask.shape[0], 2, dtype=torch.bool)
+            fused = self.fusion(torch.cat([tokens, p, m], dim=1), torch.cat([mask, extra], dim=1))
+            return self.denoiser.project(torch.cat([fused, p[:, 0], m[:, 0]], dim=-1)), None
         if self.network == "mlp" or self.denoiser is None:
             pooled = SceneEncoder.pooled(tokens, mask)
             return torch.cat([pooled, p[:, 0], m[:, 0]], dim=-1), None
@@ -326,28 +398,179 @@ class ConditionNet(nn.Module):
 
 
 class _Bound(nn.Module):
-    """The denoiser with its condition mask bound, in the ``f(x, t, cond, r)`` form the samplers call."""
+    """The denoiser with its condition mask bound, in the ``f(x, t, cond, r)`` form the samplers call.
 
-    def __init__(self, net: ConditionNet, mask: Tensor | None) -> None:
+    With ``cfg_scale`` != 1 the condition holds the conditional and the unconditional condition
+    (see ``sample``) and the output is ``u + w (c - u)`` (classifier-free guidance on the parameters).
+    """
+
+    def __init__(self, net: ConditionNet, mask: Tensor | None, cfg_scale: float = 1.0) -> None:
         super().__init__()
-        self.net, self.mask = net, mask
+        self.net, self.mask, self.cfg_scale = net, mask, float(cfg_scale)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None) -> Tensor:
-        return self.net.velocity(x, t, cond, r, self.mask)
+        if self.cfg_scale == 1.0 or cond is None:
+            return self.net.velocity(x, t, cond, r, self.mask)
+        if self.mask is None:
+            c, u = cond.chunk(2, dim=-1)
+        else:
+            c, u = cond[:, 0], cond[:, 1]
+        out_c = self.net.velocity(x, t, c, r, self.mask)
+        out_u = self.net.velocity(x, t, u, r, self.mask)
+        return out_u + self.cfg_scale * (out_c - out_u)
 
 
 @dataclass
 class GuidanceConfig:
-    """Robustness guidance: ``scale`` per step on the samples, at ``steps`` (indices of sampler steps, None = all),
-    then ``refine`` gradient steps on the final sample; ``smooth`` is the log-sum-exp temperature and
-    ``target`` the robustness (in the rule's units) above which a sample is left alone."""
+    """Robustness guidance in normalized control space.
 
-    scale: float = 0.3
-    steps: Sequence[int] | None = None
+    ``refine`` updates of the final sample (the default: the decoded rollout is differentiable,
+    so a few steps on the finished controls fix most violations for the cost of a few robustness
+    gradients instead of one per network evaluation), plus, at the sampler steps listed in
+    ``steps`` (None = every step), one update of the predicted clean sample. The objective is
+    ``relu(target - soft-min robustness)`` over the applicable rules, each rule's robustness
+    divided by :data:`~diffpilot.planning.gradient.RULE_SCALES` so metres, m/s and radians weigh
+    alike; ``smooth`` is the log-sum-exp temperature in those units. ``step_rule="polyak"`` moves
+    a sample by ``scale`` times the step that would close its gap to ``target`` if the objective
+    were linear (large violations get large steps, small ones small); ``"normalized"`` moves it
+    a fixed RMS length ``scale`` along the gradient. Entries are clipped at ``clip``. Samples
+    already ``target`` robust are left alone, which keeps the diversity; with ``keep_best`` each
+    sample ends at its most robust refinement iterate (exact robustness).
+    """
+
+    scale: float = 1.5
+    steps: Sequence[int] | None = ()
     refine: int = 3
-    smooth: float = 0.2
-    target: float = 0.2
-    clip: float = 0.5
+    smooth: float = 0.1
+    target: float = 0.1
+    clip: float = 1.0
+    keep_best: bool = True
+    step_rule: str = "polyak"
+
+    def __post_init__(self) -> None:
+        if self.scale <= 0 or self.smooth <= 0 or self.clip <= 0 or self.refine < 0:
+            raise ValueError(f"guidance needs scale, smooth, clip > 0 and refine >= 0, got {self}")
+        if self.step_rule not in ("normalized", "polyak"):
+            raise ValueError(f"step_rule must be 'normalized' or 'polyak', got {self.step_rule!r}")
+
+
+class RobustnessGuide:
+    """The guidance objective of one sampling call: scenes, parameters and modes bound once.
+
+    Built once per :meth:`ParamConditionedPlanner.sample` call (scenes with
+    :func:`~diffpilot.planning.gradient.window_scene`, one row per sample, agents that cannot
+    come near pruned). Each step evaluates only the samples that are not yet ``target``
+    robust, so its cost falls as the samples get repaired.
+    """
+
+    def __init__(self, planner: "ParamConditionedPlanner", arrays: Mapping[str, np.ndarray], index: np.ndarray,
+                 params: Mapping[str, Any], modes: np.ndarray, n: int, config: GuidanceConfig) -> None:
+        # imported here: the planning package pulls in the convex solvers, which sampling without guidance never needs
+        from diffpilot.planning.gradient import normalized_rule_robustness, prune_agents, rule_signals, take_scene, window_scene
+
+        self._robust, self._rule_signals, self._take = normalized_rule_robustness, rule_signals, take_scene
+        self.planner, self.config, self.n = planner, config, int(n)
+        W, T = len(index), planner.horizon
+        dsafe = float(np.max(np.asarray(params.get("dsafe", 0.0), dtype=np.float64)))
+        scene = prune_agents(window_scene(arrays, index, modes, dtype=torch.float32), T, clearance=10.0 + max(dsafe, 0.0))
+        rows = torch.arange(W).repeat_interleave(self.n)
+        self.scene = take_scene(scene, rows)  # one scene per sample: any subset of samples can be evaluated
+        self.v0 = self.scene.speed0
+        self.params: dict[str, Tensor | float] = {}
+        for k, v in params.items():
+            a = np.asarray(v, dtype=np.float64).reshape(-1)
+            self.params[k] = float(a[0]) if a.size == 1 else \
+                torch.as_tensor(a, dtype=torch.float32).repeat_interleave(self.n).reshape(-1, 1)
+        names = planner.rules.names
+        self.needed = frozenset().union(*[r.signals(T) for r in planner.rules.rules])
+        act = torch.tensor([[r in applicable_rules(names, int(m)) for r in names] for m in modes])
+        self.active = act.repeat_interleave(self.n, dim=0)[:, None]  # (W*n, 1, R)
+
+    def _signals(self, x: Tensor, rows: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor | float]]:
+        """Rule signals of normalized controls ``x`` ``(S, T, 2)`` of sample ``rows`` (all if None), and their parameters."""
+        if rows is None:
+            scene, v0, p = self.scene, self.v0, self.params
+        else:
+            scene, v0 = self._take(self.scene, rows), self.v0[rows]
+            p = {k: (v[rows] if isinstance(v, Tensor) else v) for k, v in self.params.items()}
+        states = self.planner.decode(x, v0)[:, None]
+        return self._rule_signals(states, scene, self.needed), p
+
+    def _rho(self, x: Tensor, rows: Tensor | None, smooth: float | None) -> Tensor:
+        """Scaled per-rule robustness ``(S, 1, R)`` of normalized controls ``x`` ``(S, T, 2)`` of sample ``rows``."""
+        sig, p = self._signals(x, rows)
+        return self._robust(self.planner.rules, sig, p, smooth)
+
+    def _min(self, rho: Tensor, rows: Tensor | None) -> Tensor:
+        act = self.active if rows is None else self.active[rows]
+        return torch.where(act, rho, torch.full_like(rho, 1e3)).amin(dim=-1).reshape(-1)
+
+    def exact(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Smallest scaled exact robustness over the applicable rules, one per sample."""
+        with torch.no_grad():
+            return self._min(self._rho(x, rows, None), rows)
+
+    def step(self, x: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One guidance update of samples ``x`` (``rows`` of the batch; all if None).
+
+        Returns the updated samples and the exact robustness of the *given* ones (from the
+        same signals, so checking costs no second evaluation). Samples already ``target``
+        robust under the smooth objective get a zero gradient.
+        """
+        g = self.config
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            sig, p = self._signals(x, rows)
+            rho = self._robust(self.planner.rules, sig, p, g.smooth)
+            act = self.active if rows is None else self.active[rows]
+            masked = torch.where(act, -rho / g.smooth, torch.full_like(rho, -1e4))
+            soft = -g.smooth * torch.logsumexp(masked, dim=-1)
+            (gx,) = torch.autograd.grad(-torch.relu(g.target - soft).sum(), x)
+        with torch.no_grad():
+            exact = self._min(self._robust(self.planner.rules, {k: v.detach() for k, v in sig.items()}, p, None), rows)
+        if g.step_rule == "polyak":  # the step that would close the gap if the objective were linear
+            gap = torch.relu(g.target - soft.detach()).reshape(-1, 1, 1)
+            sq = gx.pow(2).sum(dim=(1, 2), keepdim=True)
+            delta = g.scale * gap * gx / sq.clamp_min(1e-12)
+        else:  # a fixed RMS length along the gradient
+            rms = gx.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+            delta = g.scale * gx / rms.clamp_min(1e-12)
+        return (x + delta.clamp(-g.clip, g.clip)).detach(), exact
+
+    def direction(self, x: Tensor) -> Tensor:
+        """The guidance update of every sample of ``x`` as a displacement (used on predicted clean samples)."""
+        return self.step(x)[0] - x
+
+    def refine(self, x: Tensor, steps: int | None = None) -> tuple[Tensor, int]:
+        """Up to ``steps`` (default ``config.refine``) guidance updates of the final samples; returns them and the count run.
+
+        After each update only the samples whose exact robustness is still below ``target`` go on;
+        with ``keep_best`` each sample ends at its most robust iterate.
+        """
+        g = self.config
+        steps = g.refine if steps is None else int(steps)
+        if steps <= 0:
+            return x, 0
+        x = x.clone()
+        best = torch.full((x.shape[0],), -float("inf"))
+        best_x = x.clone()
+        rows = torch.arange(x.shape[0])
+        done = 0
+        for k in range(steps + 1):
+            if k < steps:
+                new, score = self.step(x[rows], rows)
+                done += 1
+            else:
+                score = self.exact(x[rows], rows)
+            better = score > best[rows] if g.keep_best else torch.ones_like(score, dtype=torch.bool)
+            best[rows] = torch.where(better, score, best[rows])
+            best_x[rows] = torch.where(better[:, None, None], x[rows], best_x[rows])
+            go = score < g.target
+            if k == steps or not bool(go.any()):
+                break
+            x[rows[go]] = new[go]
+            rows = rows[go]
+        return best_x, done
 
 
 @dataclass
@@ -382,13 +605,16 @@ class ParamConditionedPlanner:
         rules: Sequence[str] = DEFAULT_RULES,
         horizon: int = 8,
         *,
-        network: str = "transformer",
+        network: str = "fusion",
         d_model: int = 64,
         n_layers: int = 2,
         n_heads: int = 4,
         past_steps: int = 4,
         use_raster: bool = False,
         lr: float = 2e-3,
+        param_dropout: float = 0.0,
+        cfg_scale: float = 1.0,
+        relative_speed: bool = True,
         num_samples: int = 16,
         seed: int = 0,
     ) -> None:
@@ -399,6 +625,12 @@ class ParamConditionedPlanner:
         self.hparams = dict(network=network, d_model=d_model, n_layers=n_layers, n_heads=n_heads, past_steps=past_steps,
                             use_raster=use_raster)
         self.lr, self.num_samples, self.seed = float(lr), int(num_samples), int(seed)
+        if not 0.0 <= param_dropout < 1.0 or cfg_scale < 0:
+            raise ValueError(f"need 0 <= param_dropout < 1 and cfg_scale >= 0, got {param_dropout}, {cfg_scale}")
+        if cfg_scale != 1.0 and param_dropout == 0.0:
+            raise ValueError("cfg_scale != 1 needs a planner trained with param_dropout > 0 (its unconditional branch)")
+        self.param_dropout, self.cfg_scale = float(param_dropout), float(cfg_scale)
+        self.relative_speed = bool(relative_speed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.net = self._build_net()
@@ -419,7 +651,8 @@ class ParamConditionedPlanner:
     def config(self) -> dict[str, Any]:
         return {
             "rules": self.rule_names, "horizon": self.horizon, **self.hparams, "lr": self.lr,
-            "num_samples": self.num_samples, "seed": self.seed, **self._extra_config(),
+            "num_samples": self.num_samples, "seed": self.seed, "param_dropout": self.param_dropout,
+            "cfg_scale": self.cfg_scale, "relative_speed": self.relative_speed, **self._extra_config(),
         }
 
     # -- user-facing parameters
@@ -443,6 +676,22 @@ class ParamConditionedPlanner:
             raise ValueError(f"mode must be one of {MODES} (or its index) or None, got {mode!r}")
 
     # -- tensors
+    def _param_features(self, params: Mapping[str, np.ndarray | float], speed0: np.ndarray) -> Tensor:
+        """The network's parameter input ``(n, P)``: with ``relative_speed`` the speed bounds become
+        offsets from the ego's current speed ``speed0`` ``(n,)``.
+
+        A bound binds through its distance to the current speed (vmax 12 asks a car at 14 m/s to
+        brake and a car at 8 m/s for nothing), so offsets mean the same in every scene and one
+        parameter's effect is learned across scenes instead of per speed regime.
+        """
+        P = self._param_matrix(params, len(speed0))
+        if self.relative_speed:
+            v = torch.as_tensor(np.asarray(speed0, dtype=np.float64), dtype=P.dtype)
+            for k in ("vmin", "vmax"):
+                if k in self.param_names:
+                    P[:, self.param_names.index(k)] -= v
+        return P
+
     def _param_matrix(self, params: Mapping[str, np.ndarray | float], n: int) -> Tensor:
         """``(n, P)`` parameter rows in ``param_names`` order; each value is one per row or one for all."""
         missing = [k for k in self.param_names if k not in params]
@@ -469,7 +718,7 @@ class ParamConditionedPlanner:
         seed = self.seed if seed is None else seed
         gen = torch.Generator().manual_seed(seed)
         self.net.control_norm.load_state_dict(Normalizer.fit(data.controls.reshape(-1, 2), "gaussian").state_dict())
-        P = self._param_matrix(data.params, len(data))
+        P = self._param_features(data.params, np.asarray(data.arrays["ego_status"])[data.window, 0])
         self.net.param_norm.load_state_dict(Normalizer.fit(P.numpy(), "gaussian").state_dict())
         scene_all = batch_from_arrays(data.arrays, raster=self.hparams["use_raster"])
         x_all = self.net.control_norm.normalize(torch.as_tensor(data.controls, dtype=torch.float32))
@@ -483,7 +732,8 @@ class ParamConditionedPlanner:
         for _ in range(steps):
             idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=gen)
             scene = {k: v[w_all[idx]] for k, v in scene_all.items()}
-            cond, mask = self.net.condition(scene, p_all[idx], m_all[idx])
+            drop = torch.rand(len(idx), generator=gen) < self.param_dropout if self.param_dropout > 0 else None
+            cond, mask = self.net.condition(scene, p_all[idx], m_all[idx], drop)
             loss = self._loss(x_all[idx], cond, mask, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -504,25 +754,6 @@ class ParamConditionedPlanner:
     def decode(self, x_norm: Tensor, v0: Tensor) -> Tensor:
         """Normalized controls ``(B, T, 2)`` -> states ``(B, T, 4)`` from speeds ``v0`` ``(B,)``."""
         return unicycle_rollout(self.net.control_norm.unnormalize(x_norm), v0)
-
-    def _guide_fn(self, arrays: Mapping[str, np.ndarray], index: np.ndarray, params: Mapping, modes: np.ndarray,
-                  n: int, g: GuidanceConfig):
-        """x_norm ``(W*N, T, 2)`` -> d(objective)/dx: pushes samples below ``target`` robustness up."""
-        W = len(index)
-        v0 = torch.as_tensor(np.asarray(arrays["ego_status"])[index, 0], dtype=torch.float32).repeat_interleave(n)
-
-        def grad(x: Tensor) -> Tensor:
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                traj = self.decode(x, v0).double().reshape(W, n, self.horizon, 4)
-                rho = mode_robustness(
-                    rule_robustness(traj, arrays, index, self.rules, params, modes, smooth=g.smooth), modes, smooth=g.smooth
-                )
-                obj = -torch.relu(g.target - rho).sum()
-                (gx,) = torch.autograd.grad(obj, x)
-            return gx.clamp(-g.clip, g.clip).to(x.dtype)
-
-        return grad
 
     # -- sampling
     @torch.no_grad()
@@ -550,8 +781,11 @@ class ParamConditionedPlanner:
         modes_np = mode_from_command(np.asarray(arrays["command"])[idx]) if modes is None else \
             np.broadcast_to(np.asarray(modes, dtype=np.int64).reshape(-1), (W,)).copy()
         scene = batch_from_arrays(arrays, idx, raster=self.hparams["use_raster"])
-        P = self.net.param_norm.normalize(self._param_matrix(params, W))
+        P = self.net.param_norm.normalize(self._param_features(params, np.asarray(arrays["ego_status"])[idx, 0]))
         cond, mask = self.net.condition(scene, P, torch.as_tensor(modes_np))
+        if self.cfg_scale != 1.0:  # classifier-free guidance on the parameters: [conditional, unconditional] stacked
+            cond_u, _ = self.net.condition(scene, P, torch.as_tensor(modes_np), torch.ones(W, dtype=torch.bool))
+            cond = torch.cat([cond, cond_u], dim=-1) if mask is None else torch.stack([cond, cond_u], dim=1)
         cond = cond.repeat_interleave(n, dim=0)
         mask = None if mask is None else mask.repeat_interleave(n, dim=0)
         shape = (W * n, self.horizon, 2)
@@ -561,9 +795,8 @@ class ParamConditionedPlanner:
             raise ValueError(f"noise must be (W*n, T, 2) = {shape}, got {tuple(noise.shape)}")
         guide = None
         if guidance is not None:
-            pw = {k: (np.asarray(v, dtype=np.float64).reshape(-1) if np.size(v) > 1 else float(np.asarray(v).reshape(-1)[0]))
-                  for k, v in params.items()}
-            guide = (self._guide_fn(arrays, idx, pw, modes_np, n, guidance), guidance)
+            used = {k: params[k] for k in self.param_names}
+            guide = RobustnessGuide(self, arrays, idx, used, modes_np, n, guidance)
         x, nfe, gsteps = self._generate(cond, mask, noise, guide)
         v0 = torch.as_tensor(np.asarray(arrays["ego_status"])[idx, 0], dtype=torch.float32).repeat_interleave(n)
         states = self.decode(x, v0)
@@ -647,13 +880,13 @@ class STLFlowPlanner(ParamConditionedPlanner):
         return self.objective.loss(_Bound(self.net, mask), x0, cond, generator=gen)
 
     def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
-        model = _Bound(self.net, mask)
+        model = _Bound(self.net, mask, self.cfg_scale)
         meanflow = self.objective_name == "meanflow"
         if guide is None:
             sampler = MeanFlowSampler(self.sampler_steps) if meanflow else EulerSampler(self.sampler_steps)
             res = sampler.sample(model, noise, cond)
             return res.sample, res.nfe, 0
-        grad_fn, g = guide
+        g = guide.config
         K = self.sampler_steps
         grid = [1.0 - i / K for i in range(K + 1)]
         use = set(range(K)) if g.steps is None else {int(s) % K for s in g.steps}
@@ -663,11 +896,9 @@ class STLFlowPlanner(ParamConditionedPlanner):
             v = model(x, tt, cond, x.new_full((x.shape[0],), t_next)) if meanflow else model(x, tt, cond)
             nfe += 1
             if i in use:
-                # x0_hat = x - t v; with v held fixed, d x0_hat / d x = I, so the gradient moves x directly
-                x = x + g.scale * grad_fn(x - t * v)
+                # x0_hat = x - t v; with v held fixed, d x0_hat / d x = I, so the step moves x directly
+                x = x + guide.direction(x - t * v)
                 gsteps += 1
             x = x + (t_next - t) * v
-        for _ in range(g.refine):
-            x = x + g.scale * grad_fn(x)
-            gsteps += 1
-        return x, nfe, gsteps
+        x, k = guide.refine(x)
+        return x, nfe, gsteps + k

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 
-__all__ = ["MODALITIES", "SCENE_KEYS", "SceneEncoder", "batch_from_arrays"]
+__all__ = ["MODALITIES", "SCENE_KEYS", "ConditionFusion", "SceneEncoder", "batch_from_arrays"]
 
 MODALITIES = ("ego_status", "ego_history", "agents", "lanes", "raster")
 """Token groups in output order; each gets a learned modality embedding."""
@@ -249,3 +249,40 @@ class SceneEncoder(nn.Module):
             return tokens.mean(dim=1)
         keep = (~mask).to(tokens.dtype)[..., None]
         return (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+
+class ConditionFusion(nn.Module):
+    """Condition tokens ``(B, S, d_model)`` (scene tokens plus any extra ones) -> one vector ``(B, n_queries * d_model)``.
+
+    ``n_queries`` learned query tokens join the condition tokens in a small transformer encoder and
+    their outputs are concatenated. The fusion runs once per scene, so a denoiser that reads the
+    vector (an MLP with FiLM) costs per *sample* only its own few layers instead of a cross-attention
+    over every scene token: drawing many plans per scene gets cheap, while the vector still depends on
+    which agents and lanes matter given the other conditions (e.g. the rule parameters).
+    """
+
+    def __init__(self, d_model: int = 64, n_queries: int = 2, n_layers: int = 2, n_heads: int = 4) -> None:
+        super().__init__()
+        if n_queries < 1 or n_layers < 1 or n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"need n_queries, n_layers, n_heads >= 1 and d_model divisible by n_heads; got "
+                             f"{n_queries}, {n_layers}, {n_heads}, d_model={d_model}")
+        self.d_model, self.n_queries = d_model, n_queries
+        self.queries = nn.Parameter(torch.randn(1, n_queries, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, 2 * d_model, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_queries * self.d_model
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        if tokens.dim() != 3 or tokens.shape[-1] != self.d_model:
+            raise ValueError(f"tokens must be (B, S, {self.d_model}), got {tuple(tokens.shape)}")
+        B = tokens.shape[0]
+        q = self.queries.expand(B, -1, -1).to(tokens.dtype)
+        keep_q = torch.zeros(B, self.n_queries, dtype=torch.bool)
+        m = None if mask is None else torch.cat([keep_q, mask.bool()], dim=1)
+        h = self.encoder(torch.cat([q, tokens], dim=1), src_key_padding_mask=m)
+        return self.norm(h[:, : self.n_queries]).flatten(1)
