@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from diffpilot.export.control_loop import run_fixed_rate  # noqa: E402
 from diffpilot.export.runtime import OnnxChunkPolicy  # noqa: E402
-from diffpilot.fileio import atomic_write_text  # noqa: E402
+from diffpilot.fileio import atomic_write_text, save_figure  # noqa: E402
 from diffpilot.sim.report import markdown_table, write_report  # noqa: E402
 from diffpilot.sim.tasks import get_task  # noqa: E402
 
@@ -33,9 +33,7 @@ def latency_histogram(latencies_ms: np.ndarray, period_ms: float, path: Path) ->
     ax.set_ylabel("ticks")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def deploy_job(cfg: dict[str, Any]) -> Path:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from diffpilot.data.d4rl import D4RL_REF_SCORES, OfflineDataset
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.locomotion import LOCOMOTION_ENVS, locomotion_task
-from diffpilot.fileio import atomic_path
+from diffpilot.fileio import atomic_path, save_figure
 from diffpilot.policy.bc import DiffusionBCPolicy, FlowBCPolicy, SingleStepPolicy
 from diffpilot.policy.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from diffpilot.policy.dql import DQLPolicy
@@ -275,11 +275,7 @@ def plot_offline_curves(log: list[dict[str, Any]], path: str | Path) -> Path:
     if any(r.get("critic_td_loss") for r in log):
         axes[0].set_yscale("log")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- training

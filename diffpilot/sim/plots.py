@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from diffpilot.fileio import save_figure  # noqa: E402
 from diffpilot.sim.runner import EpisodeRecord  # noqa: E402
 
 
@@ -38,10 +39,7 @@ def plot_maze_rollouts(maze_map: Sequence[Sequence[int]], scaling: float, record
     if len(records) <= 12:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_training_curve(log_csv: str | Path, path: str | Path) -> Path:
@@ -56,7 +54,4 @@ def plot_training_curve(log_csv: str | Path, path: str | Path) -> Path:
     ax.set_ylabel("loss (EMA)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

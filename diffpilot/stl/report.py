@@ -31,7 +31,7 @@ from matplotlib.patches import Polygon  # noqa: E402
 
 from diffpilot.data.errors import DatasetError  # noqa: E402
 from diffpilot.data.scenario import DT, EGO_SIZE, SampleSpec, SceneSample, ScenarioLog, to_ego_frame  # noqa: E402
-from diffpilot.fileio import atomic_path, atomic_write_text  # noqa: E402
+from diffpilot.fileio import atomic_write_text, save_figure  # noqa: E402
 from diffpilot.stl.formula import STLError  # noqa: E402
 from diffpilot.stl.metrics import MODES, applicable_rules  # noqa: E402
 from diffpilot.stl.rules import RuleSet  # noqa: E402
@@ -226,10 +226,7 @@ def _histograms(res: ComplianceResult, path: Path) -> Path:
         ax.set_xlabel("robustness (rule units)", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _draw_scene(ax: Any, sample: SceneSample) -> None:
@@ -358,9 +355,7 @@ def controllability_figure(
     ax.set_title("speed profiles (dashed: vmax)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return ControllabilityResult(path=path, plans=plans, chosen=chosen, mean_speed=speeds)
 
 

@@ -25,7 +25,7 @@ from matplotlib.path import Path as MplPath  # noqa: E402
 
 from diffpilot.data.geometry import box_corners
 from diffpilot.data.scenario import CATEGORIES, COMMANDS, EGO_SIZE, SceneSample, ScenarioLog  # noqa: E402
-from diffpilot.fileio import atomic_path  # noqa: E402
+from diffpilot.fileio import atomic_path, save_figure  # noqa: E402
 
 __all__ = ["CATEGORY_COLORS", "animate_rollout", "plot_log", "plot_scene"]
 
@@ -42,14 +42,6 @@ def _category_color(index: int) -> str:
 def _corners(pose: np.ndarray, length: float, width: float) -> np.ndarray:
     """Box corners (4, 2) around a centre pose, from the shared box geometry."""
     return box_corners(np.asarray(pose, dtype=np.float64), np.array([length, width], dtype=np.float64))
-
-
-def _save(fig: Any, path: str | Path, fmt: str) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- ego frame
@@ -120,7 +112,7 @@ def plot_scene(
     handles = [plt.Line2D([], [], color=c, marker="s", ls="", label=n) for n, c in CATEGORY_COLORS.items()]
     ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=7, loc="lower right")
     fig.tight_layout()
-    return _save(fig, path, "png")
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- global frame
@@ -202,7 +194,7 @@ def plot_log(log: ScenarioLog, path: str | Path, frame: int = 0, rollout: Any = 
     ax.set_ylabel("y (m)")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    return _save(fig, path, "png")
+    return save_figure(fig, path)
 
 
 class _GifWriter(PillowWriter):
