@@ -164,7 +164,6 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
     if args.guide_refine > 1:
         ev(f"stl-flow euler{args.sampler_steps} + guidance, {args.guide_refine - 1} steps (ours)", flow,
            GuidanceConfig(refine=args.guide_refine - 1))
-    flow.guidance = guidance
     mf = STLFlowPlanner(objective="meanflow", sampler_steps=1, **hp)
     fit(mf, both)
     ev("stl-flow meanflow 1 step (ours, no guidance)", mf)
@@ -191,7 +190,11 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
             "train_rows": int(len(both)), "train_rows_logs_only": int(len(train_log)), "flow_train_s": round(train_s, 1),
             "augment_windows": int(len(tw)), "augment_rows_kept": aug_rows, "augment_s": round(aug_s, 1),
             "augment_param_noise": wide, "held_out_scenes": held}
-    return rows, {"flow": flow, "info": info}
+    planners = {"stl-flow + guidance (ours)": (flow, guidance), "stl-flow, no guidance (ours)": (flow, None),
+                "cvae, trajopt-augmented + logs": (vae, None), "ddpm, logs only": (ddpm_log, None),
+                "ddpm + CTG, logs only": (ddpm_log, CTGGuidance()), "ddpm, trajopt-augmented + logs": (ddpm_aug, None),
+                "ddpm + CTG, trajopt-augmented + logs": (ddpm_aug, CTGGuidance())}
+    return rows, {"planners": planners, "info": info}
 
 
 def controllability(test, planners: dict, n: int, delta: float) -> list[dict]:  # noqa: ANN001
@@ -216,31 +219,36 @@ def controllability(test, planners: dict, n: int, delta: float) -> list[dict]:  
     return rows
 
 
-def closed_loop(args: argparse.Namespace, logs: list, flow) -> list[dict]:  # noqa: ANN001
-    """Our planner vs the lane follower on held-out scenes: rule compliance of the driven windows, progress, safety."""
-    from diffpilot.policy.driving_baselines import build_planner
+def closed_loop(args: argparse.Namespace, logs: list, planners: dict, rule_names: list[str]) -> list[dict]:  # noqa: ANN001
+    """Every planner driven through the same held-out scenes: rule compliance of the driven windows, PDM score, safety.
+
+    ``planners`` maps a name to ``(planner, guidance)``; a parameter-conditioned planner drives
+    with that guidance (None: none). Rule parameters are each planner's defaults.
+    """
     from diffpilot.sim.driving.scoring import score_rollout
     from diffpilot.sim.driving.simulator import DrivingSimulator
     from diffpilot.stl import RuleSet
     from diffpilot.stl.report import evaluate_compliance, trajectories_from_rollouts
 
-    rules = RuleSet(list(flow.rule_names))
+    rules = RuleSet(rule_names)
     sim = DrivingSimulator(reactive=False)
     rows = []
-    for name, make in (("stl-flow + guidance (ours)", lambda: flow), ("lane_follower", lambda: build_planner("lane_follower"))):
+    for name, (planner, guidance) in planners.items():
+        if hasattr(planner, "guidance"):
+            planner.guidance = guidance
         ros, scores = [], []
         for log in logs:
-            ro = sim.run(log, make(), end_frame=min(log.num_frames - 1, 4 + args.closed_loop_frames))
+            ro = sim.run(log, planner, end_frame=min(log.num_frames - 1, 4 + args.closed_loop_frames))
             ros.append(ro)
             scores.append(score_rollout(ro, log))
         win = trajectories_from_rollouts(ros, logs)
         res = evaluate_compliance(win.arrays, rules, None, trajectories=win.trajectories, index=win.index)
         plan_ms = np.concatenate([r.plan_ms for r in ros])
+        mean = lambda key: float(np.mean([s[key] for s in scores]))  # noqa: E731
         rows.append({"task": "closed-loop", "method": name, "scenes": len(logs), "windows": int(len(win.index)),
-                     "compliance": round(float(res.all_satisfied.mean()), 4),
-                     "progress_m": round(float(np.mean([s["progress_m"] for s in scores])), 2),
-                     "collision": round(float(np.mean([s["collision"] for s in scores])), 4),
-                     "out_of_lane": round(float(np.mean([s["out_of_lane_rate"] for s in scores])), 4),
+                     "compliance": round(float(res.all_satisfied.mean()), 4), "pdms": round(mean("pdms"), 4),
+                     "progress_m": round(mean("progress_m"), 2), "collision": round(mean("collision"), 4),
+                     "out_of_lane": round(mean("out_of_lane_rate"), 4),
                      "time_per_step_ms": round(float(np.median(plan_ms)), 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -324,7 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     rows, extra = open_loop(args, arrays)
     held = set(extra["info"]["held_out_scenes"])
     cl_logs = [lg for lg in logs if lg.scene_token in held][: args.closed_loop_scenes]
-    rows += closed_loop(args, cl_logs, extra["flow"])
+    from diffpilot.planning.receding import TrajOptPlanner
+    from diffpilot.policy.driving_baselines import build_planner
+
+    rule_names = list(extra["planners"]["stl-flow + guidance (ours)"][0].rule_names)
+    planners = {**extra["planners"],
+                f"trajopt, receding horizon ({args.trajopt_steps} steps)": (
+                    TrajOptPlanner(rule_names, steps=args.trajopt_steps, samples=args.samples), None),
+                "lane_follower": (build_planner("lane_follower"), None)}
+    rows += closed_loop(args, cl_logs, planners, rule_names)
     rows.append(robustness_speed(arrays, args.stlpy_trajectories))
     print(json.dumps(rows[-1]), flush=True)
     rows.append(augmentation_row(extra["info"]))

@@ -135,3 +135,45 @@ def test_convex_planner_feasible_and_infeasible(arrays: dict) -> None:
         ConvexPlanner(RuleSet(["speed_limit", "stop_at_line"]))
     with pytest.raises(DatasetError, match="not supported"):
         ConvexPlanner(rules, solver="ECOS")
+
+
+def test_warm_start_keeps_the_given_plans_and_draws_the_rest(arrays: dict) -> None:
+    rules = RuleSet(["speed_limit", "lane_keeping", "heading"])
+    scene = scene_from_arrays(arrays, np.array([0]))
+    given = torch.tensor([[0.1, 0.5]] * 8, dtype=torch.float64)[None, None, None]  # (B, M, K=1, T, 2)
+    res = optimize_controls(scene, rules, {}, init=given, steps=0, samples=4)
+    np.testing.assert_allclose(res.controls[0, 0, 0].numpy(), given[0, 0, 0].numpy(), atol=1e-5)
+    others = res.controls[0, 0, 1:]
+    assert not torch.allclose(others[0], others[1])  # random starts, not copies
+    with pytest.raises(DatasetError, match="init controls"):
+        optimize_controls(scene, rules, {}, init=given.expand(1, 1, 5, 8, 2), steps=0, samples=4)
+
+
+def test_preferred_plan_takes_the_longest_satisfying_one() -> None:
+    from diffpilot.stl.metrics import preferred_plan
+
+    t = np.arange(1, 5, dtype=np.float64)[:, None]
+    plans = np.stack([np.hstack([v * t, 0 * t]) for v in (9.0, 3.0, 6.0)])  # straight, 9 / 3 / 6 m per step
+    assert preferred_plan(plans, np.array([-0.1, 0.5, 0.2])) == 2  # the fastest violates; of the rest the longer
+    assert preferred_plan(plans, np.array([-0.3, -0.1, -0.2])) == 1  # none satisfies: the most robust
+    with pytest.raises(ValueError, match="robustness"):
+        preferred_plan(plans, np.zeros(2))
+
+
+def test_receding_horizon_optimizer_drives_a_scene_within_its_rules() -> None:
+    from diffpilot.planning.receding import TrajOptPlanner
+    from diffpilot.sim.driving.scoring import score_rollout
+    from diffpilot.sim.driving.simulator import DrivingSimulator
+    from diffpilot.stl.report import evaluate_compliance, trajectories_from_rollouts
+
+    _, logs = simulate_scenes(1, seed=3, progress=False)
+    planner = TrajOptPlanner(["speed_limit", "lane_keeping", "heading", "safe_distance"], steps=15, samples=8)
+    ro = DrivingSimulator(reactive=False).run(logs[0], planner, end_frame=min(logs[0].num_frames - 1, 16))
+    score = score_rollout(ro, logs[0])
+    assert score["collision"] == 0 and score["out_of_lane_rate"] <= 0.1 and score["progress_m"] > 10
+    win = trajectories_from_rollouts([ro], logs)
+    res = evaluate_compliance(win.arrays, planner.rules, None, trajectories=win.trajectories, index=win.index)
+    assert res.all_satisfied.mean() >= 0.75
+    assert planner._last is not None and planner._last.shape == (8, 2)  # the next call starts from it
+    with pytest.raises(DatasetError, match="unknown rule parameter"):
+        TrajOptPlanner(["speed_limit"], {"dsafe": 2.0})

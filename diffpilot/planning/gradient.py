@@ -416,7 +416,8 @@ def optimize_controls(
     ``params`` maps rule parameters to numbers or ``(B, N)`` / ``(B, M, N)``
     tensors (missing ones take the rule defaults). ``init`` is ``"random"``
     (smooth random controls, the source of diversity), ``"zero"`` (no turning,
-    no acceleration) or physical controls ``(B, M, N, T, 2)``. Every
+    no acceleration) or physical controls ``(B, M, K, T, 2)``: the first ``K``
+    samples start from them, the other ``N - K`` at random (a warm start). Every
     ``check_every`` steps the exact robustness is computed and each
     trajectory keeps its best iterate so far; the loop stops once every valid
     trajectory satisfies all its rules.
@@ -449,7 +450,14 @@ def optimize_controls(
 
     gen = torch.Generator().manual_seed(int(seed))
     if isinstance(init, Tensor):
-        c0 = init.to(work).expand(B, M, N, T, 2).reshape(B * M, N, T, 2)[rows]
+        c0 = init.to(work)
+        K = int(c0.shape[-3]) if c0.dim() == 5 else N
+        if not 1 <= K <= N or c0.shape[-2:] != (T, 2):
+            raise DatasetError(f"init controls must be (B, M, K, T, 2) with 1 <= K <= N = {N} and T = {T}, "
+                               f"got {tuple(c0.shape)}")
+        c0 = c0.expand(B, M, K, T, 2).reshape(B * M, K, T, 2)[rows]
+        if K < N:  # a warm start: the given plans first, random ones for the rest
+            c0 = torch.cat([c0, _smooth_random_controls(rep32, (Rn, N - K, T), init_scale, limits, gen)], dim=1)
         raw0 = raw_from_controls(c0, v0, limits)
     elif init == "random":
         raw0 = raw_from_controls(_smooth_random_controls(rep32, (Rn, N, T), init_scale, limits, gen), v0, limits)

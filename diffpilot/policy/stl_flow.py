@@ -57,7 +57,7 @@ from diffpilot.policy.networks.mlp import MLPDenoiser
 from diffpilot.policy.networks.scene_encoder import ConditionFusion, SceneEncoder, batch_from_arrays
 from diffpilot.policy.networks.transformer import TransformerDenoiser
 from diffpilot.stl.calibration import calibrate
-from diffpilot.stl.metrics import MODE_COMMAND, MODES, applicable_rules, mode_robustness, rule_robustness
+from diffpilot.stl.metrics import MODE_COMMAND, MODES, applicable_rules, mode_robustness, preferred_plan, rule_robustness
 from diffpilot.stl.rules import RuleSet
 from diffpilot.stl.signals import SCENE_KEYS, driving_signals, scene_from_arrays
 
@@ -820,12 +820,13 @@ class ParamConditionedPlanner:
             self._rng.manual_seed(int(seed))
 
     def plan(self, sample: SceneSample) -> np.ndarray:
-        """Ego-frame poses ``(T, 3)`` at DT: of ``num_samples`` draws under ``plan_params``, the most robust."""
+        """Ego-frame poses ``(T, 3)`` at DT: of ``num_samples`` draws under ``plan_params``, the one
+        :func:`~diffpilot.stl.metrics.preferred_plan` picks (the longest satisfying one)."""
         arrays = stack_samples([sample])
         modes = np.array([self.plan_mode]) if self.plan_mode is not None else mode_from_command(arrays["command"])
         out = self.sample(arrays, [0], None, modes, guidance=self.guidance)
         rho = self.satisfaction(out.states, arrays, [0], self.plan_params, modes)[0]
-        best = int(np.argmax(rho))
+        best = preferred_plan(out.states[0], rho)
         poses = out.poses[0, best].copy()
         poses[:, 2] = wrap_angle(poses[:, 2])
         return poses

@@ -53,6 +53,7 @@ __all__ = [
     "min_fde",
     "mode_robustness",
     "open_loop_summary",
+    "preferred_plan",
     "rule_robustness",
     "success",
     "time_per_batch",
@@ -236,6 +237,25 @@ def mode_robustness(per_rule: Mapping[str, Tensor], modes: np.ndarray | Sequence
         return torch.where(use[:, None], stacked, torch.full_like(stacked, big)).amin(dim=-1)
     masked = torch.where(use[:, None], -stacked / smooth, torch.full_like(stacked, -1e4))
     return -smooth * torch.logsumexp(masked, dim=-1)
+
+
+def preferred_plan(states: np.ndarray, robustness: np.ndarray) -> int:
+    """Which of ``N`` plans ``(N, T, 2+)`` (ego frame, from the origin) to drive, given their robustness ``(N,)``.
+
+    Of the plans that satisfy every rule (robustness > 0) the one with the longest path; the most
+    robust one when none does. The most robust plan keeps the farthest from every bound, the speed
+    limit's included, so always taking it drives slowly for no gain in compliance.
+    """
+    xy = np.asarray(states, dtype=np.float64)[..., :2]
+    rho = np.asarray(robustness, dtype=np.float64).reshape(-1)
+    if xy.ndim != 3 or len(xy) != len(rho) or len(rho) == 0:
+        raise ValueError(f"need plans (N, T, 2+) and robustness (N,) with N >= 1, got {xy.shape} and {rho.shape}")
+    path = np.concatenate([np.zeros_like(xy[:, :1]), xy], axis=1)
+    length = np.linalg.norm(np.diff(path, axis=1), axis=-1).sum(axis=1)
+    ok = rho > 0
+    if not ok.any():
+        return int(np.nanargmax(np.where(np.isnan(rho), -np.inf, rho)))
+    return int(np.argmax(np.where(ok, length, -np.inf)))
 
 
 def open_loop_summary(
