@@ -130,7 +130,7 @@ def _factories(cfg: dict[str, Any], root: Path, version: str, spec: SampleSpec, 
 
     names = list(cfg["planners"])
     if not names:
-        raise ValueError("planners is empty; name at least one of log_replay, constant_velocity, ego_mlp, lane_follower")
+        raise ValueError("planners is empty; name at least one of log_replay, constant_velocity, ego_mlp, lane_follower, trajopt")
     factories, ego_info = {}, {}
     for name in dict.fromkeys(names):
         if name == "ego_mlp":

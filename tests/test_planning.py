@@ -177,3 +177,6 @@ def test_receding_horizon_optimizer_drives_a_scene_within_its_rules() -> None:
     assert planner._last is not None and planner._last.shape == (8, 2)  # the next call starts from it
     with pytest.raises(DatasetError, match="unknown rule parameter"):
         TrajOptPlanner(["speed_limit"], {"dsafe": 2.0})
+    from diffpilot.policy.driving_baselines import build_planner
+
+    assert isinstance(build_planner("trajopt", steps=5), TrajOptPlanner)  # what `diffpilot driving eval` builds

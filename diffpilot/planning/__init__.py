@@ -6,6 +6,7 @@ from diffpilot.planning.augment import DEFAULT_MARGINS, DEFAULT_NOISE, DEFAULT_R
 from diffpilot.planning.convex import CONVEX_RULES, ConvexPlanner, ConvexResult, solve_convex
 from diffpilot.planning.dynamics import UnicycleLimits, controls_from_raw, raw_from_controls, rollout, rollout_numpy
 from diffpilot.planning.gradient import MODES, RULE_SCALES, TrajOptResult, active_rules, mode_scenes, optimize_controls
+from diffpilot.planning.receding import TrajOptPlanner
 
 __all__ = [
     "CONVEX_RULES",
@@ -16,6 +17,7 @@ __all__ = [
     "RULE_SCALES",
     "ConvexPlanner",
     "ConvexResult",
+    "TrajOptPlanner",
     "TrajOptResult",
     "UnicycleLimits",
     "active_rules",

@@ -9,6 +9,8 @@
 * :class:`LaneFollowerIDMPlanner` — a rule-based planner in the spirit of
   PDM-Closed: follow the centerline of the ego's lane with a speed profile
   from the Intelligent Driver Model; it is the reference for ego progress.
+* ``trajopt`` — :class:`diffpilot.planning.receding.TrajOptPlanner`, the STL
+  trajectory optimizer replanning at every step (the STL planners' reference).
 
 All of them implement :class:`diffpilot.data.scenario.Planner`: ``plan``
 returns ego-frame poses ``(F, 3)`` at ``DT`` spacing starting ``DT`` after now.
@@ -16,6 +18,7 @@ returns ego-frame poses ``(F, 3)`` at ``DT`` spacing starting ``DT`` after now.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -642,11 +645,18 @@ class LaneFollowerIDMPlanner:
 
 # --------------------------------------------------------------------------- factory
 
-PLANNERS: dict[str, type] = {
+def _trajopt(**kwargs: Any) -> Any:
+    from diffpilot.planning.receding import TrajOptPlanner  # imported on use: the planning package loads cvxpy
+
+    return TrajOptPlanner(**kwargs)
+
+
+PLANNERS: dict[str, Callable[..., Any]] = {
     "log_replay": LogReplayPlanner,
     "constant_velocity": ConstantVelocityPlanner,
     "ego_mlp": EgoStatusMLPPlanner,
     "lane_follower": LaneFollowerIDMPlanner,
+    "trajopt": _trajopt,
 }
 
 
