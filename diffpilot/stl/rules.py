@@ -15,9 +15,16 @@ Templates (defaults in brackets):
 * ``safe_distance``: G min_distance >= dsafe [0.5 m gap between disc covers]
 * ``lane_change``: F[0, T//2] G |target_offset| <= w_target [0.5 m]
 * ``stop_at_line``: the stop line is not crossed before the ego has been
-  slower than eps_stop for ``dwell_steps`` + 1 consecutive steps:
-  ``((stop_distance >= 0) U (G[0,k] speed <= eps_stop)) | G stop_distance >= 0``
-  [eps_stop 0.3 m/s, k = 2 steps]
+  slower than eps_stop for ``dwell_steps`` + 1 consecutive steps, either
+  within the horizon or already in the known past (an ego pulling away
+  after stopping at the line did stop):
+  ``((stop_distance >= 0) U (G[0,k] speed <= eps_stop)) | G stop_distance >= 0
+  | F[0,H-k] G[0,k] past_speed <= eps_stop`` with ``H = min(``
+  :data:`STOP_HISTORY_STEPS` ``, T - 1)``; the last disjunct is left out
+  when ``H < k`` [eps_stop 0.3 m/s, k = 2 steps]. ``past_speed`` runs
+  backward from now (:mod:`diffpilot.stl.signals`), so ``F`` / ``G`` over it
+  read the past; the Until and G are bounded by the horizon (same values as
+  unbounded ones on ``T`` steps) so the formula converts to stlpy.
 * ``yield``: G zone_conflict <= -zone_margin — never inside a conflict zone
   (crosswalk) while another agent is inside it [zone_margin 0 m]
 * ``comfort``: G (|accel_long| <= amax & |jerk_long| <= jmax)
@@ -33,10 +40,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffpilot.data.scenario import SampleSpec
 from diffpilot.stl.formula import Always, Eventually, Formula, Param, Signal, STLError, Until
 from diffpilot.stl.robustness import robustness
 
-__all__ = ["RULES", "ParamSpec", "Rule", "RuleSet", "default_params", "make_rule", "stack_param_sets"]
+__all__ = ["RULES", "STOP_HISTORY_STEPS", "ParamSpec", "Rule", "RuleSet", "default_params", "make_rule",
+           "stack_param_sets"]
+
+STOP_HISTORY_STEPS = SampleSpec().past_steps
+"""Past steps ``stop_at_line`` reads: ``past_speed`` from now back to 4 steps (2 s) ago.
+
+A sample's ``P`` past poses give the speed now and 1 .. P-1 steps back
+(backward differences; the oldest pose only bounds the step after it), so
+with the default ``P`` = 4 the entry 4 steps back is unknown and the rule in
+effect sees 1.5 s; a sample with a longer past fills it. History beyond this
+is not read; unknown entries are padded with a speed that never counts as a
+stop."""
 
 
 @dataclass(frozen=True)
@@ -127,19 +146,34 @@ def _lane_change() -> Rule:
 
 
 def _stop_at_line(dwell_steps: int = 2) -> Rule:
-    d, v = Signal("stop_distance"), Signal("speed")
+    d, v, past = Signal("stop_distance"), Signal("speed"), Signal("past_speed")
     eps = Param("eps_stop")
+    k = int(dwell_steps)
+    if k < 0:
+        raise STLError(f"dwell_steps must be >= 0 steps, got {dwell_steps}")
 
     def build(T: int) -> Formula:
+        if T < 1:
+            raise STLError(f"stop_at_line needs signals of at least 1 step, got {T}")
         before = d >= 0.0
-        stopped = Always(v <= eps, 0, dwell_steps)
-        return Until(before, stopped, 0, None) | _G(before)
+        parts: list[Formula] = []
+        if T - 1 - k >= 0:
+            parts.append(Until(before, Always(v <= eps, 0, k), 0, T - 1 - k))
+        parts.append(Always(before, 0, T - 1))
+        history = min(STOP_HISTORY_STEPS, T - 1)
+        if history >= k:
+            parts.append(Eventually(Always(past <= eps, 0, k), 0, history - k))
+        out = parts[0]
+        for p in parts[1:]:
+            out = out | p
+        return out
 
     return Rule(
         "stop_at_line",
         build,
         {"eps_stop": ParamSpec(0.3, "m/s", (0.0, 40.0), +1)},
-        f"the front bumper does not cross the stop line before the ego was slower than eps_stop for {dwell_steps + 1} steps",
+        f"the front bumper does not cross the stop line before the ego was slower than eps_stop for {k + 1} steps, "
+        f"within the horizon or within the last {STOP_HISTORY_STEPS} steps before now",
     )
 
 

@@ -22,6 +22,9 @@ Geometry choices:
   ``stop_lines`` / ``zones`` fields (filled from the map by
   ``build_scene_sample``). A scene with none of them valid has the stop
   distance :data:`STOP_CAP_M` and no zone.
+* The ego's recent past enters as ``past_speed``, a *time-reversed*
+  signal (entry ``t`` = the speed ``t`` steps before now) so the forward
+  STL operators read the past; see :func:`past_speeds` for what is known.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ from diffpilot.data.scene_sample import MAP_ELEMENT_FIELDS, map_elements_near
 __all__ = [
     "DISCS",
     "DIST_CAP_M",
+    "PAST_UNKNOWN_SPEED",
     "SCENE_KEYS",
     "SIGNAL_NAMES",
     "STOP_CAP_M",
     "DrivingScene",
     "driving_signals",
     "map_context",
+    "past_speeds",
     "scene_from_arrays",
     "scene_from_sample",
 ]
@@ -56,6 +61,10 @@ DIST_CAP_M = 50.0
 """Distance reported when no agent is known (and the cap on every distance)."""
 STOP_CAP_M = 50.0
 """Stop-line distance reported when no stop line lies ahead on the reference lane."""
+PAST_UNKNOWN_SPEED = 1e3
+"""m/s: ``past_speed`` where the speed is unknown (before the log, past the history, no ``ego_past``).
+
+Far above any speed and any ``eps_stop`` bound, so an unknown step never reads as "stopped"."""
 STOP_LINE_LATERAL_M = 3.0
 """A stop line counts for the reference lane if its centre lies within this of the lane centerline."""
 TARGET_LANE_OFFSET_M = 3.5
@@ -64,9 +73,10 @@ _BIG = 1e6
 _ZONE_AREA_MIN = 1e-6
 """m²: a valid zone smaller than this is an error (no inside to speak of)."""
 
-SCENE_KEYS = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "ego_past", "command",
-              *MAP_ELEMENT_FIELDS)
-"""The stacked-sample arrays :func:`scene_from_arrays` reads; subset arrays with these to keep stop lines and zones."""
+_REQUIRED_KEYS = ("lanes", "lanes_valid", "agents_pose", "agents_valid", "agents_size", "ego_status", "command")
+SCENE_KEYS = (*_REQUIRED_KEYS, "ego_past", "frame", *MAP_ELEMENT_FIELDS)
+"""The stacked-sample arrays :func:`scene_from_arrays` reads; subset arrays with these to keep the ego's past
+(``ego_past``, ``frame``), stop lines and zones."""
 
 SIGNAL_NAMES = (
     "speed",
@@ -82,8 +92,12 @@ SIGNAL_NAMES = (
     "zone_conflict",
     "ego_in_zone",
     "zone_occupied",
+    "past_speed",
 )
-"""Every signal :func:`driving_signals` returns (units: m, s, rad; flags are 0/1)."""
+"""Every signal :func:`driving_signals` returns (units: m, s, rad; flags are 0/1).
+
+All run forward in time from the first planned step except ``past_speed``,
+which runs backward from now (see :class:`DrivingScene`)."""
 
 
 def _wrap(a: Tensor) -> Tensor:
@@ -98,7 +112,9 @@ class DrivingScene:
     hold the agents' *future* (step ``k`` at ``(k+1)·DT``). ``stop_points``
     are stop-line centres with ``stop_valid``; ``zones`` are convex polygons
     as half-planes ``(nx, ny, h)`` with ``n·p <= h`` inside (padding rows
-    ``(0, 0, 1e6)``) and ``zones_valid``.
+    ``(0, 0, 1e6)``) and ``zones_valid``. ``past_speed`` is the ego's speed
+    now and at the ``P`` past steps, newest first (entry ``j`` = ``j``·DT
+    ago), :data:`PAST_UNKNOWN_SPEED` where unknown (see :func:`past_speeds`).
     """
 
     lanes: Tensor  # (B, L, N, 3)
@@ -114,6 +130,7 @@ class DrivingScene:
     stop_valid: Tensor  # (B, S) bool
     zones: Tensor  # (B, Z, E, 3)
     zones_valid: Tensor  # (B, Z) bool
+    past_speed: Tensor  # (B, P+1), newest first
 
     @property
     def batch(self) -> int:
@@ -256,6 +273,7 @@ def scene_from_sample(
         lanes=sample.lanes[None], lanes_valid=sample.lanes_valid[None], agents_pose=sample.agents_pose[None],
         agents_valid=sample.agents_valid[None], agents_size=sample.agents_size[None],
         ego_status=sample.ego_status[None], past_steps=sample.ego_past.shape[0] - 1,
+        ego_past=np.asarray(sample.ego_past)[None], frame=np.array([sample.frame]),
         command=np.array([sample.command]), stop_lines=np.asarray(sample.stop_lines)[None],
         stop_valid=np.asarray(sample.stop_lines_valid)[None], zones=np.asarray(sample.zones)[None],
         zones_valid=np.asarray(sample.zones_valid)[None], target_side=target_side, dtype=dtype,
@@ -272,19 +290,24 @@ def scene_from_arrays(
     """Scenes for stacked SceneSample arrays (from ``stack_samples`` / ``load_scene_samples``), rows ``index``.
 
     Reads :data:`SCENE_KEYS`; arrays without the stop-line and zone fields
-    (stacked before they existed) give scenes with none.
+    (stacked before they existed) give scenes with none. Without ``ego_past``
+    the past is unknown (``past_speed`` holds the current speed only, and the
+    agents' columns are split at ``SampleSpec().past_steps``); without
+    ``frame`` every past pose counts as logged.
     """
-    need = SCENE_KEYS[: -len(MAP_ELEMENT_FIELDS)]
-    missing = [k for k in need if k not in arrays]
+    missing = [k for k in _REQUIRED_KEYS if k not in arrays]
     if missing:
         raise DatasetError(f"stacked samples lack {missing}; build them with diffpilot.data.scene_sample.stack_samples")
     sel = slice(None) if index is None else index
     command = np.asarray(arrays["command"])[sel]
     stops, stop_valid, zones, zones_valid = _map_arrays(arrays, sel, len(command))
+    past = np.asarray(arrays["ego_past"])[sel] if "ego_past" in arrays else None
+    frame = np.asarray(arrays["frame"])[sel] if "frame" in arrays else None
     return _scenes(
         lanes=arrays["lanes"][sel], lanes_valid=arrays["lanes_valid"][sel], agents_pose=arrays["agents_pose"][sel],
         agents_valid=arrays["agents_valid"][sel], agents_size=arrays["agents_size"][sel],
-        ego_status=arrays["ego_status"][sel], past_steps=arrays["ego_past"].shape[-2] - 1, command=command,
+        ego_status=arrays["ego_status"][sel], command=command, ego_past=past, frame=frame,
+        past_steps=past.shape[-2] - 1 if past is not None else SampleSpec().past_steps,
         stop_lines=stops, stop_valid=stop_valid, zones=zones, zones_valid=zones_valid, target_side=target_side,
         dtype=dtype,
     )
@@ -296,8 +319,47 @@ def _used(valid: np.ndarray) -> np.ndarray:
     return np.arange(int(cols[-1]) + 1 if len(cols) else 1)
 
 
+def past_speeds(ego_past: np.ndarray | None, ego_status: np.ndarray, frame: np.ndarray | None = None) -> np.ndarray:
+    """The ego's speed now and at each past step, newest first: ``(B, P+1)`` from ``ego_past`` ``(B, P+1, 3)``.
+
+    Entry 0 is ``|ego_status[:, 0]|``; entry ``j`` (1 <= j < P) is the
+    backward difference ``|p(-j) - p(-j-1)| / DT`` of the past poses (oldest
+    first in ``ego_past``, as in :class:`SceneSample`), i.e. the speed over
+    the step *into* ``j``·DT ago, the same convention as the current speed.
+    The oldest entry ``P`` has no earlier pose and stays unknown, as does
+    every entry reading a pose before the log's first frame (``frame``: the
+    window's frame in its log; history before it repeats the first pose and
+    would look like a stop). Unknown entries are :data:`PAST_UNKNOWN_SPEED`.
+    ``ego_past=None`` gives ``(B, 1)``: the current speed only.
+    """
+    status = np.asarray(ego_status, dtype=np.float64)
+    if status.ndim != 2 or status.shape[1] < 1:
+        raise DatasetError(f"ego_status must be (B, 3), got {status.shape}")
+    now = np.abs(status[:, :1])
+    if ego_past is None:
+        return now
+    past = np.asarray(ego_past, dtype=np.float64)
+    B = len(status)
+    if past.ndim != 3 or past.shape[0] != B or past.shape[2] < 2 or past.shape[1] < 1:
+        raise DatasetError(f"ego_past must be (B, P+1, 3) poses for {B} scenes, got {past.shape}")
+    P = past.shape[1] - 1
+    out = np.full((B, P + 1), PAST_UNKNOWN_SPEED)
+    out[:, :1] = now
+    if P >= 2:
+        newest_first = past[:, ::-1, :2]  # row i = i steps ago
+        out[:, 1:P] = np.linalg.norm(newest_first[:, 1:P] - newest_first[:, 2 : P + 1], axis=-1) / DT
+    if frame is not None:
+        fr = np.asarray(frame, dtype=np.int64).reshape(-1)
+        if fr.shape != (B,):
+            raise DatasetError(f"frame must hold one keyframe index per scene ({B}), got shape {fr.shape}")
+        j = np.arange(P + 1)
+        out[(j[None, :] >= 1) & (j[None, :] + 1 > fr[:, None])] = PAST_UNKNOWN_SPEED
+    out[~np.isfinite(out)] = PAST_UNKNOWN_SPEED
+    return out
+
+
 def _scenes(*, lanes, lanes_valid, agents_pose, agents_valid, agents_size, ego_status, past_steps, command,  # noqa: ANN001
-            stop_lines, stop_valid, zones, zones_valid, target_side, dtype) -> DrivingScene:
+            stop_lines, stop_valid, zones, zones_valid, target_side, dtype, ego_past=None, frame=None) -> DrivingScene:
     lanes = np.asarray(lanes, dtype=np.float64)
     lanes_valid = np.asarray(lanes_valid, dtype=bool)
     B = lanes.shape[0]
@@ -342,12 +404,14 @@ def _scenes(*, lanes, lanes_valid, agents_pose, agents_valid, agents_size, ego_s
     zone_arr = np.take_along_axis(zone_arr, np.argsort(padding, axis=-1, kind="stable")[..., None], axis=2)
     zone_arr = zone_arr[:, :, : max(1, int((~padding).sum(axis=-1).max(initial=0)))]
     status = np.asarray(ego_status, dtype=np.float64)
+    past_speed = past_speeds(ego_past, status, frame)
     t = lambda x, dt=dtype: torch.as_tensor(np.asarray(x), dtype=dt)  # noqa: E731
     return DrivingScene(
         lanes=t(lanes), lanes_valid=t(lanes_valid, torch.bool), ref_lane=t(ref, torch.long),
         target_lane=t(tgt, torch.long), agents_pose=t(fut), agents_valid=t(fut_valid, torch.bool),
         agents_size=t(agents_size), speed0=t(status[:, 0]), accel0=t(status[:, 1]), stop_points=t(stop_lines),
         stop_valid=t(stop_valid, torch.bool), zones=t(zone_arr), zones_valid=t(zones_valid, torch.bool),
+        past_speed=t(past_speed),
     )
 
 
@@ -402,6 +466,9 @@ def driving_signals(traj: Tensor | np.ndarray, scene: DrivingScene) -> dict[str,
     Speeds, accelerations and jerks are finite differences at :data:`DT`
     that start from the scene's current speed and acceleration (so step 0
     is the change from now to the first waypoint). Distances are in metres.
+    ``past_speed`` is the scene's, not the trajectory's: entry ``t`` is the
+    ego's speed ``t`` steps before now, the same for every trajectory, padded
+    with :data:`PAST_UNKNOWN_SPEED` past the known history.
     """
     traj = torch.as_tensor(traj, dtype=scene.lanes.dtype) if not isinstance(traj, Tensor) else traj.to(scene.lanes.dtype)
     squeeze = traj.dim() == 3
@@ -496,6 +563,12 @@ def driving_signals(traj: Tensor | np.ndarray, scene: DrivingScene) -> dict[str,
     ego_in = torch.where(zmask, ego_depth, torch.full_like(ego_depth, -1.0)).amax(dim=-1) > 0
     occupied = (torch.where(zvalid[:, None], other, torch.full_like(other, -1.0)).amax(dim=-1) > 0)[:, None].expand(-1, N, -1)
 
+    # the ego's past, newest first, cut or padded to T steps -----------------------
+    hist = scene.past_speed.to(speed.dtype)[:, :T]
+    if hist.shape[-1] < T:
+        hist = torch.cat([hist, hist.new_full((hist.shape[0], T - hist.shape[-1]), PAST_UNKNOWN_SPEED)], dim=-1)
+    past_speed = hist[:, None].expand(Bs, N, T)
+
     out = {
         "speed": speed,
         "accel_long": accel,
@@ -510,6 +583,7 @@ def driving_signals(traj: Tensor | np.ndarray, scene: DrivingScene) -> dict[str,
         "zone_conflict": zone_conflict,
         "ego_in_zone": ego_in.to(speed.dtype),
         "zone_occupied": occupied.to(speed.dtype),
+        "past_speed": past_speed,
     }
     if squeeze:
         out = {k: v[0] for k, v in out.items()}
