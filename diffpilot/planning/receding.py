@@ -24,6 +24,7 @@ from diffpilot.stl.rules import RuleSet
 
 __all__ = ["TrajOptPlanner"]
 
+
 class TrajOptPlanner:
     """Receding-horizon gradient trajectory optimization; a driving :class:`~diffpilot.data.scenario.Planner`.
 
