@@ -13,9 +13,11 @@ Tables (all rows in ``results/stl.json``, DESIGN.md §6):
   parameters) for the same number of steps;
 * controllability: the same held-out windows with only ``vmax`` lowered /
   raised, mean planned speed (no guidance);
-* closed loop on a few held-out scenes: our planner vs the lane follower
-  (rule compliance of the driven windows, progress, collision, out of lane,
-  planning time per step);
+* closed loop on a few held-out scenes: every learned planner above (ours
+  with and without guidance, each DDPM with and without CTG), the
+  optimizer replanning in receding horizon and the lane follower (rule
+  compliance of the driven windows, PDM score, progress, collision, out of
+  lane, planning time per step);
 * exact robustness of one driving formula on 1,024 trajectories, batched
   torch vs stlpy (``speedup_vs_stlpy``);
 * augmentation throughput (from ``results/augmentation.json`` when present).
@@ -352,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
              "controllability: the same windows with only vmax lowered / raised, mean planned speed (no guidance); "
              "valid_area m² (swept paths of satisfying samples), entropy nats (final positions, 1 m cells), "
              "min_ade m, time_s = one batch call on 1 thread. Closed loop: non-reactive agents, default rule "
-             "parameters, compliance over 4-s windows of the driven path. Paper (Meng & Fan, nuScenes): TrajOpt "
+             "parameters, compliance over 4-s windows of the driven path, pdms = mean PDM score, collision = share "
+             "of scenes with one, out_of_lane = share of driven time; sampling planners drive their longest "
+             "satisfying sample. Paper (Meng & Fan, nuScenes): TrajOpt "
              "0.961 / 0.746 success / compliance; theirs+guidance 0.840 / 0.544 in 0.786 s vs CTG 0.833 / 0.267 "
              f"in 13.58 s. Setup: {json.dumps(extra['info'])}")
     print(results_io.write_results("stl", command.strip(), rows, notes))
