@@ -46,7 +46,8 @@ ArrayLike = Tensor | np.ndarray | float | int
 
 def _as_tensor(x: ArrayLike, dtype: torch.dtype | None, what: str) -> Tensor:
     try:
-        t = torch.as_tensor(x)
+        # a number or array converts straight to ``dtype``: through torch's default float32 first, 0.3 would not stay 0.3
+        t = torch.as_tensor(x) if dtype is None or isinstance(x, Tensor) else torch.as_tensor(x, dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as e:
         raise STLError(f"{what} must be a tensor or array of numbers, got {type(x).__name__}") from e
     if dtype is not None:
