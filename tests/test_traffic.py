@@ -20,7 +20,7 @@ from diffpilot.data.traffic import (
     simulate_scenes_with_stats,
     TrafficSimulation,
 )
-from diffpilot.data.traffic.idm import DRIVER_STYLES, idm_accel
+from diffpilot.data.traffic.idm import DRIVER_STYLES, IDMParams, idm_accel, idm_accel_scalar
 from diffpilot.data.traffic.roads import INTERSECTION_HALF, LANE_WIDTH
 
 SEED = 0
@@ -168,14 +168,27 @@ def _follow(v_follow: float, gap0: float, style: str, seconds: float = 60.0) -> 
     x, v, leader = 0.0, v_follow, gap0
     gaps, speeds = [], []
     for _ in range(int(seconds / 0.1)):
-        a = idm_accel(np.array([v]), np.array([15.0]), np.array([leader - x]), np.array([v]), st.headway_s,
-                      st.min_gap_m, st.max_accel, st.comfort_decel)[0]
+        a = idm_accel(np.array([v]), np.array([15.0]), np.array([leader - x]), np.array([v]), st.idm)[0]
         v_new = max(v + a * 0.1, 0.0)
         x += (v + v_new) / 2 * 0.1
         v = v_new
         gaps.append(leader - x)
         speeds.append(v)
     return np.array(gaps), np.array(speeds)
+
+
+def test_idm_on_floats_is_the_batched_formula() -> None:
+    rng = np.random.default_rng(0)
+    n = 500
+    v, v0, dv = rng.uniform(0, 25, n), rng.uniform(1, 25, n), rng.uniform(-8, 8, n)
+    gap = np.where(rng.random(n) < 0.2, np.inf, rng.uniform(-1, 60, n))
+    params = IDMParams(max_accel=1.3, comfort_decel=2.1, time_headway=1.4, min_gap=2.0, max_decel=6.0)
+    batched = idm_accel(v, v0, gap, dv, params)
+    one = np.array([idm_accel_scalar(float(a), float(b), float(c), float(d), params) for a, b, c, d in zip(v, v0, gap, dv)])
+    np.testing.assert_allclose(one, batched, rtol=0, atol=1e-12)
+    assert batched.min() == -6.0 and batched.max() <= 1.3
+    free = gap == np.inf
+    np.testing.assert_allclose(batched[free], np.maximum(1.3 * (1 - (v[free] / v0[free]) ** 4), -6.0), atol=1e-12)
 
 
 @pytest.mark.parametrize("style", list(DRIVER_STYLES))
@@ -190,8 +203,7 @@ def test_idm_converges_to_the_desired_speed_on_a_free_road() -> None:
     for style in DRIVER_STYLES.values():
         v, trace = 2.0, []
         for _ in range(900):
-            a = idm_accel(np.array([v]), np.array([13.0]), np.array([np.inf]), np.array([0.0]), style.headway_s,
-                          style.min_gap_m, style.max_accel, style.comfort_decel)[0]
+            a = idm_accel(np.array([v]), np.array([13.0]), np.array([np.inf]), np.array([0.0]), style.idm)[0]
             assert a <= style.max_accel + 1e-12
             v += a * 0.1
             trace.append(v)

@@ -30,6 +30,7 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import COMMANDS, DT, EGO_SIZE, SampleSpec, SceneSample, wrap_angle
+from diffpilot.data.traffic.idm import IDMParams, idm_accel_scalar
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 
 __all__ = [
@@ -622,15 +623,11 @@ class LaneFollowerIDMPlanner:
         front = self.ego_size[0] / 2
         v, s, out = v0, 0.0, []
         lead = lead_s
-        root_ab = 2.0 * np.sqrt(self.max_accel * self.comfort_decel)
+        idm = IDMParams(max_accel=self.max_accel, comfort_decel=self.comfort_decel, time_headway=self.time_headway,
+                        min_gap=self.min_gap, max_decel=self.max_decel)
         for _ in range(steps):
             for _ in range(sub):
-                acc = self.max_accel * (1.0 - (v / self.speed_limit) ** 4)
-                if np.isfinite(lead):
-                    gap = lead - s - front
-                    s_star = self.min_gap + max(0.0, v * self.time_headway + v * (v - lead_v) / root_ab)
-                    acc -= self.max_accel * (s_star / max(gap, 0.1)) ** 2
-                acc = float(np.clip(acc, -self.max_decel, self.max_accel))
+                acc = idm_accel_scalar(v, self.speed_limit, lead - s - front, v - lead_v, idm)
                 v_new = max(0.0, v + acc * h)
                 s_prev, s = s, s + 0.5 * (v + v_new) * h
                 v = v_new

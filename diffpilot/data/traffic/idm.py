@@ -13,15 +13,44 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["DRIVER_STYLES", "DriverStyle", "MAX_DECEL", "idm_accel", "idm_accel_scalar", "mobil_gain"]
+__all__ = [
+    "DRIVER_STYLES",
+    "DriverStyle",
+    "GAP_FLOOR",
+    "IDMParams",
+    "MAX_DECEL",
+    "idm_accel",
+    "idm_accel_scalar",
+    "mobil_gain",
+]
 
 MAX_DECEL = 8.0
 """Physical braking limit, m/s² (dry road); IDM's emergency term is clipped here."""
 
 DELTA = 4.0  # IDM's free-road exponent
+
+GAP_FLOOR = 0.1
+"""Smallest gap (m) IDM divides by; with any realistic ``min_gap`` (>= 1 m) a gap this small means full braking."""
+
+
+@dataclass(frozen=True)
+class IDMParams:
+    """Intelligent Driver Model parameters.
+
+    Each field is a float or an array that broadcasts against the speeds
+    given to :func:`idm_accel` (one value per vehicle).
+    """
+
+    max_accel: float | np.ndarray = 1.5  # m/s², a
+    comfort_decel: float | np.ndarray = 2.0  # m/s², b
+    time_headway: float | np.ndarray = 1.2  # s, T
+    min_gap: float | np.ndarray = 2.0  # m, s0
+    max_decel: float | np.ndarray = MAX_DECEL  # m/s², the result's lower bound
+    exponent: float = DELTA  # delta
 
 
 @dataclass(frozen=True)
@@ -38,6 +67,12 @@ class DriverStyle:
     lane_change_threshold: float
     max_lat_accel: float
 
+    @property
+    def idm(self) -> IDMParams:
+        """This driver's car-following parameters."""
+        return IDMParams(max_accel=self.max_accel, comfort_decel=self.comfort_decel, time_headway=self.headway_s,
+                         min_gap=self.min_gap_m)
+
 
 DRIVER_STYLES: dict[str, DriverStyle] = {
     "cautious": DriverStyle("cautious", 0.85, 1.8, 2.5, 1.0, 1.5, 0.5, 0.35, 2.0),
@@ -46,38 +81,41 @@ DRIVER_STYLES: dict[str, DriverStyle] = {
 }
 
 
-def idm_accel(
-    v: np.ndarray,
-    v0: np.ndarray,
-    gap: np.ndarray,
-    dv: np.ndarray,
-    headway: np.ndarray,
-    min_gap: np.ndarray,
-    a_max: np.ndarray,
-    b: np.ndarray,
-) -> np.ndarray:
-    """IDM acceleration for all vehicles at once.
+def _where(cond: bool, a: float, b: float) -> float:
+    return a if cond else b
 
-    ``gap`` is bumper to bumper (``inf`` on a free road), ``dv`` the closing
-    speed (own minus leader's). The result is clipped to [-MAX_DECEL, a_max].
+
+def idm_accel(v: Any, v0: Any, gap: Any, dv: Any, params: IDMParams = IDMParams()) -> Any:
+    """IDM acceleration, for all vehicles at once (arrays) or for one (floats).
+
+    ``v`` own speed, ``v0`` desired speed (floored at 0.1 m/s), ``gap``
+    bumper to bumper (``inf`` or NaN: free road; floored at :data:`GAP_FLOOR`),
+    ``dv`` the closing speed (own minus leader's); ``params`` fields may be
+    per-vehicle arrays. The result ``a (1 - (v / v0)^delta - (s* / gap)^2)``,
+    ``s* = s0 + max(0, v T + v dv / (2 sqrt(a b)))``, is clipped to
+    ``[-max_decel, a]``.
+
+    Arrays in, an array out. When every input is a float the same formula
+    runs on Python floats with ``math`` (a numpy ufunc costs microseconds
+    on a float, and the traffic simulator's MOBIL checks call this per
+    vehicle) and a float comes out.
     """
-    v = np.asarray(v, dtype=float)
-    free = 1.0 - (v / np.maximum(v0, 0.1)) ** DELTA
-    s_star = min_gap + np.maximum(0.0, v * headway + v * dv / (2.0 * np.sqrt(a_max * b)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inter = np.where(np.isfinite(gap), (s_star / np.maximum(gap, 0.05)) ** 2, 0.0)
-    return np.clip(a_max * (free - inter), -MAX_DECEL, a_max)
+    p = params
+    if all(isinstance(x, (float, int)) for x in (v, v0, gap, dv, p.max_accel, p.comfort_decel, p.time_headway,
+                                                  p.min_gap, p.max_decel)):
+        fmax, fmin, sqrt, finite, where = max, min, math.sqrt, math.isfinite, _where
+    else:
+        v = np.asarray(v, dtype=float)
+        fmax, fmin, sqrt, finite, where = np.maximum, np.minimum, np.sqrt, np.isfinite, np.where
+    free = 1.0 - (v / fmax(v0, 0.1)) ** p.exponent
+    s_star = p.min_gap + fmax(0.0, v * p.time_headway + v * dv / (2.0 * sqrt(p.max_accel * p.comfort_decel)))
+    inter = where(finite(gap), (s_star / fmax(gap, GAP_FLOOR)) ** 2, 0.0)
+    return fmin(fmax(p.max_accel * (free - inter), -p.max_decel), p.max_accel)
 
 
-def idm_accel_scalar(v: float, v0: float, gap: float, dv: float, style_params: tuple[float, float, float, float]) -> float:
-    """One vehicle's IDM acceleration; ``style_params`` = (headway, min_gap, a_max, b)."""
-    headway, min_gap, a_max, b = style_params
-    free = 1.0 - (v / max(v0, 0.1)) ** DELTA
-    inter = 0.0
-    if math.isfinite(gap):
-        s_star = min_gap + max(0.0, v * headway + v * dv / (2.0 * math.sqrt(a_max * b)))
-        inter = (s_star / max(gap, 0.05)) ** 2
-    return min(max(a_max * (free - inter), -MAX_DECEL), a_max)
+def idm_accel_scalar(v: float, v0: float, gap: float, dv: float, params: IDMParams = IDMParams()) -> float:
+    """One vehicle's IDM acceleration: :func:`idm_accel` on floats, as a float."""
+    return float(idm_accel(v, v0, gap, dv, params))
 
 
 def mobil_gain(

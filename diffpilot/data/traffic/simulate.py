@@ -27,7 +27,7 @@ import shapely
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import CATEGORIES, DT, EGO_SIZE, MapGeometry, ScenarioLog
-from diffpilot.data.traffic.idm import DRIVER_STYLES, idm_accel, idm_accel_scalar, mobil_gain
+from diffpilot.data.traffic.idm import DRIVER_STYLES, IDMParams, idm_accel, idm_accel_scalar, mobil_gain
 from diffpilot.data.traffic.roads import LANE_WIDTH, RoadNetwork
 
 __all__ = ["SIM_DT", "SceneStats", "TrafficSimulation", "simulate_scene"]
@@ -358,7 +358,7 @@ class TrafficSimulation:
         self._py_alat = self.alat.tolist()
         self._py_b = self.b.tolist()
         self._py_v0 = (self.v0f * self.lane_speed[self.lane]).tolist()
-        self._py_params = list(zip(self.T.tolist(), self.s0.tolist(), self.amax.tolist(), self._py_b))
+        self._py_params = list(zip(self.amax.tolist(), self._py_b, self.T.tolist(), self.s0.tolist()))  # IDMParams order
         if not hasattr(self, "_py_lane_len"):
             self._py_lane_len = self.lane_len.tolist()
 
@@ -477,7 +477,7 @@ class TrafficSimulation:
         else:
             gap = gap_centre - length[i] / 2 - length[leader] / 2
             dv = v[i] - v[leader]
-        return idm_accel_scalar(v[i], self._py_v0[i], gap, dv, self._py_params[i])
+        return idm_accel_scalar(v[i], self._py_v0[i], gap, dv, IDMParams(*self._py_params[i]))
 
     def _lane_changes(self, occ: dict) -> None:
         lanes = self.net.lanes
@@ -600,7 +600,8 @@ class TrafficSimulation:
             gap[k], vl[k], vallow[k] = self._ahead(int(i), occ)
         v = self.v[idx]
         v0 = self.v0f[idx] * self.lane_speed[self.lane[idx]]
-        acc = idm_accel(v, v0, gap, v - vl, self.T[idx], self.s0[idx], self.amax[idx], self.b[idx])
+        acc = idm_accel(v, v0, gap, v - vl, IDMParams(max_accel=self.amax[idx], comfort_decel=self.b[idx],
+                                                      time_headway=self.T[idx], min_gap=self.s0[idx]))
         over = v > vallow
         if over.any():
             # above the braking envelope of a curve ahead: shed the excess speed over about 10 m

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffpilot.data.scenario import CATEGORIES, ScenarioLog, wrap_angle
+from diffpilot.data.traffic.idm import IDMParams, idm_accel
 
 VEHICLE = CATEGORIES.index("vehicle")
 
@@ -80,15 +81,10 @@ def track_velocities(poses: np.ndarray, valid: np.ndarray, dt: float) -> np.ndar
 
 
 @dataclass(frozen=True)
-class IDMParams:
-    """Intelligent Driver Model parameters and the log-tracking gains of reactive vehicles."""
+class ReactiveParams:
+    """Car following (:class:`~diffpilot.data.traffic.idm.IDMParams`) and the log-tracking gains of reactive vehicles."""
 
-    max_accel: float = 1.5  # m/s², a
-    comfort_decel: float = 2.0  # m/s², b
-    max_decel: float = 8.0  # m/s², emergency braking bound
-    time_headway: float = 1.2  # s, T
-    min_gap: float = 2.0  # m, s0
-    exponent: float = 4.0  # delta
+    idm: IDMParams = IDMParams(max_accel=1.5, comfort_decel=2.0, time_headway=1.2, min_gap=2.0, max_decel=8.0)
     lookahead_m: float = 50.0
     lateral_margin_m: float = 0.3
     k_station: float = 0.5  # 1/s², pull towards the logged along-path position
@@ -134,7 +130,7 @@ class _PathAgent:
 class ReactiveTraffic:
     """Agents of a log that react to the ego; advance step by step with :meth:`advance`."""
 
-    def __init__(self, log: ScenarioLog, times: np.ndarray, params: IDMParams = IDMParams()) -> None:
+    def __init__(self, log: ScenarioLog, times: np.ndarray, params: ReactiveParams = ReactiveParams()) -> None:
         self.log = log
         self.times = np.asarray(times, dtype=np.float64)
         self.params = params
@@ -224,12 +220,8 @@ class ReactiveTraffic:
             gap, v_lead = self._leader(agent, objs_xy[mask], objs_vel[mask], objs_half[mask], objs_halfw[mask])
             s_log, v_log = agent.logged(self.times[k])
             a_track = p.k_station * (s_log - agent.s) + p.k_speed * (v_log - agent.v)
-            v0 = max(1.2 * agent.max_speed, 3.0)
-            a_idm = p.max_accel * (1.0 - (agent.v / v0) ** p.exponent)
-            if np.isfinite(gap):
-                s_star = p.min_gap + max(0.0, agent.v * p.time_headway + agent.v * (agent.v - v_lead) / (2.0 * np.sqrt(p.max_accel * p.comfort_decel)))
-                a_idm = -p.max_decel if gap <= 0.1 else a_idm - p.max_accel * (s_star / gap) ** 2
-            accel = float(np.clip(min(a_track, a_idm), -p.max_decel, max(p.max_accel, 3.0)))
+            a_idm = idm_accel(agent.v, max(1.2 * agent.max_speed, 3.0), gap, agent.v - v_lead, p.idm)
+            accel = float(np.clip(min(a_track, a_idm), -p.idm.max_decel, max(p.idm.max_accel, 3.0)))
             agent.v = max(agent.v + accel * self.dt, 0.0)
             agent.s = min(agent.s + agent.v * self.dt, agent.length)
             self.poses[a, k + 1] = agent.pose()
