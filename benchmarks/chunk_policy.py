@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,14 +25,14 @@ from results_io import write_results
 from diffpilot.cli import load_config
 from diffpilot.data.d4rl import read_d4rl
 from diffpilot.data.maze2d import WaypointExpert
-from diffpilot.jobs import POLICY_KEYS, dataset_path, evaluate, reference_for, train_job
-from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
+from diffpilot.jobs import dataset_path, evaluate, reference_for, train_job
+from diffpilot.policy.registry import build_policy, load_policy
 from diffpilot.sim.tasks import get_task
 
 NAME = "chunk_policy_maze2d"
 
 
-def chunk_latency_ms(policy: ChunkDiffusionPolicy, obs: np.ndarray, calls: int = 30) -> float:
+def chunk_latency_ms(policy: Any, obs: np.ndarray, calls: int = 30) -> float:
     """Median wall time of planning one chunk at batch 1."""
     hist = torch.from_numpy(np.stack([obs, obs]))[None]
     times = []
@@ -59,13 +60,13 @@ def train_policies(out: str, steps: int, batch: int, data_steps: int) -> dict[st
 
 def train_ms_per_step(policy_cfg: dict, obs_dim: int, act_dim: int, batch: int, steps: int = 40) -> float:
     """Median wall time of one optimizer step on a fresh copy of the policy (2 threads)."""
-    policy = ChunkDiffusionPolicy(obs_dim, act_dim, **{k: policy_cfg[k] for k in POLICY_KEYS})
+    policy = build_policy(policy_cfg, obs_dim, act_dim)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     data = {"obs": torch.rand(batch, policy.obs_horizon, obs_dim), "action": torch.rand(batch, policy.action_horizon, act_dim)}
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        loss = policy.loss(data)
+        loss, _ = policy.compute_loss(data)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -84,7 +85,7 @@ def main() -> None:
     cfgs = train_policies(args.out, args.steps, args.batch, args.data_steps)
     trained = {}
     for objective, cfg in cfgs.items():
-        policy = ChunkDiffusionPolicy.load(Path(cfg["out"]) / "policy")
+        policy = load_policy(Path(cfg["out"]) / "policy", kind="chunk_diffusion")
         trained[objective] = (policy, train_ms_per_step(cfg["policy"], policy.obs_dim, policy.action_dim, args.batch))
     data_path = dataset_path(cfg["data"])
     ds = read_d4rl(data_path)

@@ -37,13 +37,9 @@ from results_io import write_results
 
 from diffpilot.data.d4rl import OfflineDataset, read_d4rl
 from diffpilot.fileio import atomic_write_text
-from diffpilot.policy.offline_rl import (
-    OfflineRLConfig,
-    load_offline_policy,
-    load_policy_yaml,
-    resolve_task,
-    train_offline_rl,
-)
+from diffpilot.policy.registry import load_policy
+from diffpilot.train import TrainerConfig
+from diffpilot.train.offline_rl import load_policy_yaml, resolve_task, train_offline_rl
 
 NAME = "offline_rl"
 TASKS = ("maze2d-umaze", "maze2d-medium", "hopper-medium", "hopper-medium-replay", "walker2d-medium")
@@ -70,11 +66,11 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     if done.exists():
         return json.loads(done.read_text())
     ds = read_d4rl(job["data"])
-    cfg = OfflineRLConfig(ckpt_every=250, log_every=100, progress=False, eval_seed=job["eval_seed"])
+    cfg = TrainerConfig(ckpt_every=250, log_every=100, progress=False)
     t0 = time.perf_counter()
     summary = train_offline_rl(
         job["method"], ds, job["task"], out, steps=job["steps"], eval_every=0, eval_episodes=job["eval_episodes"],
-        seed=job["seed"], config=cfg, policy_config=load_policy_yaml(job["method"], job["task"]),
+        seed=job["seed"], config=cfg, policy_config=load_policy_yaml(job["method"], job["task"]), eval_seed=job["eval_seed"],
     )
     summary.update(bench_task=job["task"], seed=job["seed"], wall_s=time.perf_counter() - t0)
     atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
@@ -86,7 +82,7 @@ def time_training(method: str, task: str, ds: OfflineDataset, steps: int, scratc
     """Seconds per 1,000 gradient steps, measured alone on one thread (evaluation and checkpoints excluded)."""
     summary = train_offline_rl(
         method, ds, task, scratch / f"{task}-{method}", steps=steps, eval_episodes=0, seed=0,
-        config=OfflineRLConfig(ckpt_every=10 * steps, log_every=steps, progress=False),
+        config=TrainerConfig(ckpt_every=10 * steps, log_every=steps, progress=False),
         policy_config=load_policy_yaml(method, task), resume=False,
     )
     return float(summary["train_s_per_1k_steps"])
@@ -94,7 +90,7 @@ def time_training(method: str, task: str, ds: OfflineDataset, steps: int, scratc
 
 def decision_hz(policy_dir: Path, observations: np.ndarray, calls: int) -> float:
     """``act()`` calls per second at batch 1 (one observation at a time, one thread)."""
-    policy = load_offline_policy(policy_dir)
+    policy = load_policy(policy_dir)
     policy.eval()
     policy.reset(seed=0)
     for obs in observations[:20]:

@@ -8,7 +8,10 @@ train.steps=20000``. ``--cfg`` prints the resolved config instead of running.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -28,6 +31,9 @@ COMMANDS = {
 }
 DRIVING_ACTIONS = ("data", "eval")
 SUB_ACTIONS = {"driving": DRIVING_ACTIONS, "stl": ("report",)}
+# The error types our code raises for bad input (DatasetError, CheckpointError, STLError are ValueErrors);
+# each message names the problem and the fix. DIFFPILOT_DEBUG=1 shows the traceback instead.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def load_config(name: str, overrides: list[str]) -> dict[str, Any]:
@@ -67,27 +73,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    if args.command == "driving":
+    out = Path(cfg["out"]) if isinstance(cfg.get("out"), str) else None
+    existed = out is not None and out.exists()
+    try:
+        return _run(args.command, action, cfg)
+    except USER_ERRORS as e:
+        if os.environ.get("DIFFPILOT_DEBUG"):
+            raise
+        # A mistake in what the user passed: one line naming it, no traceback, no empty output folder left behind.
+        if out is not None and not existed:
+            _remove_if_empty(out)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"diffpilot {args.command}: {message}", file=sys.stderr)
+        return 2
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when nothing but empty folders is inside (a failed run keeps what it wrote)."""
+    if folder.is_dir() and not any(f for _, _, files in os.walk(folder) for f in files):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+
+
+def _run(command: str, action: str | None, cfg: dict[str, Any]) -> int:
+    if command == "driving":
         from diffpilot import driving_jobs
 
         print(driving_jobs.driving_data_job(cfg["data"]) if action == "data" else driving_jobs.driving_eval_job(cfg) / "report.md")
         return 0
-    if args.command == "stl":
+    if command == "stl":
         from diffpilot import stl_jobs
 
         print(stl_jobs.stl_report_job(cfg) / "report.md")
         return 0
-    if args.command != "deploy":
+    if command != "deploy":
         from diffpilot import jobs  # heavy imports only once the config is valid
-    if args.command == "data":
+    if command == "data":
         print(jobs.generate_job(cfg["data"], cfg.get("progress", True)))
-    elif args.command == "train":
+    elif command == "train":
         print(jobs.train_job(cfg))
-    elif args.command == "eval":
+    elif command == "eval":
         print(jobs.eval_job(cfg) / "report.md")
-    elif args.command == "export":
+    elif command == "export":
         print(jobs.export_job(cfg))
-    elif args.command == "deploy":
+    elif command == "deploy":
         from diffpilot.export.deploy import deploy_job  # torch-free path: does not import jobs
 
         print(deploy_job(cfg))

@@ -16,25 +16,30 @@ import torch
 import yaml
 
 from diffpilot.data.d4rl import read_d4rl
+from diffpilot.data.errors import DatasetError
 from diffpilot.data.maze2d import generate_maze2d
 from diffpilot.data.pick_place import generate_pick_place
-from diffpilot.fileio import atomic_write_text, cache_dir
 from diffpilot.data.windows import ChunkWindows
-from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
-from diffpilot.policy.training import TrainConfig, train
+from diffpilot.fileio import atomic_write_text, cache_dir
+from diffpilot.policy.registry import build_policy, load_policy, policy_class, policy_options
 from diffpilot.sim.plots import plot_maze_rollouts, plot_training_curve
 from diffpilot.sim.report import markdown_table, write_report
 from diffpilot.sim.runner import EpisodeRecord, run_episodes, summarize
 from diffpilot.sim.tasks import Task, dataset_reference, get_task
-
-POLICY_KEYS = ("obs_horizon", "action_horizon", "exec_horizon", "network", "objective", "sampler", "normalizer", "warm_start")
-DISCRETE_KEYS = ("discrete_dims", "discrete_mode", "discrete_factor")  # optional in a policy config
-OFFLINE_RL_POLICIES = ("dql", "ofql", "flow_bc", "diffusion_bc")
+from diffpilot.train.offline_rl import OFFLINE_RL_KINDS, train_offline_rl
+from diffpilot.train.trainer import Trainer, TrainerConfig, check_settings
 
 
 def dataset_path(data: dict[str, Any]) -> Path:
+    """The data set's file: ``data.path`` when given (it must exist), else its place in the cache."""
     if data.get("path"):
-        return Path(data["path"]).expanduser()
+        path = Path(data["path"]).expanduser()
+        if not path.is_file():
+            raise DatasetError(
+                f"data.path={data['path']} does not exist or is not a file; pass an existing D4RL-format HDF5 file, "
+                f"or drop data.path to generate the {data.get('name', 'configured')} data set"
+            )
+        return path
     if data["kind"] == "pick_place":
         name = f"{data['name']}-{data['episodes']}ep-noise{data['noise']}-s{data['seed']}.hdf5"
     else:
@@ -71,53 +76,55 @@ def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
     return path
 
 
-def _policy_from_config(policy_cfg: dict[str, Any], obs_dim: int, action_dim: int) -> ChunkDiffusionPolicy:
-    if policy_cfg["name"] != ChunkDiffusionPolicy.KIND:
-        raise ValueError(f"unknown policy {policy_cfg['name']!r}; this version trains 'chunk_diffusion'")
-    return ChunkDiffusionPolicy(
-        obs_dim, action_dim, **{k: policy_cfg[k] for k in POLICY_KEYS},
-        **{k: policy_cfg[k] for k in DISCRETE_KEYS if k in policy_cfg},
-    )
-
-
-def offline_rl_train_job(cfg: dict[str, Any]) -> Path:
-    """Train DQL, OFQL or a BC reference on the configured data set; returns the best policy's folder."""
-    from diffpilot.policy.offline_rl import OfflineRLConfig, policy_options, train_offline_rl
-
-    progress = bool(cfg.get("progress", True))
-    out = Path(cfg["out"])
-    data_path = generate_job(cfg["data"], progress)
-    ds = read_d4rl(data_path)
-    task_name = cfg["data"]["name"] if cfg["data"]["kind"] == "locomotion" else cfg["sim"]["task"]
-    name, options = policy_options(cfg["policy"], cfg["data"]["name"])
-    train = cfg["train"]
-    config = OfflineRLConfig(batch_size=int(train["batch_size"]), ckpt_every=int(train["ckpt_every"]),
-                             log_every=int(train["log_every"]), progress=progress)
-    train_offline_rl(name, ds, task_name, out, int(train["steps"]), int(cfg.get("eval_every") or 0),
-                     int(cfg["sim"]["episodes"]), int(cfg["seed"]), config=config, policy_config=options,
-                     resume=bool(cfg.get("resume", True)))
-    return out / "best"
+def trainer_config(cfg: dict[str, Any]) -> TrainerConfig:
+    """The ``train`` block as :class:`TrainerConfig`; an unknown key is refused by name."""
+    train = dict(cfg["train"])
+    fields = set(TrainerConfig.__dataclass_fields__) - {"seed", "progress"}
+    unknown = sorted(set(train) - fields)
+    if unknown:
+        raise ValueError(f"unknown key(s) {['train.' + k for k in unknown]}; valid: {sorted('train.' + k for k in fields)}")
+    return TrainerConfig(**train, seed=int(cfg["seed"]), progress=bool(cfg.get("progress", True)))
 
 
 def train_job(cfg: dict[str, Any]) -> Path:
-    """Train the configured policy on the configured data set; returns the saved policy folder."""
-    if cfg["policy"]["name"] in OFFLINE_RL_POLICIES:
-        return offline_rl_train_job(cfg)
-    progress = bool(cfg.get("progress", True))
+    """Train the configured policy kind on the configured data set; returns the saved policy folder.
+
+    Every key reaches the code that uses it or is refused: the policy block
+    maps onto the kind's Config, the train block onto :class:`TrainerConfig`.
+    """
+    data_cfg = cfg["data"]
+    task_name = data_cfg["name"] if data_cfg["kind"] == "locomotion" else cfg["sim"]["task"]
+    kind, options = policy_options(cfg["policy"], data_cfg["name"])
+    tcfg = trainer_config(cfg)
+    check_settings(policy_class(kind), tcfg)
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    task = get_task(cfg["sim"]["task"], cfg["data"].get("reward", "sparse"))
-    data_path = generate_job(cfg["data"], progress)
+    data_path = generate_job(data_cfg, tcfg.progress)
     ds = read_d4rl(data_path)
+    resume = bool(cfg.get("resume", True))
+    if kind in OFFLINE_RL_KINDS:
+        summary = train_offline_rl(kind, ds, task_name, out, tcfg.steps, tcfg.eval_every, int(cfg["sim"]["episodes"]),
+                                   tcfg.seed, config=tcfg, policy_config=options, eval_seed=int(cfg["sim"]["seed"]),
+                                   resume=resume)
+        return Path(summary["best"] or summary["last"])
+    task = get_task(task_name, data_cfg.get("reward", "sparse"))
     obs = task.observations(ds)
-    torch.manual_seed(int(cfg["seed"]))
-    policy = _policy_from_config(cfg["policy"], obs.shape[1], ds.act_dim)
+    torch.manual_seed(tcfg.seed)
+    policy = build_policy({"name": kind, **options}, obs.shape[1], ds.act_dim)
     policy.fit_normalizers(obs, ds.actions)
     windows = ChunkWindows(obs, ds.actions, ds.episode_slices(), policy.obs_horizon, policy.action_horizon)
-    run = {**cfg, "data_path": str(data_path)}
-    (out / "run.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
-    train_cfg = TrainConfig(**{**cfg["train"], "seed": int(cfg["seed"])})
-    train(policy, windows, train_cfg, out, resume=bool(cfg.get("resume", True)), progress=progress)
+    evaluator = None
+    if tcfg.eval_every:
+        ref, _ = reference_for(task, data_path)
+        episodes, seed = int(cfg["sim"]["episodes"]), int(cfg["sim"]["seed"])
+
+        def evaluator(acting: Any) -> dict[str, float]:
+            return summarize(run_episodes(task.make_env, acting, episodes, seed=seed, ref_scores=ref, progress=False))
+
+    trainer = Trainer(policy, windows, tcfg, out, evaluator=evaluator,
+                      fingerprint={"rows": len(ds), "obs_dim": int(obs.shape[1]), "act_dim": ds.act_dim})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_path": str(data_path)}, sort_keys=False))
+    trainer.run(resume=resume)
     return out / "policy"
 
 
@@ -144,14 +151,10 @@ def _write_json(path: Path, obj: Any) -> None:
 def eval_job(cfg: dict[str, Any]) -> Path:
     """Evaluate a saved policy closed loop; writes eval.json and report.md next to it."""
     ckpt = Path(cfg["checkpoint"])
-    kind = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("kind") if (ckpt / "config.yaml").is_file() else None
-    if kind in OFFLINE_RL_POLICIES:
-        from diffpilot.policy.offline_rl import load_offline_policy
-
-        policy = load_offline_policy(ckpt)
-    else:
-        policy = ChunkDiffusionPolicy.load(ckpt)
+    policy = load_policy(ckpt)
     if cfg.get("sampler"):
+        if not hasattr(policy, "set_sampler"):
+            raise ValueError(f"sampler= does not apply to a {policy.KIND!r} policy (its sampler is fixed at training); drop it")
         sampler = dict(cfg["sampler"])
         policy.set_sampler(sampler.pop("name"), **sampler)
     out = Path(cfg["out"]) if cfg.get("out") else ckpt.parent / "eval"
@@ -174,11 +177,12 @@ def eval_job(cfg: dict[str, Any]) -> Path:
 
 def export_job(cfg: dict[str, Any]) -> Path:
     """Export a saved policy to ONNX (self-checked against torch); optionally an int8 copy beside it."""
-    from diffpilot.export.onnx import export_policy, quantize_dynamic_int8
+    from diffpilot.export.onnx import export_by_kind, quantize_dynamic_int8
 
     ckpt = Path(cfg["checkpoint"])
+    policy = load_policy(ckpt)
     out = Path(cfg["out"]) if cfg.get("out") else ckpt.parent / "policy.onnx"
-    path = export_policy(ChunkDiffusionPolicy.load(ckpt), out, dict(cfg["sampler"]) if cfg.get("sampler") else None)
+    path = export_by_kind(policy, out, dict(cfg["sampler"]) if cfg.get("sampler") else None)
     if cfg.get("int8"):
         quantize_dynamic_int8(path, path.with_suffix(".int8.onnx"))
     return path
@@ -203,7 +207,7 @@ def demo_job(cfg: dict[str, Any]) -> Path:
     out = Path(cfg["out"])
     policy_dir = train_job(cfg)
     train_s = time.perf_counter() - t0
-    policy = ChunkDiffusionPolicy.load(policy_dir)
+    policy = load_policy(policy_dir, kind="chunk_diffusion")
     data_path = dataset_path(cfg["data"])
     task = get_task(cfg["sim"]["task"], cfg["data"].get("reward", "sparse"))
     ref, ref_source = reference_for(task, data_path)

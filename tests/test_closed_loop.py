@@ -9,7 +9,7 @@ import torch
 from diffpilot.data.maze2d import WaypointExpert, generate_maze2d
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
-from diffpilot.policy.training import TrainConfig, train
+from diffpilot.train import TrainerConfig, train
 from diffpilot.sim.runner import run_episodes, summarize
 from diffpilot.sim.tasks import get_task
 
@@ -20,7 +20,7 @@ def test_runner_records_the_expert_succeeding_every_episode():
     expert = WaypointExpert(env.unwrapped.maze.maze_map)
     env.close()
     ref = (5.0, 150.0)
-    records = run_episodes(task.make_env, expert, 3, seed=7, ref_scores=ref, progress=False)
+    records = run_episodes(task.make_env, expert, 3, seed=7, ref_scores=ref)
     assert [r.length for r in records] == [300, 300, 300]
     assert all(r.success for r in records)
     s = summarize(records)
@@ -52,13 +52,13 @@ def test_trained_chunk_policy_runs_closed_loop_and_imitates_better_than_untraine
         return (p.predict({"obs": held["obs"]}, noise=noise) - held["action"]).pow(2).mean().item()
 
     before = imitation_error(policy.eval())
-    trained = train(policy.train(), windows, TrainConfig(steps=300, batch_size=128, lr=2e-3, ckpt_every=300), tmp_path, progress=False)
+    trained = train(policy.train(), windows, TrainerConfig(steps=300, batch_size=128, lr=2e-3, ckpt_every=300, progress=False), tmp_path).policy
     after = imitation_error(trained)
     assert after < 0.5 * before, (before, after)
 
     ref = (float(ds.metadata["ref_min_score"]), float(ds.metadata["ref_max_score"]))
     loaded = ChunkDiffusionPolicy.load(tmp_path / "policy")
-    records = run_episodes(task.make_env, loaded, 2, seed=11, ref_scores=ref, progress=False)
+    records = run_episodes(task.make_env, loaded, 2, seed=11, ref_scores=ref)
     assert len(records) == 2 and all(r.length == 300 for r in records)
     for r in records:
         assert np.isfinite(r.episode_return) and 0 <= r.episode_return <= 300

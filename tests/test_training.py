@@ -9,7 +9,7 @@ import torch
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.checkpoint import CheckpointError
-from diffpilot.policy.training import TrainConfig, train
+from diffpilot.train import TrainerConfig, train
 
 TINY_NET = {"name": "unet1d", "down_dims": [16, 32], "kernel_size": 3, "n_groups": 4}
 
@@ -43,8 +43,8 @@ def test_windows_stay_inside_episodes():
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     obs, act = _data()
     windows = ChunkWindows(obs, act, [(0, 200), (200, 400)], 2, 8)
-    cfg = TrainConfig(steps=24, batch_size=32, warmup_steps=4, ckpt_every=12, log_every=4)
-    full = train(_policy(obs, act), windows, cfg, tmp_path / "full", progress=False)
+    cfg = TrainerConfig(steps=24, batch_size=32, warmup_steps=4, ckpt_every=12, log_every=4, progress=False)
+    full = train(_policy(obs, act), windows, cfg, tmp_path / "full").policy
 
     class Interrupted(ChunkWindows):
         """The same windows, but the process dies while drawing batch 16 (after the step-12 checkpoint)."""
@@ -58,13 +58,14 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
             return super().batch(rows)
 
     with pytest.raises(KeyboardInterrupt):
-        train(_policy(obs, act), Interrupted(obs, act, [(0, 200), (200, 400)], 2, 8), cfg, tmp_path / "split", progress=False)
+        train(_policy(obs, act), Interrupted(obs, act, [(0, 200), (200, 400)], 2, 8), cfg, tmp_path / "split")
     # A new process starts from a fresh model: resume must restore everything.
-    resumed = train(_policy(obs, act), windows, cfg, tmp_path / "split", progress=False)
+    resumed = train(_policy(obs, act), windows, cfg, tmp_path / "split").policy
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
     log = (tmp_path / "split" / "train_log.csv").read_text().splitlines()
     assert log[0] == "step,loss,lr" and log[-1].startswith("24,")
+    assert (tmp_path / "split" / "curves.png").is_file()
 
 
 def test_training_reduces_the_loss_and_the_saved_policy_acts(tmp_path):
@@ -74,9 +75,9 @@ def test_training_reduces_the_loss_and_the_saved_policy_acts(tmp_path):
     rows = np.arange(0, 400, 4)
     batch = {k: torch.from_numpy(v) for k, v in windows.batch(rows).items()}
     g = torch.Generator().manual_seed(1)
-    before = policy.loss(batch, generator=g).item()
-    ema = train(policy, windows, TrainConfig(steps=150, batch_size=64, lr=3e-3, ckpt_every=150, ema_decay=0.9), tmp_path, progress=False)
-    after = ema.loss(batch, generator=g.manual_seed(1)).item()
+    before = policy.compute_loss(batch, generator=g)[0].item()
+    ema = train(policy, windows, TrainerConfig(steps=150, batch_size=64, lr=3e-3, ckpt_every=150, ema_decay=0.9, progress=False), tmp_path).policy
+    after = ema.compute_loss(batch, generator=g.manual_seed(1))[0].item()
     assert after < 0.5 * before, (before, after)
     loaded = ChunkDiffusionPolicy.load(tmp_path / "policy")
     loaded.reset(seed=3)
@@ -100,8 +101,8 @@ def test_noise_in_means_the_same_chunk_out():
 def test_corrupt_resume_state_says_how_to_recover(tmp_path):
     obs, act = _data()
     windows = ChunkWindows(obs, act, [(0, 400)], 2, 8)
-    cfg = TrainConfig(steps=4, batch_size=8, ckpt_every=2)
-    train(_policy(obs, act), windows, cfg, tmp_path, progress=False)
+    cfg = TrainerConfig(steps=4, batch_size=8, ckpt_every=2, progress=False)
+    train(_policy(obs, act), windows, cfg, tmp_path)
     (tmp_path / "state" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="Delete it to start over"):
-        train(_policy(obs, act), windows, TrainConfig(steps=8, batch_size=8), tmp_path, progress=False)
+        train(_policy(obs, act), windows, TrainerConfig(steps=8, batch_size=8, progress=False), tmp_path)

@@ -9,7 +9,7 @@ import torch
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.generative.warm_start import WarmStartConfig, shift_chunk
-from diffpilot.policy.training import TrainConfig, train
+from diffpilot.train import TrainerConfig, train
 
 NET = {"name": "unet1d", "down_dims": [16, 32], "kernel_size": 3, "n_groups": 4}
 
@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
                                   objective={"name": "ddpm", "num_train_steps": 100, "clip_sample": 1.0})
     policy.fit_normalizers(obs, act)
     out = tmp_path_factory.mktemp("warm")
-    return train(policy, windows, TrainConfig(steps=800, batch_size=64, lr=3e-3, ckpt_every=800), out, progress=False), obs, act
+    return train(policy, windows, TrainerConfig(steps=800, batch_size=64, lr=3e-3, ckpt_every=800, progress=False), out).policy, obs, act
 
 
 def test_a_perfect_guess_is_kept_and_a_wrong_one_is_corrected_only_from_a_high_start(trained):

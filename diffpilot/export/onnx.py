@@ -350,6 +350,27 @@ def export_actor(
                             atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed)
 
 
+def export_by_kind(policy: Any, path: str | os.PathLike[str], sampler: dict[str, Any] | None = None) -> Path:
+    """Export any exportable policy in the form its kind runs on board, verified against torch.
+
+    A chunk policy exports its whole inference path (the warm-start form when
+    the policy has a warm start configured); a single-step actor (OFQL, flow
+    BC) exports as a chunk of one. Other kinds are refused with the reason.
+    """
+    kind = getattr(policy, "KIND", type(policy).__name__)
+    if kind == "chunk_diffusion":
+        if policy.config.get("warm_start"):
+            if sampler:
+                policy.set_sampler(sampler.pop("name"), **sampler)
+            return export_warm_start(policy, path, policy.config["warm_start"])
+        return export_policy(policy, path, sampler)
+    if kind in ("ofql", "flow_bc", "diffusion_bc", "dql"):
+        if sampler:
+            raise ValueError(f"sampler= does not apply to a {kind!r} policy (its sampler is fixed at training); drop it")
+        return export_actor(policy, path)
+    raise ValueError(f"a {kind!r} policy has no ONNX export; exportable kinds: chunk_diffusion, ofql, flow_bc")
+
+
 def export_denoiser(
     policy: ChunkDiffusionPolicy,
     path: str | os.PathLike[str],

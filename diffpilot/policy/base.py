@@ -1,26 +1,129 @@
-"""The Policy interface that simulators, the exporter and the CLI rely on."""
+"""The one policy contract: what the trainer, the runners, the exporter and the CLI rely on.
+
+Every learned policy is a :class:`PolicyBase` registered under a kind (see
+:mod:`diffpilot.policy.registry`). Training meets it at three points:
+``optim_groups`` (which parameters each optimizer owns, with its settings),
+``compute_loss`` (a scalar loss and the metrics to log) and ``train_step``
+(one gradient step; the generic version serves every policy trained on one
+loss, actor-critic methods override it). Acting and planning meet it at
+``reset`` and a batched ``predict``; ``act`` (gym tasks) and ``plan``
+(driving) are thin front-ends over ``predict``. ``save``/``load`` are written
+here once: safetensors weights + the policy's plain config + its kind.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+
+from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+
+__all__ = ["OptimGroup", "Policy", "PolicyBase"]
+
+
+@dataclass
+class OptimGroup:
+    """The parameters one optimizer owns and its settings; ``None`` takes the trainer's value."""
+
+    params: list[nn.Parameter]
+    lr: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None  # 0: no clipping
+    schedule: str | None = None  # "cosine" (with warmup) or "constant"
 
 
 @runtime_checkable
 class Policy(Protocol):
-    """A closed-loop controller that can also be queried in batches.
-
-    ``reset`` clears per-episode state (observation history, queued actions,
-    warm-start guesses); ``act`` maps one observation to one action;
-    ``predict`` maps a batch of conditions to a batch of samples.
-    """
+    """What a closed-loop runner needs: per-episode ``reset`` and one action per observation."""
 
     def reset(self, seed: int | None = None) -> None: ...
 
     def act(self, observation: np.ndarray) -> np.ndarray: ...
 
-    def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor: ...
 
-    def save(self, directory: Any) -> Any: ...
+class PolicyBase(nn.Module):
+    """A learned policy of one registered kind.
+
+    Subclasses set ``KIND`` (by :func:`~diffpilot.policy.registry.register_policy`),
+    ``Config`` (the dataclass their YAML maps onto), keep their full
+    constructor arguments in ``self.config`` (so ``cls(**config)`` rebuilds
+    them) and implement ``compute_loss`` and ``predict``.
+
+    ``EMA_PART`` names the sub-module whose exponential moving average the
+    trainer keeps and saves as the acting policy (``None``: the policy keeps
+    any EMA it needs itself, e.g. an actor-critic's target actor).
+    """
+
+    KIND: ClassVar[str] = ""
+    Config: ClassVar[type]
+    EMA_PART: ClassVar[str | None] = None
+    # Trainer settings this kind fixes itself (e.g. per-group learning rates); a user value for them is refused.
+    OWN_TRAIN_KEYS: ClassVar[dict[str, str]] = {}
+
+    config: dict[str, Any]
+
+    # ----------------------------------------------------------------- training
+    def fit_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
+        """Fit the in-model normalizers on the training data (before training)."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The training loss on a raw batch and the metrics to log (floats)."""
+        raise NotImplementedError
+
+    def optim_groups(self) -> dict[str, OptimGroup]:
+        """One optimizer per group; the default is one group over every trainable parameter."""
+        return {"main": OptimGroup([p for p in self.parameters() if p.requires_grad])}
+
+    def train_step(
+        self, batch: dict[str, Tensor], optimizers: dict[str, torch.optim.Optimizer], groups: dict[str, OptimGroup],
+        step: int, generator: torch.Generator,
+    ) -> dict[str, float]:
+        """One gradient step on every optimizer from ``compute_loss``; the one override point for other updates."""
+        loss, metrics = self.compute_loss(batch, generator)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for name, opt in optimizers.items():
+            clip = groups[name].grad_clip or 0.0
+            if clip > 0:
+                nn.utils.clip_grad_norm_(groups[name].params, clip)
+            opt.step()
+        return metrics
+
+    @staticmethod
+    def gradient_step(opt: torch.optim.Optimizer, loss: Tensor, group: OptimGroup) -> None:
+        """Zero, backpropagate ``loss``, clip to the group's norm and step ``opt``."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if (group.grad_clip or 0.0) > 0:
+            nn.utils.clip_grad_norm_(group.params, float(group.grad_clip))
+        opt.step()
+
+    # ------------------------------------------------------------------ acting
+    def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """Samples for a batch of conditions; ``noise`` fixes the initial noise (deterministic given it)."""
+        raise NotImplementedError
+
+    def reset(self, seed: int | None = None) -> None:
+        """Clear per-episode state; ``seed`` reseeds the policy's own generator."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ storage
+    def save(self, directory: str | Path) -> Path:
+        """Weights (safetensors) + config (YAML) + kind, written atomically."""
+        return save_checkpoint(directory, self.state_dict(), copy.deepcopy(self.config), kind=self.KIND)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "PolicyBase":
+        """The policy saved in ``directory``; refuses a checkpoint of another kind by name."""
+        tensors, config = load_checkpoint(directory, kind=cls.KIND)
+        policy = cls(**config)
+        load_state_strict(policy, tensors, directory)
+        return policy.eval()

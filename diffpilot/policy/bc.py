@@ -18,7 +18,7 @@ range the data covers.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -26,12 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
 from diffpilot.policy.networks import MLPDenoiser
+from diffpilot.policy.registry import register_policy
 
-__all__ = ["DiffusionBCPolicy", "FlowBCPolicy", "SingleStepPolicy", "merge_options"]
+__all__ = ["DiffusionBCPolicy", "FlowBCPolicy", "SingleStepPolicy", "config_dataclass", "merge_options"]
 
 BASE_DEFAULTS: dict[str, Any] = {
     # 3 x 256 Mish MLP on (a_t, t, s), as in Diffusion-QL; time_scale None keeps the
@@ -46,6 +47,22 @@ BASE_DEFAULTS: dict[str, Any] = {
     "action_selection": {"samples": 1, "mode": "first"},
 }
 SELECTION_MODES = ("first", "softmax", "argmax")
+OWN_LR = {
+    "lr": "policy.actor_lr (and policy.critic.lr)",
+    "grad_clip": "policy.actor_grad_clip (and policy.critic.grad_clip)",
+    "ema_decay": "policy.ema.decay",
+    "weight_decay": "nothing: these policies train with Adam without weight decay",
+    "warmup_steps": "nothing: these policies train at a constant learning rate",
+    "schedule": "nothing: these policies train at a constant learning rate",
+}
+
+
+def config_dataclass(name: str, defaults: dict[str, Any]) -> type:
+    """A dataclass with one field per option of ``defaults`` (each default deep-copied per instance)."""
+    return dataclasses.make_dataclass(
+        name,
+        [(k, Any, dataclasses.field(default_factory=lambda v=v: copy.deepcopy(v))) for k, v in defaults.items()],
+    )
 
 
 def merge_options(defaults: dict[str, Any], options: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -69,11 +86,12 @@ def merge_options(defaults: dict[str, Any], options: dict[str, Any], kind: str) 
     return out
 
 
-class SingleStepPolicy(nn.Module):
+class SingleStepPolicy(PolicyBase):
     """An observation-conditioned generative model of single actions, trained by BC."""
 
     KIND = "single_step"
     DEFAULTS: dict[str, Any] = BASE_DEFAULTS
+    OWN_TRAIN_KEYS = OWN_LR
 
     def __init__(self, obs_dim: int, action_dim: int, **options: Any) -> None:
         super().__init__()
@@ -160,16 +178,16 @@ class SingleStepPolicy(nn.Module):
         """The generative (imitation) loss on normalized ``obs``/``action``."""
         return self.objective.loss(self.actor, action, obs, generator=generator)
 
-    def optim_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
-        """Parameter groups the trainer makes one Adam optimizer for, with their learning rates."""
-        return {"actor": (list(self.actor.parameters()), float(self.config["actor_lr"]))}
+    def optim_groups(self) -> dict[str, OptimGroup]:
+        """The actor's optimizer: Adam at ``actor_lr``, constant, clipped at ``actor_grad_clip``."""
+        return {"actor": OptimGroup(list(self.actor.parameters()), lr=float(self.config["actor_lr"]), weight_decay=0.0,
+                                    grad_clip=float(self.config["actor_grad_clip"]), schedule="constant")}
 
-    def _step(self, opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip > 0:
-            nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+    def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The imitation loss on a raw batch ``{"obs", "action"}``."""
+        nb = self.normalize_batch(batch)
+        loss = self.bc_loss(nb["obs"], nb["action"], generator)
+        return loss, {"actor_bc_loss": float(loss.detach())}
 
     @torch.no_grad()
     def ema_step(self, step: int) -> None:
@@ -182,15 +200,14 @@ class SingleStepPolicy(nn.Module):
             ema_p = list(self.actor_ema.parameters())
             torch._foreach_lerp_(ema_p, [p.detach() for p in self.actor.parameters()], 1.0 - float(ema["decay"]))
 
-    def update(
-        self, batch: dict[str, Tensor], optimizers: dict[str, torch.optim.Optimizer], step: int, generator: torch.Generator
+    def train_step(
+        self, batch: dict[str, Tensor], optimizers: dict[str, torch.optim.Optimizer], groups: dict[str, OptimGroup],
+        step: int, generator: torch.Generator,
     ) -> dict[str, float]:
-        """One gradient step on a raw batch; returns the step's metrics."""
-        nb = self.normalize_batch(batch)
-        loss = self.bc_loss(nb["obs"], nb["action"], generator)
-        self._step(optimizers["actor"], loss, list(self.actor.parameters()), float(self.config["actor_grad_clip"]))
+        """One BC step, then the actor's EMA."""
+        metrics = super().train_step(batch, optimizers, groups, step, generator)
         self.ema_step(step)
-        return {"actor_bc_loss": float(loss.detach())}
+        return metrics
 
     # ------------------------------------------------------------- interface
     def _check_obs(self, obs: Tensor) -> None:
@@ -232,30 +249,22 @@ class SingleStepPolicy(nn.Module):
         self.decisions += 1
         return action.cpu().numpy().astype(np.float32)
 
-    def save(self, directory: str | Path) -> Path:
-        return save_checkpoint(directory, self.state_dict(), copy.deepcopy(self.config), kind=self.KIND)
 
-    @classmethod
-    def load(cls, directory: str | Path) -> "SingleStepPolicy":
-        tensors, config = load_checkpoint(directory, kind=cls.KIND)
-        policy = cls(**config)
-        load_state_strict(policy, tensors, directory)
-        return policy.eval()
-
-
+@register_policy("diffusion_bc")
 class DiffusionBCPolicy(SingleStepPolicy):
     """Diffusion BC: the DQL actor (DDPM, 5 VP steps, epsilon-prediction) without a critic."""
 
-    KIND = "diffusion_bc"
     DEFAULTS = BASE_DEFAULTS
+    Config = config_dataclass("DiffusionBCConfig", DEFAULTS)
 
 
+@register_policy("flow_bc")
 class FlowBCPolicy(SingleStepPolicy):
     """Flow-matching BC: straight-path velocity regression, a few Euler steps at inference."""
 
-    KIND = "flow_bc"
     DEFAULTS = {
         **BASE_DEFAULTS,
         "objective": {"name": "flow"},
         "sampler": {"name": "euler", "num_steps": 5},
     }
+    Config = config_dataclass("FlowBCConfig", DEFAULTS)

@@ -9,9 +9,8 @@ actions, execute ``exec_horizon`` of them, then replan.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
 from diffpilot.policy.generative.warm_start import WarmStartConfig, WarmStarter
 from diffpilot.policy.networks import build_network
+from diffpilot.policy.registry import register_policy
 
 DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [64, 128, 256], "kernel_size": 5}
 DEFAULT_OBJECTIVE: dict[str, Any] = {"name": "ddpm", "num_train_steps": 100, "schedule": "squaredcos_cap_v2", "prediction": "epsilon"}
@@ -31,10 +31,29 @@ DEFAULT_SAMPLER: dict[str, Any] = {"name": "ddim", "num_steps": 10}
 DISCRETE_MODES = ("none", "scale", "clip")
 
 
-class ChunkDiffusionPolicy(nn.Module):
+@dataclass
+class ChunkDiffusionConfig:
+    """``conf/policy/chunk_*.yaml``: horizons, network, generative objective and sampler, warm start, binary dims."""
+
+    obs_horizon: int = 2
+    action_horizon: int = 16
+    exec_horizon: int = 8
+    network: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NETWORK))
+    objective: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OBJECTIVE))
+    sampler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER))
+    normalizer: str = "limits"
+    warm_start: dict[str, Any] | None = None
+    discrete_dims: list[int] = field(default_factory=list)
+    discrete_mode: str = "none"
+    discrete_factor: float = 10.0
+
+
+@register_policy("chunk_diffusion")
+class ChunkDiffusionPolicy(PolicyBase):
     """Diffusion/flow policy over action chunks, conditioned on a flattened observation history."""
 
-    KIND = "chunk_diffusion"
+    Config = ChunkDiffusionConfig
+    EMA_PART = "net"
 
     def __init__(
         self,
@@ -130,14 +149,18 @@ class ChunkDiffusionPolicy(nn.Module):
             )
         return self.obs_normalizer.normalize(obs).flatten(1)
 
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+    def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Training loss on a batch ``{"obs": (B, To, obs_dim), "action": (B, H, act_dim)}``."""
         action = batch["action"]
         if action.shape[1:] != (self.action_horizon, self.action_dim):
             raise ValueError(
                 f"expected action chunks of shape (B, {self.action_horizon}, {self.action_dim}), got {tuple(action.shape)}"
             )
-        return self.objective.loss(self.net, self.to_model_space(action), self.condition(batch["obs"]), generator=generator)
+        loss = self.objective.loss(self.net, self.to_model_space(action), self.condition(batch["obs"]), generator=generator)
+        return loss, {"loss": float(loss.detach())}
+
+    def optim_groups(self) -> dict[str, OptimGroup]:
+        return {"net": OptimGroup(list(self.net.parameters()))}
 
     # ------------------------------------------------------ discrete actions
     # Binary dimensions (a gripper's open/close) live at +-1 after the limits
@@ -251,14 +274,3 @@ class ChunkDiffusionPolicy(nn.Module):
             start = self.obs_horizon - 1
             self._action_queue.extend(chunk[start : start + self.exec_horizon])
         return self._action_queue.popleft()
-
-    # ------------------------------------------------------------------ storage
-    def save(self, directory: str | Path) -> Path:
-        return save_checkpoint(directory, self.state_dict(), copy.deepcopy(self.config), kind=self.KIND)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "ChunkDiffusionPolicy":
-        tensors, config = load_checkpoint(directory, kind=cls.KIND)
-        policy = cls(**config)
-        load_state_strict(policy, tensors, directory)
-        return policy.eval()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffpilot.policy.base import OptimGroup
 from diffpilot.policy.bc import BASE_DEFAULTS, SingleStepPolicy
 from diffpilot.policy.generative.base import SampleResult
 
@@ -103,10 +104,20 @@ class ActorCriticPolicy(SingleStepPolicy):
         self.critic = TwinCritic(self.obs_dim, self.action_dim, int(c["hidden"]), int(c["depth"]), c["activation"])
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
-    def optim_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
+    def optim_groups(self) -> dict[str, OptimGroup]:
         groups = super().optim_groups()
-        groups["critic"] = (list(self.critic.parameters()), float(self.config["critic"]["lr"]))
+        c = self.config["critic"]
+        groups["critic"] = OptimGroup(list(self.critic.parameters()), lr=float(c["lr"]), weight_decay=0.0,
+                                      grad_clip=float(c["grad_clip"]), schedule="constant")
         return groups
+
+    def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Critic TD loss + actor loss on a raw batch (``train_step`` steps them one after the other)."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        nb = self.normalize_batch(batch)
+        c_loss, td = self.critic_loss(nb, gen)
+        a_loss, metrics = self.actor_loss(nb["obs"], nb["action"], gen)
+        return c_loss + a_loss, {"critic_td_loss": float(td), **metrics}
 
     # ------------------------------------------------------------------ critic
     @torch.no_grad()
@@ -160,15 +171,16 @@ class ActorCriticPolicy(SingleStepPolicy):
         }
         return loss, metrics
 
-    def update(
-        self, batch: dict[str, Tensor], optimizers: dict[str, torch.optim.Optimizer], step: int, generator: torch.Generator
+    def train_step(
+        self, batch: dict[str, Tensor], optimizers: dict[str, torch.optim.Optimizer], groups: dict[str, OptimGroup],
+        step: int, generator: torch.Generator,
     ) -> dict[str, float]:
-        """Critic TD step, actor step, target and EMA updates; returns the step's metrics."""
+        """Critic TD step, then actor step, then target and EMA updates; returns the step's metrics."""
         nb = self.normalize_batch(batch)
         c_loss, td = self.critic_loss(nb, generator)
-        self._step(optimizers["critic"], c_loss, list(self.critic.parameters()), float(self.config["critic"]["grad_clip"]))
+        self.gradient_step(optimizers["critic"], c_loss, groups["critic"])
         a_loss, metrics = self.actor_loss(nb["obs"], nb["action"], generator)
-        self._step(optimizers["actor"], a_loss, list(self.actor.parameters()), float(self.config["actor_grad_clip"]))
+        self.gradient_step(optimizers["actor"], a_loss, groups["actor"])
         soft_update(self.critic_target, self.critic, float(self.config["critic"]["tau"]))
         self.ema_step(step)
         return {"critic_td_loss": float(td), **metrics}

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffpilot.policy.bc import config_dataclass
 from diffpilot.policy.critic import CRITIC_DEFAULTS, ActorCriticPolicy
+from diffpilot.policy.registry import register_policy
 
 __all__ = ["DQLPolicy"]
 
@@ -26,8 +28,9 @@ DQL_DEFAULTS: dict[str, Any] = {
 }
 
 
+@register_policy("dql")
 class DQLPolicy(ActorCriticPolicy):
     """Diffusion-QL: DDPM-5 actor, twin critic, Q-softmax action selection over 50 samples."""
 
-    KIND = "dql"
     DEFAULTS = DQL_DEFAULTS
+    Config = config_dataclass("DQLConfig", DQL_DEFAULTS)

@@ -25,8 +25,10 @@ from typing import Any
 
 from torch import Tensor
 
+from diffpilot.policy.bc import config_dataclass
 from diffpilot.policy.critic import CRITIC_DEFAULTS, ActorCriticPolicy
 from diffpilot.policy.generative.meanflow import MeanFlow
+from diffpilot.policy.registry import register_policy
 
 __all__ = ["OFQLPolicy"]
 
@@ -40,11 +42,12 @@ OFQL_DEFAULTS: dict[str, Any] = {
 }
 
 
+@register_policy("ofql")
 class OFQLPolicy(ActorCriticPolicy):
     """OFQL: MeanFlow actor (one-step action), twin critic, BC - alpha Q actor loss."""
 
-    KIND = "ofql"
     DEFAULTS = OFQL_DEFAULTS
+    Config = config_dataclass("OFQLConfig", OFQL_DEFAULTS)
 
     def meanflow_target(self, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """``(u, u_tgt)`` of the online actor at ``(z, r, t)`` for velocity ``v`` (the JVP target)."""

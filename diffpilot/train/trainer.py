@@ -1,0 +1,339 @@
+"""The one training loop: every registered policy kind trains, evaluates and resumes through it.
+
+Per step it draws a batch of rows from the data source with its own numpy
+generator, hands it to ``policy.train_step`` with the optimizers built from
+``policy.optim_groups()`` and an explicit torch generator for the
+objective's noise, steps each group's learning-rate schedule and the EMA of
+the policy's ``EMA_PART``. Every ``log_every`` steps it logs the mean of the
+metrics the policy returned (any columns), every ``eval_every`` steps (and at
+the end) it evaluates the acting policy through the evaluator passed in and
+keeps the best. Everything needed to resume is written to ``out/state``:
+a run interrupted after a checkpoint and resumed ends with exactly the
+weights of an uninterrupted one.
+
+Outputs in ``out``: ``policy/`` (the acting policy, last), ``best/`` (with an
+evaluator), ``state/``, ``train_log.csv``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffpilot.policy.base import OptimGroup, PolicyBase
+from diffpilot.policy.checkpoint import CheckpointError
+from diffpilot.train.log import plot_log, write_log
+from diffpilot.train.state import restore_state, save_state
+
+__all__ = ["BatchSource", "Evaluator", "check_settings", "TensorRows", "TrainResult", "Trainer", "TrainerConfig", "train"]
+
+# Defaults of the settings a policy may instead fix per optimizer group (OptimGroup / OWN_TRAIN_KEYS).
+GROUP_DEFAULTS: dict[str, float] = {"lr": 1e-3, "weight_decay": 1e-6, "warmup_steps": 100, "ema_decay": 0.995, "grad_clip": 1.0}
+SCHEDULES = ("cosine", "constant")
+
+
+class BatchSource(Protocol):
+    """Training rows: a length and a gather of rows into named arrays."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray | Tensor]: ...
+
+
+class TensorRows:
+    """A :class:`BatchSource` over named arrays of equal length (e.g. offline-RL transitions)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray | Tensor]) -> None:
+        self.arrays = {k: torch.as_tensor(v) for k, v in arrays.items()}
+        sizes = {k: int(v.shape[0]) for k, v in self.arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"training arrays differ in length: {sizes}")
+        self._n = next(iter(sizes.values()))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def batch(self, rows: np.ndarray) -> dict[str, Tensor]:
+        idx = torch.from_numpy(np.asarray(rows))
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class TrainerConfig:
+    """Trainer settings. ``None`` means the default, or the policy's own value where it fixes one."""
+
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    schedule: str | None = None  # for groups that do not fix their own: "cosine" (after warmup, default) or "constant"
+    ema_decay: float | None = None  # EMA of the policy's EMA_PART (0: none)
+    grad_clip: float | None = None  # 0: no clipping
+    ckpt_every: int = 500
+    log_every: int = 50
+    eval_every: int = 0  # with an evaluator: every this many steps (0: only at the end)
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.eval_every) < 0:
+            raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    def setting(self, name: str) -> float:
+        value = getattr(self, name)
+        return GROUP_DEFAULTS[name] if value is None else float(value)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: the acting policy, where it is saved, the scores and the speed."""
+
+    policy: nn.Module
+    steps: int
+    out: Path
+    best_score: float | None = None
+    best_step: int | None = None
+    final_eval: dict[str, float] | None = None
+    train_s_per_1k_steps: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last(self) -> Path:
+        return self.out / "policy"
+
+    @property
+    def best(self) -> Path | None:
+        return self.out / "best" if (self.out / "best").exists() else None
+
+
+def _lr_lambda(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def check_settings(policy_cls: type[PolicyBase], cfg: TrainerConfig) -> None:
+    """Refuse, before any work, trainer settings the policy kind fixes itself (naming where to set them)."""
+    cfg.check()
+    for key, where in policy_cls.OWN_TRAIN_KEYS.items():
+        if getattr(cfg, key, None) is not None:
+            raise ValueError(f"train.{key} does not apply to policy {policy_cls.KIND!r}; set {where} instead")
+
+
+class Trainer:
+    """Trains one policy on one data source; ``run()`` resumes from ``out/state`` when asked and present."""
+
+    def __init__(
+        self,
+        policy: PolicyBase,
+        data: BatchSource,
+        config: TrainerConfig,
+        out: str | Path,
+        *,
+        evaluator: Evaluator | None = None,
+        select_metric: str = "normalized_score",
+        fingerprint: dict[str, Any] | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        check_settings(type(policy), config)
+        if len(data) < 1:
+            raise ValueError("the training data has no rows")
+        self.policy, self.data, self.cfg, self.out = policy, data, config, Path(out)
+        self.evaluator, self.select_metric, self.on_step = evaluator, select_metric, on_step
+        self.fingerprint = {"kind": policy.KIND, **(fingerprint or {})}
+        self.device = torch.device(config.device)
+        policy.to(self.device).train()
+        self.groups = self._resolve_groups(policy.optim_groups())
+        self.optimizers = {
+            name: torch.optim.AdamW(g.params, lr=float(g.lr), weight_decay=float(g.weight_decay))
+            for name, g in self.groups.items()
+        }
+        warmup = int(config.setting("warmup_steps"))
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.groups[name].schedule or config.schedule or "cosine", warmup, config.steps))
+            for name, opt in self.optimizers.items()
+        }
+        self.ema_decay = config.setting("ema_decay") if policy.EMA_PART else 0.0
+        self.ema: nn.Module | None = copy.deepcopy(policy).eval().requires_grad_(False) if self.ema_decay > 0 else None
+        self.generator = torch.Generator().manual_seed(int(config.seed))
+        self.rng = np.random.default_rng(int(config.seed))
+        self.step, self.log, self.best = 0, [], {"score": None, "step": None}
+        self.train_s = 0.0
+        self._acc: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _resolve_groups(self, groups: dict[str, OptimGroup]) -> dict[str, OptimGroup]:
+        out = {}
+        for name, g in groups.items():
+            out[name] = OptimGroup(
+                g.params,
+                lr=self.cfg.setting("lr") if g.lr is None else float(g.lr),
+                weight_decay=self.cfg.setting("weight_decay") if g.weight_decay is None else float(g.weight_decay),
+                grad_clip=self.cfg.setting("grad_clip") if g.grad_clip is None else float(g.grad_clip),
+                schedule=g.schedule,
+            )
+        return out
+
+    @property
+    def acting(self) -> nn.Module:
+        """The policy that acts and is saved: the EMA copy when there is one."""
+        return self.ema if self.ema is not None else self.policy
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        assert self.ema is not None and self.policy.EMA_PART
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
+        part = self.policy.EMA_PART
+        src = dict(self.policy.named_parameters())
+        ema_params, model_params = [], []
+        for name, p in self.ema.named_parameters():
+            if name.startswith(part + "."):
+                ema_params.append(p)
+                model_params.append(src[name].detach())
+            else:
+                p.copy_(src[name])
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.policy.buffers()):
+            b_ema.copy_(b)
+
+    # ----------------------------------------------------------------- state
+    def _modules(self) -> dict[str, nn.Module]:
+        return {"policy": self.policy, **({"ema": self.ema} if self.ema is not None else {})}
+
+    def _checkpoint(self) -> None:
+        meta = {
+            "step": self.step, "numpy_rng": self.rng.bit_generator.state, "log": self.log, "best": self.best,
+            "accumulators": self._acc, "train_s": self.train_s, "fingerprint": self.fingerprint,
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "train": asdict(self.cfg),
+        }
+        save_state(self.out / "state", self._modules(), self.optimizers, {"train": self.generator}, meta)
+        self.acting.save(self.out / "policy")
+        write_log(self.out / "train_log.csv", self.log)
+        plot_log(self.log, self.out / "curves.png")
+
+    def _resume(self) -> None:
+        state_dir = self.out / "state"
+        try:
+            meta = restore_state(state_dir, self._modules(), self.optimizers, {"train": self.generator})
+        except (CheckpointError, ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot resume from {state_dir}: {err}. Delete it to start over.") from err
+        if meta.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"{state_dir} belongs to a different run ({meta.get('fingerprint')} vs {self.fingerprint}); "
+                "use another out folder or delete it to start over"
+            )
+        self.step, self.log, self.best = int(meta["step"]), list(meta["log"]), dict(meta["best"])
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        self._acc = {k: list(v) for k, v in (meta.get("accumulators") or {}).items()}
+        self.train_s = float(meta.get("train_s", 0.0))
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(meta["schedulers"][name])
+
+    # ------------------------------------------------------------------- loop
+    def _batch(self) -> dict[str, Tensor]:
+        rows = self.rng.integers(0, len(self.data), size=self.cfg.batch_size)
+        return {k: torch.as_tensor(v).to(self.device) for k, v in self.data.batch(rows).items()}
+
+    def _evaluate(self) -> dict[str, float]:
+        assert self.evaluator is not None
+        acting = self.acting
+        was_training = acting.training
+        acting.eval()
+        try:
+            summary = self.evaluator(acting)
+        finally:
+            acting.train(was_training)
+        return summary
+
+    def run(self, resume: bool = True) -> TrainResult:
+        """Train to ``config.steps``; with ``resume`` continue from ``out/state`` when it exists."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and (self.out / "state").exists():
+            self._resume()
+        cfg = self.cfg
+        final_eval: dict[str, float] | None = None
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.policy.KIND}", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            metrics = self.policy.train_step(self._batch(), self.optimizers, self.groups, self.step, self.generator)
+            for sched in self.schedulers.values():
+                sched.step()
+            self.train_s += time.perf_counter() - t0
+            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+            if bad:
+                raise FloatingPointError(
+                    f"{bad} became non-finite at step {self.step}; lower the learning rate (or the policy's loss weights)"
+                )
+            self.step += 1
+            if self.ema is not None:
+                self._ema_update()
+            for key, value in metrics.items():
+                self._acc.setdefault(key, []).append(float(value))
+            if self.on_step is not None:
+                self.on_step(self.step, metrics)
+            due_eval = self.evaluator is not None and (
+                (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps
+            )
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or due_eval:
+                row: dict[str, Any] = {"step": self.step, **{k: float(np.mean(v)) for k, v in self._acc.items()}}
+                lrs = {name: s.get_last_lr()[0] for name, s in self.schedulers.items()}
+                row.update({"lr": next(iter(lrs.values()))} if len(lrs) == 1 else {f"lr_{k}": v for k, v in lrs.items()})
+                self._acc = {}
+                if due_eval:
+                    final_eval = self._evaluate()
+                    score = float(final_eval.get(self.select_metric, final_eval.get("return_mean", float("nan"))))
+                    row.update({f"eval_{k}": float(v) for k, v in final_eval.items() if isinstance(v, (int, float))})
+                    if self.best["score"] is None or score >= self.best["score"]:
+                        self.best = {"score": score, "step": self.step}
+                        self.acting.save(self.out / "best")
+                    bar.set_postfix(score=f"{score:.2f}")
+                else:
+                    first = next(iter(metrics), None)
+                    if first is not None:
+                        bar.set_postfix({first: f"{row[first]:.4f}"})
+                self.log.append(row)
+            bar.update(1)
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or due_eval:
+                self._checkpoint()
+        bar.close()
+        if not (self.out / "policy").exists():
+            self._checkpoint()
+        return TrainResult(
+            policy=self.acting, steps=self.step, out=self.out, best_score=self.best["score"], best_step=self.best["step"],
+            final_eval=final_eval, train_s_per_1k_steps=1000.0 * self.train_s / max(self.step, 1),
+        )
+
+
+def train(
+    policy: PolicyBase, data: BatchSource, config: TrainerConfig, out: str | Path, *, resume: bool = True, **kwargs: Any
+) -> TrainResult:
+    """Build a :class:`Trainer` and run it (``kwargs``: evaluator, select_metric, fingerprint, on_step)."""
+    return Trainer(policy, data, config, out, **kwargs).run(resume=resume)
