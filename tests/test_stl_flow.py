@@ -12,18 +12,16 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import Planner
 from diffpilot.data.scene_sample import build_scene_sample, scene_samples_from_arrays, stack_samples
 from diffpilot.data.traffic.generate import simulate_scenes
-from diffpilot.planning.dynamics import rollout as planning_rollout
+from diffpilot.planning.dynamics import controls_from_poses, rollout
 from diffpilot.policy.checkpoint import CheckpointError
 from diffpilot.policy.driving_generative import CTGGuidance, ConditionalVAEPlanner, ParamDDPMPlanner
 from diffpilot.policy.stl_flow import (
     GuidanceConfig,
     PlannerData,
     STLFlowPlanner,
-    controls_from_poses,
     data_from_augmented,
     data_from_logs,
     hindsight_params,
-    unicycle_rollout,
 )
 from diffpilot.stl import RuleSet
 from diffpilot.stl import metrics as M
@@ -83,16 +81,17 @@ def test_controls_from_poses_inverts_the_rollout(arrays):
     v0 = arrays["ego_status"][:, 0]
     complete = arrays["ego_future_valid"].all(axis=1)
     c = controls_from_poses(fut, v0)
-    states = unicycle_rollout(torch.as_tensor(c), torch.as_tensor(v0)).numpy()
+    _, states = rollout(torch.as_tensor(c), torch.as_tensor(v0), clip=False)
+    states = states.numpy()
     # logs: the sideways slip of a step is dropped, headings are exact
     assert np.abs(states[complete, :, :2] - fut[complete, :, :2]).max() < 0.15
     assert np.abs(states[complete, :, 2] - fut[complete, :, 2]).max() < 1e-9
-    # rollouts: exact inverse, and the same dynamics as the trajectory optimizer's unicycle
+    # rollouts: exact inverse, and unclipped (closed form) = clipped (step by step) inside the limits
     rng = np.random.default_rng(0)
     ctrl = np.stack([rng.uniform(-0.4, 0.4, (5, 8)), rng.uniform(-2.0, 2.0, (5, 8))], axis=-1)
-    st = unicycle_rollout(torch.as_tensor(ctrl), torch.full((5,), 8.0)).numpy()
+    st = rollout(torch.as_tensor(ctrl), torch.full((5,), 8.0), clip=False)[1].numpy()
     assert np.allclose(controls_from_poses(st[..., :3], np.full(5, 8.0)), ctrl, atol=1e-9)
-    _, st_planning = planning_rollout(torch.as_tensor(ctrl), torch.full((5,), 8.0))
+    _, st_planning = rollout(torch.as_tensor(ctrl), torch.full((5,), 8.0))
     assert np.allclose(st, st_planning.numpy(), atol=1e-9)
 
 
@@ -100,7 +99,7 @@ def test_hindsight_parameters_are_satisfied_by_their_rows(split):
     train, _ = split
     rules = RuleSet(["speed_limit", "lane_keeping", "heading", "safe_distance", "lane_change"])
     v0 = torch.as_tensor(train.arrays["ego_status"][train.window, 0])
-    states = unicycle_rollout(torch.as_tensor(train.controls), v0)
+    _, states = rollout(torch.as_tensor(train.controls), v0, clip=False)
     rho = M.rule_robustness(states[:, None], train.arrays, train.window, rules, train.params, train.modes)
     assert all(bool((r >= 0).all()) for r in rho.values())
     # the perturbed rows spread vmax beyond what the scene alone decides
@@ -303,7 +302,7 @@ def test_trains_on_trajectory_optimizer_augmented_rows(arrays, tmp_path):
     assert len(data) == len(aug["controls"]) > 0
     # the optimizer's controls roll out to its trajectories under our decoder
     v0 = torch.as_tensor(arrays["ego_status"][data.window, 0])
-    states = unicycle_rollout(torch.as_tensor(data.controls), v0).numpy()
+    states = rollout(torch.as_tensor(data.controls), v0, clip=False)[1].numpy()
     assert np.allclose(states, aug["trajectories"], atol=1e-3)
     planner = STLFlowPlanner(rules=list(aug["rule_names"]), sampler_steps=1, seed=0, **SMALL)
     assert set(planner.param_names) <= set(data.params)

@@ -11,6 +11,7 @@ import torch
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scene_sample import build_scene_sample, stack_samples
 from diffpilot.data.traffic.generate import simulate_scenes
+from diffpilot.planning.dynamics import rollout
 from diffpilot.planning.gradient import LEAN_SIGNALS, lane_choices, rule_signals, window_scene
 from diffpilot.policy.networks.scene_encoder import ConditionFusion
 from diffpilot.policy.stl_flow import (
@@ -19,7 +20,6 @@ from diffpilot.policy.stl_flow import (
     STLFlowPlanner,
     data_from_augmented,
     data_from_logs,
-    unicycle_rollout,
 )
 from diffpilot.stl import metrics as M
 from diffpilot.stl.signals import driving_signals, lane_choice, scene_from_arrays
@@ -37,7 +37,7 @@ def _random_states(arrays, idx: np.ndarray, n: int, seed: int = 0) -> torch.Tens
     g = torch.Generator().manual_seed(seed)
     c = torch.stack([0.15 * torch.randn(len(idx), n, 8, generator=g), 1.5 * torch.randn(len(idx), n, 8, generator=g)], -1)
     v0 = torch.as_tensor(arrays["ego_status"][idx, 0]).double()[:, None].expand(-1, n)
-    return unicycle_rollout(c.double(), v0)
+    return rollout(c.double(), v0, clip=False)[1]
 
 
 def test_window_scene_and_lean_signals_match_the_reference(arrays):

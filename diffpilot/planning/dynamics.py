@@ -19,7 +19,10 @@ Trajectories start one step after now, in the ego frame (``(0, 0, 0, v0)``
 now), as a planner returns them: ``(..., T, 4)`` states after each step.
 Optimizers work on unbounded "raw" controls mapped through ``tanh`` into the
 bounds (the lower acceleration bound depends on the speed so that ``v``
-never goes negative), so every iterate is feasible.
+never goes negative), so every iterate is feasible. Generative planners
+decode their samples with ``rollout(..., clip=False)`` (no bounds, closed
+form: smooth for guidance gradients) and get training controls from logged
+poses with :func:`controls_from_poses`, its inverse.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ import torch
 from torch import Tensor
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import DT
+from diffpilot.data.scenario import DT, wrap_angle
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "UnicycleLimits",
+    "controls_from_poses",
     "controls_from_raw",
     "raw_from_controls",
     "rollout",
@@ -116,12 +121,33 @@ def raw_from_controls(controls: Tensor, v0: Tensor | float, limits: UnicycleLimi
     return torch.stack(raws, dim=-2)
 
 
-def rollout(controls: Tensor, v0: Tensor | float, limits: UnicycleLimits = DEFAULT_LIMITS) -> tuple[Tensor, Tensor]:
-    """Clip physical controls (..., T, 2) into the bounds and integrate; returns (applied controls, states (..., T, 4))."""
+def rollout(controls: Tensor, v0: Tensor | float, limits: UnicycleLimits = DEFAULT_LIMITS, *,
+            clip: bool = True) -> tuple[Tensor, Tensor]:
+    """Integrate physical controls (..., T, 2) from speed ``v0``; returns (applied controls, states (..., T, 4)).
+
+    ``clip=True`` (optimizers, checks): the controls are clipped into
+    ``limits`` step by step (the lower acceleration bound keeps ``v >= 0``);
+    NaN controls or a negative ``v0`` raise.
+
+    ``clip=False`` (generative planners): the controls are applied as given
+    (only ``limits.dt`` is used; the speed may go negative), in closed form
+    with cumulative sums, so the states are a smooth function of the
+    controls that robustness gradients pass through cheaply; ``v0`` is a
+    tensor ``(...)`` and the applied controls are ``controls`` itself. For
+    controls inside the limits both agree to rounding.
+    """
     _check_controls(tuple(controls.shape), "controls")
+    dt = limits.dt
+    if not clip:
+        om, acc = controls[..., 0], controls[..., 1]
+        theta = torch.cumsum(om, dim=-1) * dt
+        mid = theta - 0.5 * om * dt
+        v = torch.as_tensor(v0)[..., None] + torch.cumsum(acc, dim=-1) * dt
+        x = torch.cumsum(v * torch.cos(mid), dim=-1) * dt
+        y = torch.cumsum(v * torch.sin(mid), dim=-1) * dt
+        return controls, torch.stack([x, y, theta, v], dim=-1)
     if bool(torch.isnan(controls).any()):
         raise DatasetError("controls contain NaN")
-    dt = limits.dt
     v = torch.as_tensor(v0, dtype=controls.dtype).expand(controls.shape[:-2]).clone()
     if bool((v < 0).any()):
         raise DatasetError("initial speed v0 must be >= 0 for the unicycle")
@@ -138,6 +164,28 @@ def rollout(controls: Tensor, v0: Tensor | float, limits: UnicycleLimits = DEFAU
         applied.append(torch.stack([om_all[..., k], a], dim=-1))
         states.append(torch.stack([x, y, th, v], dim=-1))
     return torch.stack(applied, dim=-2), torch.stack(states, dim=-2)
+
+
+def controls_from_poses(poses: np.ndarray, v0: np.ndarray, dt: float = DT) -> np.ndarray:
+    """Finite-difference controls ``(W, T, 2)`` of ego-frame poses ``(W, T, 3)`` (logged futures).
+
+    The yaw rate comes from the heading change, the speed from the
+    displacement along the mid-step heading (as the STL speed signal reads
+    it), the acceleration from the speed change (the first from ``v0``
+    ``(W,)``). On poses of :func:`rollout` this is its exact inverse (to
+    rounding); on logs the sideways slip of a step is dropped (centimetres
+    on our data).
+    """
+    p = np.asarray(poses, dtype=np.float64)
+    if p.ndim != 3 or p.shape[-1] < 3:
+        raise DatasetError(f"poses must be (windows, steps, 3), got {p.shape}")
+    prev = np.concatenate([np.zeros_like(p[:, :1, :3]), p[:, :-1, :3]], axis=1)
+    dtheta = wrap_angle(p[..., 2] - prev[..., 2])
+    mid = prev[..., 2] + 0.5 * dtheta
+    d = p[..., :2] - prev[..., :2]
+    v = (d[..., 0] * np.cos(mid) + d[..., 1] * np.sin(mid)) / dt
+    prev_v = np.concatenate([np.asarray(v0, dtype=np.float64).reshape(-1, 1), v[:, :-1]], axis=1)
+    return np.stack([dtheta / dt, (v - prev_v) / dt], axis=-1)
 
 
 def rollout_numpy(controls: np.ndarray, v0: float | np.ndarray, limits: UnicycleLimits = DEFAULT_LIMITS) -> np.ndarray:

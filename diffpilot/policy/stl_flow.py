@@ -48,8 +48,9 @@ from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.data.scenario import COMMANDS, DT, SceneSample, wrap_angle
+from diffpilot.data.scenario import COMMANDS, SceneSample, wrap_angle
 from diffpilot.data.scene_sample import stack_samples
+from diffpilot.planning.dynamics import controls_from_poses, rollout
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from diffpilot.policy.generative import EulerSampler, FlowMatching, MeanFlow, MeanFlowSampler
 from diffpilot.policy.networks.embeddings import TimeEmbedding
@@ -73,12 +74,10 @@ __all__ = [
     "RobustnessGuide",
     "SampleOutput",
     "STLFlowPlanner",
-    "controls_from_poses",
     "data_from_augmented",
     "data_from_logs",
     "hindsight_params",
     "mode_from_command",
-    "unicycle_rollout",
 ]
 
 NETWORKS = ("fusion", "transformer", "mlp")
@@ -89,46 +88,7 @@ DEFAULT_MARGINS = {"vmin": 1.0, "vmax": 1.0, "dmin": 0.5, "dmax": 0.5, "theta_ma
 """Loosening added to hindsight-calibrated parameters (units of each parameter)."""
 
 
-# --------------------------------------------------------------------------- dynamics
-
-
-def unicycle_rollout(controls: Tensor, v0: Tensor, dt: float = DT) -> Tensor:
-    """Controls ``(..., T, 2)`` = (yaw rate, acceleration) from speed ``v0`` ``(...)`` -> states ``(..., T, 4)``.
-
-    The step of :mod:`diffpilot.planning.dynamics` (new speed along the
-    mid-step heading, so the speed read back from the poses is the state's
-    speed), written in closed form with cumulative sums and without its
-    control clipping: the decoder stays smooth for guidance gradients, and
-    controls inside the limits (all augmented data) roll out identically.
-    """
-    om, acc = controls[..., 0], controls[..., 1]
-    theta = torch.cumsum(om, dim=-1) * dt
-    mid = theta - 0.5 * om * dt
-    v = v0[..., None] + torch.cumsum(acc, dim=-1) * dt
-    x = torch.cumsum(v * torch.cos(mid), dim=-1) * dt
-    y = torch.cumsum(v * torch.sin(mid), dim=-1) * dt
-    return torch.stack([x, y, theta, v], dim=-1)
-
-
-def controls_from_poses(poses: np.ndarray, v0: np.ndarray, dt: float = DT) -> np.ndarray:
-    """Finite-difference controls ``(W, T, 2)`` of ego-frame poses ``(W, T, 3)`` (logged futures).
-
-    The yaw rate comes from the heading change, the speed from the
-    displacement along the mid-step heading (as the STL speed signal reads
-    it), the acceleration from the speed change (the first from ``v0``). On
-    poses of :func:`unicycle_rollout` this is its exact inverse; on logs the
-    sideways slip of a step is dropped (centimetres on our data).
-    """
-    p = np.asarray(poses, dtype=np.float64)
-    if p.ndim != 3 or p.shape[-1] < 3:
-        raise DatasetError(f"poses must be (windows, steps, 3), got {p.shape}")
-    prev = np.concatenate([np.zeros_like(p[:, :1, :3]), p[:, :-1, :3]], axis=1)
-    dtheta = wrap_angle(p[..., 2] - prev[..., 2])
-    mid = prev[..., 2] + 0.5 * dtheta
-    d = p[..., :2] - prev[..., :2]
-    v = (d[..., 0] * np.cos(mid) + d[..., 1] * np.sin(mid)) / dt
-    prev_v = np.concatenate([np.asarray(v0, dtype=np.float64).reshape(-1, 1), v[:, :-1]], axis=1)
-    return np.stack([dtheta / dt, (v - prev_v) / dt], axis=-1)
+# --------------------------------------------------------------------------- modes
 
 
 def mode_from_command(command: np.ndarray) -> np.ndarray:
@@ -271,7 +231,7 @@ def hindsight_params(
     sub["command"] = np.array([MODE_COMMAND[int(m)] for m in modes], dtype=np.int64)
     sub["ego_future_valid"] = np.ones((len(window), controls.shape[1]), dtype=bool)
     v0 = torch.as_tensor(sub["ego_status"][:, 0], dtype=torch.float64)
-    traj = unicycle_rollout(torch.as_tensor(controls, dtype=torch.float64), v0)
+    _, traj = rollout(torch.as_tensor(controls, dtype=torch.float64), v0, clip=False)
     sig = driving_signals(traj[:, None], scene_from_arrays(sub))
     return calibrate(sub, rules, margins, signals=sig)
 
@@ -753,7 +713,7 @@ class ParamConditionedPlanner:
     # -- decoding and rules
     def decode(self, x_norm: Tensor, v0: Tensor) -> Tensor:
         """Normalized controls ``(B, T, 2)`` -> states ``(B, T, 4)`` from speeds ``v0`` ``(B,)``."""
-        return unicycle_rollout(self.net.control_norm.unnormalize(x_norm), v0)
+        return rollout(self.net.control_norm.unnormalize(x_norm), v0, clip=False)[1]
 
     # -- sampling
     @torch.no_grad()
