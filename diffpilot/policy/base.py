@@ -63,6 +63,10 @@ class PolicyBase(nn.Module):
     KIND: ClassVar[str] = ""
     Config: ClassVar[type]
     EMA_PART: ClassVar[str | None] = None
+    # Options for a tiny build of this kind (tests, smoke runs): a few thousand parameters.
+    TINY: ClassVar[dict[str, Any]] = {}
+    # Whether diffpilot.export.onnx.export_by_kind writes this kind (with the TINY options) to ONNX.
+    EXPORTABLE: ClassVar[bool] = False
     # Trainer settings this kind fixes itself (e.g. per-group learning rates); a user value for them is refused.
     OWN_TRAIN_KEYS: ClassVar[dict[str, str]] = {}
 
@@ -106,7 +110,15 @@ class PolicyBase(nn.Module):
             nn.utils.clip_grad_norm_(group.params, float(group.grad_clip))
         opt.step()
 
+    def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """A random training batch in this policy's input format (for tests, tracing and smoke runs)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ acting
+    def noise_shape(self, batch_size: int) -> tuple[int, ...]:
+        """Shape of the initial noise ``predict`` takes for a batch."""
+        raise NotImplementedError
+
     def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
         """Samples for a batch of conditions; ``noise`` fixes the initial noise (deterministic given it)."""
         raise NotImplementedError

@@ -92,6 +92,7 @@ class SingleStepPolicy(PolicyBase):
     KIND = "single_step"
     DEFAULTS: dict[str, Any] = BASE_DEFAULTS
     OWN_TRAIN_KEYS = OWN_LR
+    TINY = {"network": {"hidden": 16, "depth": 1}, "ema": {"start": 2, "every": 1}}
 
     def __init__(self, obs_dim: int, action_dim: int, **options: Any) -> None:
         super().__init__()
@@ -143,6 +144,20 @@ class SingleStepPolicy(PolicyBase):
         if "action" in batch:
             out["action"] = self.action_normalizer.normalize(batch["action"])
         return out
+
+    def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Random transitions ``obs, action, reward, next_obs, done`` (the offline-RL batch)."""
+        b = batch_size
+        return {
+            "obs": torch.randn((b, self.obs_dim), generator=generator),
+            "action": torch.rand((b, self.action_dim), generator=generator) * 2 - 1,
+            "reward": torch.randn((b,), generator=generator),
+            "next_obs": torch.randn((b, self.obs_dim), generator=generator),
+            "done": (torch.rand((b,), generator=generator) < 0.1).float(),
+        }
+
+    def noise_shape(self, batch_size: int) -> tuple[int, ...]:
+        return (batch_size, self.action_dim)
 
     # -------------------------------------------------------------- sampling
     def step_noise_shape(self, batch_size: int) -> tuple[int, ...] | None:
@@ -256,6 +271,7 @@ class DiffusionBCPolicy(SingleStepPolicy):
 
     DEFAULTS = BASE_DEFAULTS
     Config = config_dataclass("DiffusionBCConfig", DEFAULTS)
+    EXPORTABLE = False  # ancestral DDPM draws fresh noise at every step: no deterministic graph
 
 
 @register_policy("flow_bc")
@@ -268,3 +284,4 @@ class FlowBCPolicy(SingleStepPolicy):
         "sampler": {"name": "euler", "num_steps": 5},
     }
     Config = config_dataclass("FlowBCConfig", DEFAULTS)
+    EXPORTABLE = True

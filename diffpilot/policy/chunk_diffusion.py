@@ -54,6 +54,10 @@ class ChunkDiffusionPolicy(PolicyBase):
 
     Config = ChunkDiffusionConfig
     EMA_PART = "net"
+    EXPORTABLE = True
+    TINY = {"action_horizon": 8, "exec_horizon": 4,
+            "network": {"name": "unet1d", "down_dims": [8, 16], "kernel_size": 3, "n_groups": 4},
+            "objective": {"name": "ddpm", "num_train_steps": 10}, "sampler": {"name": "ddim", "num_steps": 2}}
 
     def __init__(
         self,
@@ -162,6 +166,11 @@ class ChunkDiffusionPolicy(PolicyBase):
     def optim_groups(self) -> dict[str, OptimGroup]:
         return {"net": OptimGroup(list(self.net.parameters()))}
 
+    def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        obs = torch.randn((batch_size, self.obs_horizon, self.obs_dim), generator=generator)
+        action = torch.rand((batch_size, self.action_horizon, self.action_dim), generator=generator) * 2 - 1
+        return {"obs": obs, "action": action}
+
     # ------------------------------------------------------ discrete actions
     # Binary dimensions (a gripper's open/close) live at +-1 after the limits
     # normalizer. "scale" trains on them divided by ``discrete_factor`` so
@@ -213,7 +222,7 @@ class ChunkDiffusionPolicy(PolicyBase):
         self.warm_starter = WarmStarter(self.objective, self.sampler, WarmStartConfig(**warm_start)) if warm_start else None
         self._previous_chunk = None
 
-    def noise_shape(self, batch_size: int) -> tuple[int, int, int]:
+    def noise_shape(self, batch_size: int) -> tuple[int, ...]:
         return (batch_size, self.action_horizon, self.action_dim)
 
     @torch.no_grad()

@@ -93,6 +93,7 @@ class ActorCriticPolicy(SingleStepPolicy):
 
     KIND = "actor_critic"
     DEFAULTS = CRITIC_DEFAULTS
+    TINY = {"network": {"hidden": 16, "depth": 1}, "critic": {"hidden": 16, "depth": 1}, "ema": {"start": 2, "every": 1}}
 
     def __init__(self, obs_dim: int, action_dim: int, **options: Any) -> None:
         super().__init__(obs_dim, action_dim, **options)

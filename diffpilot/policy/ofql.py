@@ -48,6 +48,7 @@ class OFQLPolicy(ActorCriticPolicy):
 
     DEFAULTS = OFQL_DEFAULTS
     Config = config_dataclass("OFQLConfig", OFQL_DEFAULTS)
+    EXPORTABLE = True  # the one-step actor (action_selection samples 1)
 
     def meanflow_target(self, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """``(u, u_tgt)`` of the online actor at ``(z, r, t)`` for velocity ``v`` (the JVP target)."""
