@@ -111,14 +111,15 @@ def _subset(arrays: dict[str, np.ndarray], scene_tokens: set[str]) -> dict[str, 
 def _train_ego_mlp(cfg: dict[str, Any], root: Path, version: str, spec: SampleSpec, out: Path) -> tuple[Path, dict[str, Any]]:
     """Train the ego-status MLP on the train split; returns its folder and what was done."""
     from diffpilot.data.nuscenes import load_scene_samples
-    from diffpilot.policy.driving_baselines import EgoStatusMLPPlanner
+    from diffpilot.policy.ego_mlp import EgoStatusMLPPlanner
 
     m = cfg["ego_mlp"]
     arrays = load_scene_samples(root, version, cfg["train_split"], spec, progress=bool(cfg["progress"]))
     planner = EgoStatusMLPPlanner(future_steps=spec.future_steps, past_steps=spec.past_steps, hidden=int(m["hidden"]),
                                   depth=int(m["depth"]), lr=float(m["lr"]), seed=int(m["seed"]))
     tic = time.perf_counter()
-    losses = planner.fit(arrays, steps=int(m["steps"]), batch_size=int(m["batch_size"]), seed=int(m["seed"]))
+    losses = planner.fit(arrays, steps=int(m["steps"]), batch_size=int(m["batch_size"]), seed=int(m["seed"]),
+                         out=out / "ego_mlp_train")  # resumable: a rerun continues from its last checkpoint
     info = {"train_split": cfg["train_split"], "train_samples": int(len(arrays["token"])), "steps": int(m["steps"]),
             "batch_size": int(m["batch_size"]), "final_loss": float(np.mean(losses[-min(50, len(losses)):])),
             "train_s": time.perf_counter() - tic}

@@ -207,12 +207,12 @@ def test_ego_mlp_fits_and_round_trips(tmp_path):
     losses = planner.fit(arrays, steps=300, batch_size=128, seed=0)
     first, last = np.mean(losses[:10]), np.mean(losses[-20:])
     assert last < first / 20, (first, last)
-    pred = planner.predict(arrays)
+    pred = planner.plan_batch(arrays)
     rmse = np.sqrt(np.mean((pred[..., :2] - arrays["ego_future"][..., :2]) ** 2))
     assert rmse < 1.5, rmse  # metres, over futures spanning 0..~70 m
     planner.save(tmp_path / "mlp")
     loaded = build_planner("ego_mlp", checkpoint=tmp_path / "mlp")
-    np.testing.assert_array_equal(loaded.predict(arrays), pred)
+    np.testing.assert_array_equal(loaded.plan_batch(arrays), pred)
     sample = make_sample(speed=7.0)
     np.testing.assert_array_equal(loaded.plan(sample), planner.plan(sample))
     again = EgoStatusMLPPlanner(future_steps=F, past_steps=P, hidden=64, depth=2, lr=3e-3)
@@ -230,7 +230,7 @@ def test_ego_mlp_uses_the_past_when_asked_and_checks_shapes(tmp_path):
     with_past.save(tmp_path / "a")
     tensors, _ = load_checkpoint(tmp_path / "a")
     with pytest.raises(CheckpointError, match="does not fit"):  # no past inputs: a smaller first layer
-        load_state_strict(EgoStatusMLPPlanner(future_steps=F, hidden=16, depth=1).model, tensors, tmp_path / "a")
+        load_state_strict(EgoStatusMLPPlanner(future_steps=F, hidden=16, depth=1), tensors, tmp_path / "a")
 
 
 def test_factory_rejects_unknown_names():

@@ -36,6 +36,8 @@ class OptimGroup:
     weight_decay: float | None = None
     grad_clip: float | None = None  # 0: no clipping
     schedule: str | None = None  # "cosine" (with warmup) or "constant"
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0  # cosine decays to this fraction of lr
 
 
 @runtime_checkable
@@ -76,6 +78,11 @@ class PolicyBase(nn.Module):
     def fit_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
         """Fit the in-model normalizers on the training data (before training)."""
         raise NotImplementedError
+
+    def fit_to_batch(self, batch: dict[str, Any]) -> None:
+        """Fit the normalizers on rows in the training-batch format (gym kinds: ``obs`` and ``action``)."""
+        obs, action = np.asarray(batch["obs"]), np.asarray(batch["action"])
+        self.fit_normalizers(obs.reshape(-1, obs.shape[-1]), action.reshape(-1, action.shape[-1]))
 
     def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """The training loss on a raw batch and the metrics to log (floats)."""

@@ -19,19 +19,15 @@ returns ego-frame poses ``(F, 3)`` at ``DT`` spacing starting ``DT`` after now.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.geometry import box_corners, boxes_overlap
-from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import COMMANDS, DT, EGO_SIZE, SampleSpec, SceneSample, wrap_angle
 from diffpilot.data.traffic.idm import IDMParams, idm_accel_scalar
-from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.ego_mlp import EgoStatusMLPPlanner
 
 __all__ = [
     "ConstantVelocityPlanner",
@@ -114,189 +110,6 @@ class ConstantVelocityPlanner:
         status = np.asarray(sample.ego_status, dtype=np.float64)
         yaw_rate = float(status[2]) if self.use_yaw_rate else 0.0
         return constant_velocity_trajectory(float(status[0]), _future_steps(sample, self.future_steps), yaw_rate)
-
-
-# --------------------------------------------------------------------------- ego-status MLP
-
-
-class _EgoMLP(nn.Module):
-    """Normalized MLP: features -> flattened future poses."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int, depth: int) -> None:
-        super().__init__()
-        self.in_norm = Normalizer(in_dim, "gaussian")
-        self.out_norm = Normalizer(out_dim, "gaussian")
-        layers: list[nn.Module] = []
-        d = in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(d, hidden), nn.ReLU()]
-            d = hidden
-        layers.append(nn.Linear(d, out_dim))
-        self.net = nn.Sequential(*layers)
-
-    def forward_normalized(self, x: Tensor) -> Tensor:
-        return self.net(self.in_norm.normalize(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out_norm.unnormalize(self.forward_normalized(x))
-
-
-class EgoStatusMLPPlanner:
-    """NAVSIM's ego-status MLP: ``[speed, accel, yaw rate, one-hot command (, ego past)] -> future``.
-
-    Inputs and outputs are standardized inside the module (the normalizers are
-    buffers, so they are saved with the weights). Training masks waypoints
-    where ``ego_future_valid`` is False.
-    """
-
-    KIND = "ego_status_mlp"
-
-    def __init__(
-        self,
-        future_steps: int = SampleSpec.future_steps,
-        past_steps: int = SampleSpec.past_steps,
-        use_past: bool = False,
-        hidden: int = 256,
-        depth: int = 3,
-        lr: float = 1e-3,
-        seed: int = 0,
-    ) -> None:
-        if future_steps < 1 or past_steps < 0 or hidden < 1 or depth < 1:
-            raise ValueError(
-                f"need future_steps >= 1, past_steps >= 0, hidden >= 1, depth >= 1; got {future_steps}, "
-                f"{past_steps}, {hidden}, {depth}"
-            )
-        self.future_steps, self.past_steps, self.use_past = int(future_steps), int(past_steps), bool(use_past)
-        self.hidden, self.depth, self.lr = int(hidden), int(depth), float(lr)
-        self.in_dim = 3 + len(COMMANDS) + (3 * self.past_steps if self.use_past else 0)
-        self.out_dim = 3 * self.future_steps
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = _EgoMLP(self.in_dim, self.out_dim, self.hidden, self.depth)
-        self.model.eval()
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return {
-            "future_steps": self.future_steps,
-            "past_steps": self.past_steps,
-            "use_past": self.use_past,
-            "hidden": self.hidden,
-            "depth": self.depth,
-            "lr": self.lr,
-        }
-
-    # -- features
-    def features(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """Input rows ``(B, in_dim)`` from stacked SceneSample arrays."""
-        for key in ("ego_status", "command") + (("ego_past",) if self.use_past else ()):
-            if key not in arrays:
-                raise DatasetError(f"arrays lack {key!r} (have {sorted(arrays)}); pass stack_samples(...) output")
-        status = np.asarray(arrays["ego_status"], dtype=np.float64)
-        command = np.asarray(arrays["command"]).astype(np.int64).reshape(-1)
-        if status.ndim != 2 or status.shape[1] != 3 or len(command) != len(status):
-            raise DatasetError(f"ego_status must be (B, 3) and command (B,), got {status.shape} and {command.shape}")
-        if ((command < 0) | (command >= len(COMMANDS))).any():
-            raise DatasetError(f"command indices must lie in [0, {len(COMMANDS)}) (one of {COMMANDS})")
-        parts = [status, np.eye(len(COMMANDS))[command]]
-        if self.use_past:
-            past = np.asarray(arrays["ego_past"], dtype=np.float64)
-            if past.shape[1:] != (self.past_steps + 1, 3):
-                raise DatasetError(
-                    f"ego_past has shape {past.shape[1:]} per sample, this planner expects "
-                    f"({self.past_steps + 1}, 3); build it with past_steps={past.shape[1] - 1} or match the data"
-                )
-            parts.append(past[:, :-1].reshape(len(past), -1))  # the last row is the origin
-        x = np.concatenate(parts, axis=1)
-        if not np.isfinite(x).all():
-            raise DatasetError("non-finite values in ego_status / ego_past; clean the data set first")
-        return x
-
-    def _targets(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        if "ego_future" not in arrays:
-            raise DatasetError(f"arrays lack 'ego_future' (have {sorted(arrays)}); pass stack_samples(...) output")
-        fut = np.asarray(arrays["ego_future"], dtype=np.float64)
-        if fut.shape[1:] != (self.future_steps, 3):
-            raise DatasetError(
-                f"ego_future has shape {fut.shape[1:]} per sample, this planner predicts ({self.future_steps}, 3); "
-                f"construct it with future_steps={fut.shape[1]}"
-            )
-        valid = np.asarray(arrays.get("ego_future_valid", np.ones(fut.shape[:2], bool)), dtype=bool)
-        fut = np.where(valid[..., None], fut, 0.0)
-        if not np.isfinite(fut).all():
-            raise DatasetError("non-finite values in ego_future; clean the data set first")
-        mask = np.repeat(valid[..., None], 3, axis=2).reshape(len(fut), -1)
-        return fut.reshape(len(fut), -1), mask
-
-    # -- training
-    def fit(self, arrays: dict[str, np.ndarray], steps: int, batch_size: int = 256, seed: int = 0) -> list[float]:
-        """Train from scratch (weights re-initialized from ``seed``); returns the loss of every step."""
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
-        x_np = self.features(arrays)
-        y_np, m_np = self._targets(arrays)
-        if len(x_np) != len(y_np):
-            raise DatasetError(f"{len(x_np)} input rows but {len(y_np)} ego_future rows")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = _EgoMLP(self.in_dim, self.out_dim, self.hidden, self.depth)
-        full = m_np.all(axis=1)
-        self.model.in_norm.load_state_dict(Normalizer.fit(x_np, "gaussian").state_dict())
-        self.model.out_norm.load_state_dict(Normalizer.fit(y_np[full] if full.any() else y_np, "gaussian").state_dict())
-        x = torch.as_tensor(x_np, dtype=torch.float32)
-        y = self.model.out_norm.normalize(torch.as_tensor(y_np, dtype=torch.float32))
-        m = torch.as_tensor(m_np, dtype=torch.float32)
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(self.model.net.parameters(), lr=self.lr)
-        self.model.train()
-        losses: list[float] = []
-        for _ in range(steps):
-            idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
-            err = (self.model.forward_normalized(x[idx]) - y[idx]) ** 2 * m[idx]
-            loss = err.sum() / m[idx].sum().clamp_min(1.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        self.model.eval()
-        return losses
-
-    # -- inference
-    @torch.no_grad()
-    def predict(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """Batched plans ``(B, F, 3)`` from stacked arrays."""
-        x = torch.as_tensor(self.features(arrays), dtype=torch.float32)
-        out = self.model(x).double().numpy().reshape(len(x), self.future_steps, 3)
-        out[..., 2] = wrap_angle(out[..., 2])
-        return out
-
-    def reset(self, seed: int | None = None) -> None:
-        return None
-
-    def plan(self, sample: SceneSample) -> np.ndarray:
-        arrays = {
-            "ego_status": np.asarray(sample.ego_status)[None],
-            "command": np.asarray([sample.command]),
-            "ego_past": np.asarray(sample.ego_past)[None],
-        }
-        return self.predict(arrays)[0]
-
-    # -- persistence
-    def save(self, directory: str | Path) -> Path:
-        """Safetensors weights (normalizers included) + YAML config."""
-        return save_checkpoint(directory, self.model.state_dict(), self.config, kind=self.KIND)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "EgoStatusMLPPlanner":
-        tensors, config = load_checkpoint(directory, kind=cls.KIND)
-        known = {"future_steps", "past_steps", "use_past", "hidden", "depth", "lr"}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"checkpoint {directory} config has unknown keys {unknown}; it is not an ego-status MLP")
-        planner = cls(**config)
-        load_state_strict(planner.model, tensors, directory)
-        planner.model.eval()
-        return planner
 
 
 # --------------------------------------------------------------------------- lane follower

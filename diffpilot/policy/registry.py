@@ -44,7 +44,7 @@ def register_policy(kind: str):  # type: ignore[no-untyped-def]
 
 def _ensure_loaded() -> None:
     """Import every module that registers a kind (registration happens at import)."""
-    from diffpilot.policy import bc, chunk_diffusion, dql, ofql  # noqa: F401
+    from diffpilot.policy import bc, chunk_diffusion, dql, ego_mlp, ofql  # noqa: F401
 
 
 def policy_class(kind: str) -> type:

@@ -110,7 +110,7 @@ class TrainResult:
 
     policy: nn.Module
     steps: int
-    out: Path
+    out: Path | None
     best_score: float | None = None
     best_step: int | None = None
     final_eval: dict[str, float] | None = None
@@ -118,22 +118,22 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def last(self) -> Path:
-        return self.out / "policy"
+    def last(self) -> Path | None:
+        return self.out / "policy" if self.out is not None else None
 
     @property
     def best(self) -> Path | None:
-        return self.out / "best" if (self.out / "best").exists() else None
+        return self.out / "best" if self.out is not None and (self.out / "best").exists() else None
 
 
-def _lr_lambda(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
+def _lr_lambda(schedule: str, warmup: int, steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
     def fn(step: int) -> float:
         if schedule == "constant":
             return 1.0
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return fn
 
@@ -154,7 +154,7 @@ class Trainer:
         policy: PolicyBase,
         data: BatchSource,
         config: TrainerConfig,
-        out: str | Path,
+        out: str | Path | None,
         *,
         evaluator: Evaluator | None = None,
         select_metric: str = "normalized_score",
@@ -164,7 +164,8 @@ class Trainer:
         check_settings(type(policy), config)
         if len(data) < 1:
             raise ValueError("the training data has no rows")
-        self.policy, self.data, self.cfg, self.out = policy, data, config, Path(out)
+        self.policy, self.data, self.cfg = policy, data, config
+        self.out = Path(out) if out is not None else None  # None: in memory only (no checkpoints, not resumable)
         self.evaluator, self.select_metric, self.on_step = evaluator, select_metric, on_step
         self.fingerprint = {"kind": policy.KIND, **(fingerprint or {})}
         self.device = torch.device(config.device)
@@ -174,10 +175,10 @@ class Trainer:
             name: torch.optim.AdamW(g.params, lr=float(g.lr), weight_decay=float(g.weight_decay))
             for name, g in self.groups.items()
         }
-        warmup = int(config.setting("warmup_steps"))
         self.schedulers = {
-            name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.groups[name].schedule or config.schedule or "cosine", warmup, config.steps))
-            for name, opt in self.optimizers.items()
+            name: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(
+                g.schedule or config.schedule or "cosine", int(g.warmup_steps or 0), config.steps, g.min_lr_ratio))
+            for (name, opt), g in zip(self.optimizers.items(), self.groups.values())
         }
         self.ema_decay = config.setting("ema_decay") if policy.EMA_PART else 0.0
         self.ema: nn.Module | None = copy.deepcopy(policy).eval().requires_grad_(False) if self.ema_decay > 0 else None
@@ -197,6 +198,8 @@ class Trainer:
                 weight_decay=self.cfg.setting("weight_decay") if g.weight_decay is None else float(g.weight_decay),
                 grad_clip=self.cfg.setting("grad_clip") if g.grad_clip is None else float(g.grad_clip),
                 schedule=g.schedule,
+                warmup_steps=int(self.cfg.setting("warmup_steps")) if g.warmup_steps is None else int(g.warmup_steps),
+                min_lr_ratio=float(g.min_lr_ratio),
             )
         return out
 
@@ -227,6 +230,8 @@ class Trainer:
         return {"policy": self.policy, **({"ema": self.ema} if self.ema is not None else {})}
 
     def _checkpoint(self) -> None:
+        if self.out is None:
+            return
         meta = {
             "step": self.step, "numpy_rng": self.rng.bit_generator.state, "log": self.log, "best": self.best,
             "accumulators": self._acc, "train_s": self.train_s, "fingerprint": self.fingerprint,
@@ -274,8 +279,9 @@ class Trainer:
 
     def run(self, resume: bool = True) -> TrainResult:
         """Train to ``config.steps``; with ``resume`` continue from ``out/state`` when it exists."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if resume and (self.out / "state").exists():
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume and self.out is not None and (self.out / "state").exists():
             self._resume()
         cfg = self.cfg
         final_eval: dict[str, float] | None = None
@@ -313,7 +319,8 @@ class Trainer:
                     row.update({f"eval_{k}": float(v) for k, v in final_eval.items() if isinstance(v, (int, float))})
                     if self.best["score"] is None or score >= self.best["score"]:
                         self.best = {"score": score, "step": self.step}
-                        self.acting.save(self.out / "best")
+                        if self.out is not None:
+                            self.acting.save(self.out / "best")
                     bar.set_postfix(score=f"{score:.2f}")
                 else:
                     first = next(iter(metrics), None)
@@ -324,7 +331,7 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or due_eval:
                 self._checkpoint()
         bar.close()
-        if not (self.out / "policy").exists():
+        if self.out is not None and not (self.out / "policy").exists():
             self._checkpoint()
         return TrainResult(
             policy=self.acting, steps=self.step, out=self.out, best_score=self.best["score"], best_step=self.best["step"],
@@ -333,7 +340,7 @@ class Trainer:
 
 
 def train(
-    policy: PolicyBase, data: BatchSource, config: TrainerConfig, out: str | Path, *, resume: bool = True, **kwargs: Any
+    policy: PolicyBase, data: BatchSource, config: TrainerConfig, out: str | Path | None, *, resume: bool = True, **kwargs: Any
 ) -> TrainResult:
     """Build a :class:`Trainer` and run it (``kwargs``: evaluator, select_metric, fingerprint, on_step)."""
     return Trainer(policy, data, config, out, **kwargs).run(resume=resume)

@@ -289,12 +289,11 @@ def evaluate_planner(
 
 
 def _plans_for_arrays(planner: Planner, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """Every sample's plan; the ego-status MLP plans the whole batch at once."""
+    """Every sample's plan (one batched call for planners with ``plan_batch``)."""
     from diffpilot.data.scene_sample import scene_samples_from_arrays
-    from diffpilot.policy.driving_baselines import EgoStatusMLPPlanner
 
-    if isinstance(planner, EgoStatusMLPPlanner):
-        return np.asarray(planner.predict(arrays), dtype=np.float64)
+    if hasattr(planner, "plan_batch"):  # planners that see each sample alone can plan the whole batch at once
+        return np.asarray(planner.plan_batch(arrays), dtype=np.float64)
     plans = []
     scene = None
     for i in range(len(arrays["token"])):
