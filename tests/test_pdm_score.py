@@ -294,10 +294,14 @@ def test_pdm_score_formula():
     assert pdm_score(1, 1, 0, 0.5, 1) == pytest.approx((0 + 2.5 + 2) / 12)
     assert pdm_score(0.5, 1, 1, 1, 1) == pytest.approx(0.5)
     assert pdm_score(1, 0, 1, 1, 1) == 0.0
-    rng = np.random.default_rng(1)
-    for _ in range(5):
-        nc, dac, ttc, ep, c = rng.choice([0, 0.5, 1]), rng.integers(2), rng.integers(2), rng.uniform(), rng.integers(2)
-        assert pdm_score(nc, dac, ttc, ep, c) == pytest.approx(nc * dac * (5 * ttc + 5 * ep + 2 * c) / 12)
+    assert pdm_score(0, 1, 1, 1, 1) == 0.0  # an at-fault collision zeroes the score whatever else happened
+    # the weighted part, term by term: TTC and EP weigh 5/12 each, comfort 2/12
+    assert pdm_score(1, 1, 1, 0, 0) == pytest.approx(5 / 12)
+    assert pdm_score(1, 1, 0, 1, 0) == pytest.approx(5 / 12)
+    assert pdm_score(1, 1, 0, 0, 1) == pytest.approx(1 / 6)
+    assert pdm_score(1, 1, 1, 0.2, 0) == pytest.approx(0.5)  # (5 + 1) / 12
+    # a static-object collision (NC 0.5) halves the weighted part: 0.5 * (0 + 4 + 2) / 12
+    assert pdm_score(0.5, 1, 0, 0.8, 1) == pytest.approx(0.25)
 
 
 def test_log_replay_of_the_human_drive_on_a_clean_log():

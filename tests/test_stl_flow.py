@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,7 +274,7 @@ def test_endpoint_entropy_min_ade_fde():
         M.min_ade(trajs, gt[:, :2])
 
 
-def test_mode_rules_summary_and_timing():
+def test_mode_rules_summary_and_timing(monkeypatch):
     assert M.applicable_rules(["speed_limit", "lane_keeping", "lane_change"], 0) == ["speed_limit", "lane_keeping"]
     assert M.applicable_rules(["speed_limit", "lane_keeping", "lane_change"], 1) == ["speed_limit", "lane_change"]
     per_rule = {"speed_limit": torch.tensor([[1.0, -1.0]]), "lane_keeping": torch.tensor([[-2.0, 3.0]]),
@@ -288,9 +289,21 @@ def test_mode_rules_summary_and_timing():
     row = M.open_loop_summary(trajs, np.array([[True, False]]), _straight(10.0)[None], seconds_per_batch=0.5)
     assert row["success"] == 1.0 and row["compliance"] == 0.5 and row["min_ade_m"] == pytest.approx(0.0)
     assert row["time_per_batch_s"] == 0.5 and row["valid_area_m2"] > 0
+    # time_per_batch: the median of the timed calls, the warm-up call left out (a fake clock the calls advance)
+    clock = SimpleNamespace(now=0.0)
+    clock.perf_counter = lambda: clock.now
+    monkeypatch.setattr(M, "time", clock)
+    durations = iter([9.0, 1.0, 4.0, 2.0])
     calls = []
-    assert M.time_per_batch(lambda: calls.append(1), repeats=3, warmup=1) >= 0.0
+
+    def call():
+        calls.append(1)
+        clock.now += next(durations)
+
+    assert M.time_per_batch(call, repeats=3, warmup=1) == 2.0
     assert len(calls) == 4
+    with pytest.raises(ValueError, match="repeats"):
+        M.time_per_batch(call, repeats=0)
 
 
 def test_trains_on_trajectory_optimizer_augmented_rows(arrays, tmp_path):
