@@ -23,8 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/diffpilot demo out=runs/demo
 
+# Tests run on TEST_WORKERS processes (pytest-xdist), a whole module per worker so a
+# module's trained fixtures are built once; each worker keeps BLAS to one thread.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf $(VENV) runs
