@@ -112,14 +112,15 @@ def _train_ego_mlp(cfg: dict[str, Any], root: Path, version: str, spec: SampleSp
     """Train the ego-status MLP on the train split; returns its folder and what was done."""
     from diffpilot.data.nuscenes import load_scene_samples
     from diffpilot.policy.ego_mlp import EgoStatusMLPPlanner
+    from diffpilot.train import fit
 
     m = cfg["ego_mlp"]
     arrays = load_scene_samples(root, version, cfg["train_split"], spec, progress=bool(cfg["progress"]))
     planner = EgoStatusMLPPlanner(future_steps=spec.future_steps, past_steps=spec.past_steps, hidden=int(m["hidden"]),
                                   depth=int(m["depth"]), lr=float(m["lr"]), seed=int(m["seed"]))
     tic = time.perf_counter()
-    losses = planner.fit(arrays, steps=int(m["steps"]), batch_size=int(m["batch_size"]), seed=int(m["seed"]),
-                         out=out / "ego_mlp_train")  # resumable: a rerun continues from its last checkpoint
+    losses = fit(planner, arrays, steps=int(m["steps"]), batch_size=int(m["batch_size"]), seed=int(m["seed"]),
+                 out=out / "ego_mlp_train")  # resumable: a rerun continues from its last checkpoint
     info = {"train_split": cfg["train_split"], "train_samples": int(len(arrays["token"])), "steps": int(m["steps"]),
             "batch_size": int(m["batch_size"]), "final_loss": float(np.mean(losses[-min(50, len(losses)):])),
             "train_s": time.perf_counter() - tic}

@@ -49,7 +49,6 @@ __all__ = [
     "KINDS",
     "LOCOMOTION_ENVS",
     "build_locomotion_dataset",
-    "locomotion_task",
 ]
 
 LOCOMOTION_ENVS: dict[str, str] = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
@@ -63,23 +62,6 @@ def _check_env(env: str) -> str:
     if env not in LOCOMOTION_ENVS:
         raise DatasetError(f"unknown locomotion env {env!r}; choose one of {sorted(LOCOMOTION_ENVS)}")
     return LOCOMOTION_ENVS[env]
-
-
-def locomotion_task(env: str) -> Any:
-    """A closed-loop :class:`diffpilot.sim.tasks.Task` for ``hopper``/``halfcheetah``/``walker2d`` (gymnasium v5)."""
-    from diffpilot.sim.tasks import Task
-
-    env_id = _check_env(env)
-
-    def local_reference(episodes: int) -> tuple[float, float]:
-        return D4RL_REF_SCORES[env]
-
-    return Task(
-        name=env,
-        make_env=lambda: gym.make(env_id),
-        observations=lambda ds: ds.observations,
-        local_reference=local_reference,
-    )
 
 
 # ----------------------------------------------------------------------------- rollouts

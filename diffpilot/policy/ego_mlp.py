@@ -10,7 +10,6 @@ other kind (Adam at ``lr``, constant, no clipping, no EMA).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -170,28 +169,6 @@ class EgoStatusMLPPlanner(PolicyBase):
 
     def noise_shape(self, batch_size: int) -> tuple[int, ...]:
         return (batch_size, 0)  # deterministic: no noise
-
-    # -- training (the one trainer)
-    def fit(self, arrays: dict[str, np.ndarray], steps: int, batch_size: int = 256, seed: int = 0,
-            out: str | Path | None = None) -> list[float]:
-        """Train from scratch (weights re-initialized from ``seed``) through the trainer; returns every step's loss.
-
-        With ``out`` the run is checkpointed there and resumes when rerun.
-        """
-        from diffpilot.train.trainer import TensorRows, TrainerConfig, train
-
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
-        rows = self.training_rows(arrays)
-        fresh = type(self)(**{**self.config, "seed": int(seed)})
-        self.load_state_dict(fresh.state_dict())
-        self.fit_to_batch(rows)
-        losses: list[float] = []
-        cfg = TrainerConfig(steps=int(steps), batch_size=min(int(batch_size), len(rows["x"])), seed=int(seed),
-                            log_every=max(1, int(steps) // 50), ckpt_every=max(1, int(steps) // 4), progress=False)
-        train(self, TensorRows(rows), cfg, out, on_step=lambda step, m: losses.append(m["loss"]))
-        self.eval()
-        return losses
 
     # -- inference
     @torch.no_grad()

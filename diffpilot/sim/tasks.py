@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from diffpilot.data.d4rl import OfflineDataset
 from diffpilot.data import pick_place
-from diffpilot.data.locomotion import LOCOMOTION_ENVS, locomotion_task
+from diffpilot.data.d4rl import D4RL_REF_SCORES, OfflineDataset
+from diffpilot.data.locomotion import LOCOMOTION_ENVS
 from diffpilot.data.maze2d import MAZES, make_maze2d_env, reference_scores
 
 
@@ -35,6 +35,19 @@ def _maze2d_task(maze: str, reward: str) -> Task:
         make_env=lambda: make_maze2d_env(maze, reward=reward, goal_in_obs=True, eval_goal=True),
         observations=observations,
         local_reference=lambda episodes: reference_scores(maze, reward, episodes=episodes, seed=0),
+    )
+
+
+def locomotion_task(env: str) -> Task:
+    """``hopper``/``halfcheetah``/``walker2d`` on gymnasium v5; references are D4RL's published ones."""
+    if env not in LOCOMOTION_ENVS:
+        raise ValueError(f"unknown locomotion env {env!r}; choose one of {sorted(LOCOMOTION_ENVS)}")
+    env_id = LOCOMOTION_ENVS[env]
+    return Task(
+        name=env,
+        make_env=lambda: gym.make(env_id),
+        observations=lambda ds: ds.observations,
+        local_reference=lambda episodes: D4RL_REF_SCORES[env],
     )
 
 

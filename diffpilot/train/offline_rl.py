@@ -22,11 +22,11 @@ import yaml
 
 from diffpilot.data.d4rl import D4RL_REF_SCORES, OfflineDataset
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.locomotion import LOCOMOTION_ENVS, locomotion_task
+from diffpilot.data.locomotion import LOCOMOTION_ENVS
 from diffpilot.fileio import atomic_path
 from diffpilot.policy.registry import build_policy
 from diffpilot.sim.runner import run_episodes, summarize
-from diffpilot.sim.tasks import Task, dataset_reference, get_task
+from diffpilot.sim.tasks import Task, dataset_reference, get_task, locomotion_task
 from diffpilot.train.trainer import TensorRows, Trainer, TrainerConfig
 
 __all__ = ["OFFLINE_RL_KINDS", "load_policy_yaml", "resolve_task", "train_offline_rl"]

@@ -35,7 +35,7 @@ from diffpilot.policy.checkpoint import CheckpointError
 from diffpilot.train.log import plot_log, write_log
 from diffpilot.train.state import restore_state, save_state
 
-__all__ = ["BatchSource", "Evaluator", "check_settings", "TensorRows", "TrainResult", "Trainer", "TrainerConfig", "train"]
+__all__ = ["BatchSource", "Evaluator", "check_settings", "fit", "TensorRows", "TrainResult", "Trainer", "TrainerConfig", "train"]
 
 # Defaults of the settings a policy may instead fix per optimizer group (OptimGroup / OWN_TRAIN_KEYS).
 GROUP_DEFAULTS: dict[str, float] = {"lr": 1e-3, "weight_decay": 1e-6, "warmup_steps": 100, "ema_decay": 0.995, "grad_clip": 1.0}
@@ -344,3 +344,27 @@ def train(
 ) -> TrainResult:
     """Build a :class:`Trainer` and run it (``kwargs``: evaluator, select_metric, fingerprint, on_step)."""
     return Trainer(policy, data, config, out, **kwargs).run(resume=resume)
+
+
+def fit(
+    policy: PolicyBase, data: Any, steps: int, batch_size: int = 256, seed: int = 0, out: str | Path | None = None,
+    **settings: Any,
+) -> list[float]:
+    """Fit the normalizers, then train ``policy`` on its ``training_rows(data)``; returns every step's loss.
+
+    The short form for library use and the driving jobs: ``out`` makes the run
+    checkpointed and resumable (None: in memory); ``settings`` are further
+    :class:`TrainerConfig` fields.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    rows = policy.training_rows(data)
+    source = TensorRows(rows) if isinstance(rows, dict) else rows
+    policy.fit_to_batch(rows)
+    losses: list[float] = []
+    cfg = TrainerConfig(**{"steps": int(steps), "batch_size": min(int(batch_size), len(source)), "seed": int(seed),
+                           "log_every": max(1, int(steps) // 50), "ckpt_every": max(1, int(steps) // 4),
+                           "progress": False, **settings})
+    train(policy, source, cfg, out, on_step=lambda step, metrics: losses.append(float(metrics["loss"])))
+    policy.eval()
+    return losses
