@@ -20,9 +20,6 @@ from diffpilot.policy.checkpoint import CheckpointError
 from diffpilot.policy.registry import POLICIES, build_policy, load_policy, policy_class, policy_options
 from diffpilot.train import TensorRows, TrainerConfig, train
 
-from diffpilot.policy.registry import _ensure_loaded  # noqa: E402  (fill the registry before parametrizing)
-
-_ensure_loaded()
 KINDS = sorted(POLICIES)
 OBS_DIM, ACT_DIM = 5, 2
 

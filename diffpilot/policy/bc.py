@@ -30,7 +30,7 @@ from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
 from diffpilot.policy.networks import MLPDenoiser
-from diffpilot.policy.registry import register_policy
+from diffpilot.policy.kinds import register_policy
 
 __all__ = ["DiffusionBCPolicy", "FlowBCPolicy", "SingleStepPolicy", "config_dataclass", "merge_options"]
 

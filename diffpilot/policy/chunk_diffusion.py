@@ -23,7 +23,7 @@ from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
 from diffpilot.policy.generative.warm_start import WarmStartConfig, WarmStarter
 from diffpilot.policy.networks import build_network
-from diffpilot.policy.registry import register_policy
+from diffpilot.policy.kinds import register_policy
 
 DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [64, 128, 256], "kernel_size": 5}
 DEFAULT_OBJECTIVE: dict[str, Any] = {"name": "ddpm", "num_train_steps": 100, "schedule": "squaredcos_cap_v2", "prediction": "epsilon"}

@@ -16,7 +16,7 @@ from typing import Any
 
 from diffpilot.policy.bc import config_dataclass
 from diffpilot.policy.critic import CRITIC_DEFAULTS, ActorCriticPolicy
-from diffpilot.policy.registry import register_policy
+from diffpilot.policy.kinds import register_policy
 
 __all__ = ["DQLPolicy"]
 

@@ -20,7 +20,7 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import COMMANDS, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import OptimGroup, PolicyBase
-from diffpilot.policy.registry import register_policy
+from diffpilot.policy.kinds import register_policy
 
 __all__ = ["EgoStatusMLPConfig", "EgoStatusMLPPlanner"]
 

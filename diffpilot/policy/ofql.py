@@ -28,7 +28,7 @@ from torch import Tensor
 from diffpilot.policy.bc import config_dataclass
 from diffpilot.policy.critic import CRITIC_DEFAULTS, ActorCriticPolicy
 from diffpilot.policy.generative.meanflow import MeanFlow
-from diffpilot.policy.registry import register_policy
+from diffpilot.policy.kinds import register_policy
 
 __all__ = ["OFQLPolicy"]
 

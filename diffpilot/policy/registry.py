@@ -1,6 +1,6 @@
 """One registry of policy kinds: name -> class, config -> policy, checkpoint folder -> policy.
 
-A kind is registered with :func:`register_policy` on its class; its YAML in
+A kind is registered with :func:`~diffpilot.policy.kinds.register_policy` on its class; its YAML in
 ``conf/policy/`` maps one to one onto the class's ``Config`` dataclass (plus
 ``name``, the kind, and for the offline-RL kinds ``per_task`` overrides), so
 an unknown key is an error that lists the valid ones. :func:`load_policy`
@@ -15,41 +15,20 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+# Every module that defines a kind is imported here, so the table is full once this module is loaded.
+from diffpilot.policy import bc, chunk_diffusion, dql, ego_mlp, ofql  # noqa: F401
 from diffpilot.policy.checkpoint import CONFIG, CheckpointError
+from diffpilot.policy.kinds import POLICIES, register_policy
 
 __all__ = ["POLICIES", "build_policy", "load_policy", "policy_class", "policy_options", "register_policy", "stored_kind"]
-
-POLICIES: dict[str, type] = {}
-T = TypeVar("T", bound=type)
-
-
-def register_policy(kind: str):  # type: ignore[no-untyped-def]
-    """Class decorator: register a policy class under ``kind`` (also sets ``cls.KIND``)."""
-
-    def wrap(cls: T) -> T:
-        if kind in POLICIES and POLICIES[kind] is not cls:
-            raise ValueError(f"policy kind {kind!r} is registered twice ({POLICIES[kind].__name__} and {cls.__name__})")
-        if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
-            raise TypeError(f"policy {cls.__name__} needs a Config dataclass to be registered")
-        cls.KIND = kind
-        POLICIES[kind] = cls
-        return cls
-
-    return wrap
-
-
-def _ensure_loaded() -> None:
-    """Import every module that registers a kind (registration happens at import)."""
-    from diffpilot.policy import bc, chunk_diffusion, dql, ego_mlp, ofql  # noqa: F401
 
 
 def policy_class(kind: str) -> type:
     """The class registered as ``kind``; an unknown kind names the known ones."""
-    _ensure_loaded()
     if kind not in POLICIES:
         raise ValueError(f"unknown policy kind {kind!r}; registered kinds: {', '.join(sorted(POLICIES))}")
     return POLICIES[kind]
@@ -106,7 +85,6 @@ def load_policy(directory: str | Path, kind: str | None = None) -> Any:
     With ``kind`` given, a checkpoint of another kind is refused by name.
     """
     found = stored_kind(directory)
-    _ensure_loaded()
     if found not in POLICIES:
         raise CheckpointError(
             f"{directory} holds a {found!r}, not a policy; pass a saved policy folder such as <out>/policy or <out>/best "
