@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_io  # noqa: E402
 
+from diffpilot.data.scenario import FUTURE_STEPS, PAST_STEPS  # noqa: E402
 from diffpilot.data.scene_sample import build_scene_sample, stack_samples  # noqa: E402
 from diffpilot.data.traffic.generate import simulate_scenes  # noqa: E402
 from diffpilot.stl import metrics as M  # noqa: E402
@@ -95,7 +96,7 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
     train, test, train_log = _subset(data, ~is_test), _subset(data, is_test & logged), _subset(data, ~is_test & logged)
     N, W = args.samples, len(test)
     gt, gt_valid = test.arrays["ego_future"][test.window], test.arrays["ego_future_valid"][test.window]
-    noise = torch.randn((W * N, 8, 2), generator=torch.Generator().manual_seed(0))
+    noise = torch.randn((W * N, FUTURE_STEPS, 2), generator=torch.Generator().manual_seed(0))
     hp = dict(d_model=args.d_model, n_layers=2, n_heads=4, seed=0, network=args.network, param_dropout=args.param_dropout)
     rows: list[dict] = []
     times: dict[str, float] = {}
@@ -116,7 +117,7 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
     scene = scene_from_arrays({k: np.asarray(v)[test.window] for k, v in test.arrays.items()})
     rules = STLFlowPlanner().rules
     tic = time.perf_counter()
-    states = np.zeros((W, N, 8, 4))
+    states = np.zeros((W, N, FUTURE_STEPS, 4))
     for m in np.unique(test.modes):  # one call per mode: each window is optimized in its own mode
         sel = np.flatnonzero(test.modes == m)
         sub = take_scene(scene, torch.as_tensor(sel))
@@ -206,7 +207,7 @@ def controllability(test, planners: dict, n: int, delta: float) -> list[dict]:  
     share of windows where it is (no guidance: the parameters' effect through the network alone).
     """
     W = len(test)
-    noise = torch.randn((W * n, 8, 2), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn((W * n, FUTURE_STEPS, 2), generator=torch.Generator().manual_seed(1))
     rows = []
     for name, planner in planners.items():
         speed = {}
@@ -261,7 +262,7 @@ def robustness_speed(arrays: dict, n: int = 1024) -> dict:
     from diffpilot.stl import Always, Param, Signal, driving_signals, robustness, scene_from_arrays
     from diffpilot.stl.stlpy_bridge import signals_to_stlpy, to_stlpy
 
-    T = 8
+    T = FUTURE_STEPS
     v, d, e = Signal("speed"), Signal("lane_offset"), Signal("heading_error")
     formula = Always((v >= Param("vmin")) & (v <= Param("vmax")) & (d >= Param("dmin")) & (d <= Param("dmax"))
                      & (e <= Param("theta_max")) & (-e <= Param("theta_max")), 0, T - 1)
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         results_io.RESULTS = Path(args.out)
     _, logs = simulate_scenes(args.scenes, seed=1, progress=False)
-    arrays = stack_samples([build_scene_sample(log, f) for log in logs for f in range(4, log.num_frames - 8, args.stride)])
+    arrays = stack_samples([build_scene_sample(log, f) for log in logs
+                            for f in range(PAST_STEPS, log.num_frames - FUTURE_STEPS, args.stride)])
     rows, extra = open_loop(args, arrays)
     held = set(extra["info"]["held_out_scenes"])
     cl_logs = [lg for lg in logs if lg.scene_token in held][: args.closed_loop_scenes]

@@ -35,7 +35,7 @@ import numpy as np
 import shapely
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import CATEGORIES, MapGeometry, ScenarioLog
+from diffpilot.data.scenario import CATEGORIES, LANE_HALF_WIDTH_M, MapGeometry, ScenarioLog
 from diffpilot.fileio import publish_dir
 
 __all__ = [
@@ -62,7 +62,6 @@ EXPANSION_VERSION = "1.3"
 SPLITS_FILE = "diffpilot_splits.json"
 MARKER_FILE = ".diffpilot_nuscenes.json"
 """Marks a root this module wrote (so re-writing may replace it)."""
-LANE_HALF_WIDTH_M = 1.8
 CENTERLINE_TOLERANCE_M = 0.02
 CATEGORY_NAMES = {
     "vehicle": "vehicle.car",

@@ -30,6 +30,21 @@ DT = 0.5
 COMMANDS = ("keep_lane", "left", "right", "stop")
 """Driving-command labels; a sample stores the index."""
 
+MODES = ("keep_lane", "left", "right")
+"""Driving modes of the STL planners and the augmentation (index = mode id); left / right are lane changes."""
+
+MODE_COMMAND = {i: COMMANDS.index(m) for i, m in enumerate(MODES)}
+"""Mode id -> the COMMANDS index that makes the signals pick its target lane (keep_lane, left, right)."""
+
+PAST_STEPS = 4
+"""Keyframes of history in a sample (2 s at 2 Hz)."""
+
+FUTURE_STEPS = 8
+"""Keyframes of future in a sample (4 s at 2 Hz): the planners' default horizon."""
+
+LANE_HALF_WIDTH_M = 1.8
+"""Half the lane width: written lane polygons are centerlines buffered by it, and the ego leaves its lane past it."""
+
 CATEGORIES = ("vehicle", "pedestrian", "bicycle", "other")
 """Agent classes; nuScenes categories map onto these by prefix."""
 
@@ -138,8 +153,8 @@ class SceneSample:
 class SampleSpec:
     """Sizes of a :class:`SceneSample` (one spec per data set, stored with it)."""
 
-    past_steps: int = 4  # 2 s of history at 2 Hz
-    future_steps: int = 8  # 4 s of future (8 waypoints)
+    past_steps: int = PAST_STEPS  # 2 s of history at 2 Hz
+    future_steps: int = FUTURE_STEPS  # 4 s of future (8 waypoints)
     num_agents: int = 16
     num_lanes: int = 12
     lane_points: int = 20
@@ -196,3 +211,12 @@ def to_global_frame(poses: np.ndarray, origin: np.ndarray) -> np.ndarray:
 def wrap_angle(angle: np.ndarray) -> np.ndarray:
     """Angles into [-pi, pi)."""
     return (np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi
+
+
+def mode_from_command(command: np.ndarray) -> np.ndarray:
+    """COMMANDS indices -> mode ids (keep_lane and stop -> keep_lane, left -> left, right -> right)."""
+    c = np.asarray(command, dtype=np.int64)
+    out = np.zeros_like(c)
+    out[c == COMMANDS.index("left")] = MODES.index("left")
+    out[c == COMMANDS.index("right")] = MODES.index("right")
+    return out

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import EGO_SIZE
+from diffpilot.data.scenario import EGO_SIZE, FUTURE_STEPS
 from diffpilot.planning.dynamics import DEFAULT_LIMITS, UnicycleLimits, rollout_numpy
 from diffpilot.planning.gradient import RULE_SCALES, _check_modes, active_rules, mode_scenes, rule_union
 from diffpilot.stl.rules import RuleSet
@@ -90,7 +90,7 @@ class ConvexPlanner:
         self,
         rules: RuleSet,
         mode: str = "keep_lane",
-        horizon: int = 8,
+        horizon: int = FUTURE_STEPS,
         limits: UnicycleLimits = DEFAULT_LIMITS,
         *,
         solver: str = "CLARABEL",
@@ -333,7 +333,7 @@ def solve_convex(
     params: Mapping[str, float],
     mode: str = "keep_lane",
     *,
-    horizon: int = 8,
+    horizon: int = FUTURE_STEPS,
     solver: str = "CLARABEL",
     planner: ConvexPlanner | None = None,
     v_target: float | np.ndarray | None = None,

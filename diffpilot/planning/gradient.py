@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import DT, EGO_SIZE
+from diffpilot.data.scenario import DT, EGO_SIZE, FUTURE_STEPS, MODES
 from diffpilot.planning.dynamics import DEFAULT_LIMITS, UnicycleLimits, controls_from_raw, raw_from_controls, rollout
 from diffpilot.stl.robustness import robustness
 from diffpilot.stl.rules import RuleSet, make_rule
@@ -63,8 +63,6 @@ __all__ = [
     "window_scene",
 ]
 
-MODES = ("keep_lane", "left", "right")
-"""Driving modes an augmentation produces; left/right are lane changes."""
 _EGO = EGO_SIZE
 MODE_SIDE = {"keep_lane": 0, "left": 1, "right": -1}
 
@@ -403,7 +401,7 @@ def optimize_controls(
     smooth: float = 0.05,
     *,
     samples: int | None = None,
-    horizon: int = 8,
+    horizon: int = FUTURE_STEPS,
     limits: UnicycleLimits = DEFAULT_LIMITS,
     margin: float = 0.1,
     effort: float = 1e-3,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import COMMANDS, DT, SceneSample, wrap_angle
+from diffpilot.data.scenario import COMMANDS, DT, FUTURE_STEPS, SceneSample, wrap_angle
 from diffpilot.data.scene_sample import stack_samples
 from diffpilot.planning.augment import DEFAULT_RULES
 from diffpilot.planning.gradient import MODES, optimize_controls, window_scene
@@ -37,7 +37,7 @@ class TrajOptPlanner:
         rules: Sequence[str] = DEFAULT_RULES,
         params: Mapping[str, float] | None = None,
         *,
-        horizon: int = 8,
+        horizon: int = FUTURE_STEPS,
         samples: int = 16,
         steps: int = 30,
         warm_start: bool = True,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffpilot.data.scenario import FUTURE_STEPS
 from diffpilot.policy.generative import DDIMSampler, DDPM, DDPMSampler
 from diffpilot.policy.stl_flow import DEFAULT_RULES, ConditionNet, GuidanceConfig, ParamConditionedPlanner, _Bound
 
@@ -54,7 +55,7 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
 
     KIND = "param_ddpm_planner"
 
-    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = 8, *, num_train_steps: int = 100,
+    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, num_train_steps: int = 100,
                  sampler: str = "ddim", sampler_steps: int = 10, **kwargs: Any) -> None:
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -106,7 +107,7 @@ class ConditionalVAEPlanner(ParamConditionedPlanner):
 
     KIND = "conditional_vae_planner"
 
-    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = 8, *, latent_dim: int = 8,
+    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, latent_dim: int = 8,
                  beta: float = 0.05, **kwargs: Any) -> None:
         if latent_dim < 1 or latent_dim > 2 * horizon:
             raise ValueError(f"latent_dim must be in [1, 2 * horizon = {2 * horizon}], got {latent_dim}")

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.data.scenario import COMMANDS, SceneSample, wrap_angle
+from diffpilot.data.scenario import FUTURE_STEPS, PAST_STEPS, SceneSample, mode_from_command, wrap_angle
 from diffpilot.data.scene_sample import stack_samples
 from diffpilot.planning.dynamics import controls_from_poses, rollout
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
@@ -86,18 +86,6 @@ DEFAULT_RULES = ("speed_limit", "lane_keeping", "heading", "safe_distance", "lan
 """The pSTL rule set: speed, lane offset, heading error, gap to others, lane change."""
 DEFAULT_MARGINS = {"vmin": 1.0, "vmax": 1.0, "dmin": 0.5, "dmax": 0.5, "theta_max": 0.1, "dsafe": 1.0, "w_target": 0.5}
 """Loosening added to hindsight-calibrated parameters (units of each parameter)."""
-
-
-# --------------------------------------------------------------------------- modes
-
-
-def mode_from_command(command: np.ndarray) -> np.ndarray:
-    """COMMANDS indices -> mode ids (keep_lane and stop -> keep_lane, left -> left, right -> right)."""
-    c = np.asarray(command, dtype=np.int64)
-    out = np.zeros_like(c)
-    out[c == COMMANDS.index("left")] = MODES.index("left")
-    out[c == COMMANDS.index("right")] = MODES.index("right")
-    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -301,7 +289,7 @@ class ConditionNet(nn.Module):
         d_model: int = 64,
         n_layers: int = 2,
         n_heads: int = 4,
-        past_steps: int = 4,
+        past_steps: int = PAST_STEPS,
         use_raster: bool = False,
         use_r: bool = False,
         out_dim: int | None = None,
@@ -563,13 +551,13 @@ class ParamConditionedPlanner:
     def __init__(
         self,
         rules: Sequence[str] = DEFAULT_RULES,
-        horizon: int = 8,
+        horizon: int = FUTURE_STEPS,
         *,
         network: str = "fusion",
         d_model: int = 64,
         n_layers: int = 2,
         n_heads: int = 4,
-        past_steps: int = 4,
+        past_steps: int = PAST_STEPS,
         use_raster: bool = False,
         lr: float = 2e-3,
         param_dropout: float = 0.0,
@@ -823,7 +811,7 @@ class STLFlowPlanner(ParamConditionedPlanner):
 
     KIND = "stl_flow_planner"
 
-    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = 8, *, objective: str = "flow",
+    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, objective: str = "flow",
                  sampler_steps: int = 2, **kwargs: Any) -> None:
         if objective not in ("flow", "meanflow"):
             raise ValueError(f"objective must be 'flow' or 'meanflow', got {objective!r}")

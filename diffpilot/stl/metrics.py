@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import EGO_SIZE
+from diffpilot.data.scenario import EGO_SIZE, MODE_COMMAND, MODES
 from diffpilot.stl.rules import RuleSet
 from diffpilot.stl.signals import SCENE_KEYS, driving_signals, scene_from_arrays
 
@@ -60,10 +60,6 @@ __all__ = [
     "valid_area",
 ]
 
-MODES = ("keep_lane", "left", "right")
-"""Driving modes of the parameter-conditioned planners (index = mode id; the names of the augmentation's modes)."""
-MODE_COMMAND = {0: 0, 1: 1, 2: 2}
-"""Mode id -> the COMMANDS index that makes the signals pick its target lane (keep_lane, left, right)."""
 
 
 def _sat(satisfied: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from matplotlib.patches import Polygon  # noqa: E402
 
 from diffpilot.data.errors import DatasetError  # noqa: E402
-from diffpilot.data.scenario import DT, EGO_SIZE, SampleSpec, SceneSample, ScenarioLog, to_ego_frame  # noqa: E402
+from diffpilot.data.scenario import DT, EGO_SIZE, SampleSpec, SceneSample, ScenarioLog, mode_from_command, to_ego_frame  # noqa: E402
 from diffpilot.fileio import atomic_write_text, save_figure  # noqa: E402
 from diffpilot.stl.formula import STLError  # noqa: E402
 from diffpilot.stl.metrics import MODES, applicable_rules  # noqa: E402
@@ -194,8 +194,6 @@ def evaluate_compliance(
     scene = scene_from_arrays(sub)
     sig = driving_signals(torch.as_tensor(traj)[:, None], scene)
     rho = rules.evaluate(sig, {k: torch.as_tensor(v)[:, None] for k, v in p.items()})
-    from diffpilot.policy.stl_flow import mode_from_command
-
     modes = mode_from_command(sub["command"])
     applies = {n: np.array([n in applicable_rules(rules.names, int(m)) for m in modes], dtype=bool) for n in rules.names}
     return ComplianceResult(robustness={k: v[:, 0].numpy() for k, v in rho.items()}, applies=applies, index=idx,
@@ -256,8 +254,6 @@ def _plans(planner: Any, sample: SceneSample, setting: Mapping[str, float], n: i
     from diffpilot.data.scene_sample import stack_samples
 
     if hasattr(planner, "sample") and hasattr(planner, "plan_params"):
-        from diffpilot.policy.stl_flow import mode_from_command
-
         arrays = stack_samples([sample])
         unknown = sorted(set(setting) - set(planner.plan_params))
         if unknown:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffpilot.data.scenario import SampleSpec
+from diffpilot.data.scenario import FUTURE_STEPS, SampleSpec
 from diffpilot.stl.formula import Always, Eventually, Formula, Param, Signal, STLError, Until
 from diffpilot.stl.robustness import robustness
 
@@ -83,7 +83,7 @@ class Rule:
             self._cache[steps] = self.build(steps)
         return self._cache[steps]
 
-    def signals(self, steps: int = 8) -> frozenset[str]:
+    def signals(self, steps: int = FUTURE_STEPS) -> frozenset[str]:
         return self.formula(steps).signals()
 
     def defaults(self) -> dict[str, float]:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffpilot.data.scenario import PAST_STEPS
 
 __all__ = ["MODALITIES", "SCENE_KEYS", "ConditionFusion", "SceneEncoder", "batch_from_arrays"]
 
@@ -117,7 +118,7 @@ class SceneEncoder(nn.Module):
     def __init__(
         self,
         d_model: int = 64,
-        past_steps: int = 4,
+        past_steps: int = PAST_STEPS,
         hidden: int = 64,
         use_raster: bool = False,
         raster_tokens: int = 4,

@@ -35,12 +35,12 @@ import shapely
 from diffpilot.data.scenario import CATEGORIES, COMMANDS, DT, Planner, SampleSpec, SceneSample, to_ego_frame, to_global_frame, wrap_angle
 from diffpilot.data.scene_sample import pack_map_elements
 from diffpilot.sim.driving.tracker import LQRTracker
-from diffpilot.sim.driving.vehicle import KinematicBicycle
+from diffpilot.sim.driving.vehicle import CONTROL_DT, KinematicBicycle
 
 __all__ = ["CONTROL_HZ", "HighwayEpisode", "HighwaySceneBuilder", "base_config", "make_env", "run_highway", "steering_to_action"]
 
-CONTROL_HZ = 10
-"""Rate at which the ego is commanded (the tracker's rate)."""
+CONTROL_HZ = int(round(1.0 / CONTROL_DT))
+"""Rate at which the ego is commanded (the tracker's rate, 10 Hz)."""
 _REPLAN_EVERY = int(round(DT * CONTROL_HZ))  # control steps per replanning
 
 

@@ -35,11 +35,11 @@ import shapely
 from scipy.signal import savgol_filter
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import CATEGORIES, DT, ScenarioLog, to_global_frame, wrap_angle
+from diffpilot.data.scenario import CATEGORIES, DT, LANE_HALF_WIDTH_M, ScenarioLog, to_global_frame, wrap_angle
 from diffpilot.sim.driving.agents import replay_agents, track_velocities
 from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.sim.driving.tracker import LQRTracker, track
-from diffpilot.sim.driving.vehicle import KinematicBicycle
+from diffpilot.sim.driving.vehicle import CONTROL_DT, KinematicBicycle
 
 if TYPE_CHECKING:
     from diffpilot.sim.driving.simulator import Rollout
@@ -51,8 +51,6 @@ AGENT_STOPPED_SPEED = 0.3
 here are finite differences of 2 Hz annotations, whose jitter alone reads as ~0.1 m/s."""
 REAR_AXLE_TO_CENTER_M = 1.3
 """How far the ego's rear axle sits behind its box centre (nuScenes Renault Zoe)."""
-LANE_HALF_WIDTH_M = 1.8
-"""Half the lane width used to decide that the ego box straddles a lane boundary."""
 TTC_HORIZONS_S = (0.0, 0.3, 0.6, 0.9)
 PROGRESS_FLOOR_M = 5.0
 AHEAD_ANGLE_RAD = np.deg2rad(30.0)
@@ -488,7 +486,7 @@ def score_trajectory(log: ScenarioLog, frame: int, trajectory: np.ndarray, refer
     T = log.num_frames
     if not 0 <= frame < T - 1:
         raise ValueError(f"frame must be in 0..{T - 2} for scene {log.scene_name!r} (it needs a logged future), got {frame}")
-    model = KinematicBicycle(dt=0.1)
+    model = KinematicBicycle(dt=CONTROL_DT)
     if reference_trajectory is None:
         future = np.asarray(log.ego_pose[frame + 1 : frame + 1 + len(trajectory)], dtype=np.float64)
         from diffpilot.data.scenario import to_ego_frame

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.data.scenario import DT, Planner, SampleSpec, SceneSample, ScenarioLog, to_global_frame, wrap_angle
+from diffpilot.data.scenario import DT, EGO_SIZE, Planner, SampleSpec, SceneSample, ScenarioLog, to_global_frame, wrap_angle
 from diffpilot.sim.driving.agents import ReactiveTraffic, replay_agents
 from diffpilot.sim.driving.tracker import make_tracker
-from diffpilot.sim.driving.vehicle import KinematicBicycle
+from diffpilot.sim.driving.vehicle import CONTROL_DT, KinematicBicycle
 
 SampleBuilder = Callable[..., SceneSample]
 
@@ -48,7 +48,7 @@ class Rollout:
     agents_category: np.ndarray  # (A,)
     plans: list[tuple[float, np.ndarray]] = field(default_factory=list)
     plan_ms: list[float] = field(default_factory=list)
-    ego_size: tuple[float, float] = (4.084, 1.85)
+    ego_size: tuple[float, float] = EGO_SIZE
     start_frame: int = 0
     end_frame: int = 0
 
@@ -107,7 +107,7 @@ class DrivingSimulator:
     def __init__(
         self,
         spec: SampleSpec = SampleSpec(),
-        dt: float = 0.1,
+        dt: float = CONTROL_DT,
         replan_every: int = 5,
         reactive: bool = False,
         tracker: str = "lqr",

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.linalg import solve_discrete_are
 
-from diffpilot.sim.driving.vehicle import SPEED, STEER, YAW, KinematicBicycle
+from diffpilot.sim.driving.vehicle import CONTROL_DT, SPEED, STEER, YAW, KinematicBicycle
 
 _DENSE_DT = 0.05  # seconds between points of the fitted reference path
 
@@ -189,7 +189,7 @@ class LQRTracker(_PathFollower):
 
     def __init__(
         self,
-        dt: float = 0.1,
+        dt: float = CONTROL_DT,
         wheelbase: float = 2.588,
         max_steer: float = 0.6,
         max_steer_rate: float = 0.8,
@@ -233,7 +233,7 @@ class PurePursuitTracker(_PathFollower):
 
     def __init__(
         self,
-        dt: float = 0.1,
+        dt: float = CONTROL_DT,
         wheelbase: float = 2.588,
         max_steer: float = 0.6,
         max_steer_rate: float = 0.8,

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+CONTROL_DT = 0.1
+"""Seconds per step of the closed-loop simulators, the vehicle model and the trackers (10 Hz)."""
+
 STATE_DIM = 5
 X, Y, YAW, SPEED, STEER = range(STATE_DIM)
 
@@ -25,7 +28,7 @@ class KinematicBicycle:
         max_steer: float = 0.6,
         max_steer_rate: float = 0.8,
         accel_limits: tuple[float, float] = (-6.0, 4.0),
-        dt: float = 0.1,
+        dt: float = CONTROL_DT,
     ) -> None:
         if wheelbase <= 0 or dt <= 0 or max_steer <= 0 or max_steer_rate <= 0:
             raise ValueError(
