@@ -74,6 +74,11 @@ class PolicyBase(nn.Module):
 
     config: dict[str, Any]
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any], obs_dim: int | None = None, action_dim: int | None = None) -> "PolicyBase":
+        """A new policy from its Config options; gym kinds also take the task's observation and action sizes."""
+        return cls(obs_dim, action_dim, **options)
+
     # ----------------------------------------------------------------- training
     def fit_normalizers(self, observations: np.ndarray, actions: np.ndarray) -> None:
         """Fit the in-model normalizers on the training data (before training)."""

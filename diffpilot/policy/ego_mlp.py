@@ -51,8 +51,6 @@ class EgoStatusMLPPlanner(PolicyBase):
 
     def __init__(
         self,
-        obs_dim: int | None = None,
-        action_dim: int | None = None,
         future_steps: int = SampleSpec.future_steps,
         past_steps: int = SampleSpec.past_steps,
         use_past: bool = False,
@@ -71,7 +69,6 @@ class EgoStatusMLPPlanner(PolicyBase):
         self.hidden, self.depth, self.lr, self.seed = int(hidden), int(depth), float(lr), int(seed)
         self.in_dim = 3 + len(COMMANDS) + (3 * self.past_steps if self.use_past else 0)
         self.out_dim = 3 * self.future_steps
-        # obs_dim/action_dim are the registry's generic sizes; the features fix this planner's own.
         self.config = {"future_steps": self.future_steps, "past_steps": self.past_steps, "use_past": self.use_past,
                        "hidden": self.hidden, "depth": self.depth, "lr": self.lr, "seed": self.seed}
         self.in_norm = Normalizer(self.in_dim, "gaussian")
@@ -86,6 +83,11 @@ class EgoStatusMLPPlanner(PolicyBase):
             layers.append(nn.Linear(d, self.out_dim))
             self.net = nn.Sequential(*layers)
         self.eval()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], obs_dim: int | None = None, action_dim: int | None = None) -> "EgoStatusMLPPlanner":
+        """Its sizes come from the scene-sample spec in ``options``, not from a gym task."""
+        return cls(**options)
 
     # -- features
     def features(self, arrays: dict[str, np.ndarray]) -> np.ndarray:

@@ -60,10 +60,11 @@ def policy_options(config: Mapping[str, Any], task: str | None = None) -> tuple[
     return str(kind), options
 
 
-def build_policy(config: Mapping[str, Any], obs_dim: int, action_dim: int, task: str | None = None) -> Any:
-    """A new policy of the kind ``config['name']`` for the given observation and action sizes."""
+def build_policy(config: Mapping[str, Any], obs_dim: int | None = None, action_dim: int | None = None,
+                 task: str | None = None) -> Any:
+    """A new policy of the kind ``config['name']`` (gym kinds: for the given observation and action sizes)."""
     kind, options = policy_options(config, task)
-    return policy_class(kind)(obs_dim, action_dim, **options)
+    return policy_class(kind).from_options(options, obs_dim, action_dim)
 
 
 def stored_kind(directory: str | Path) -> str:
