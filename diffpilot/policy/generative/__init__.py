@@ -1,10 +1,23 @@
-"""Generative processes (DDPM, flow matching, MeanFlow), their samplers, and factories for configs."""
+"""Generative processes (DDPM, flow matching, MeanFlow), their samplers, and factories for configs.
+
+Every sampler's ``sample(model, noise, cond, *, x_start, t_start, step_noise, hook)``
+takes a structured condition (:class:`TokenSets`) as readily as a tensor and
+calls ``hook(x, StepInfo) -> x`` after each step (see :mod:`.base`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from diffpilot.policy.generative.base import Denoiser, Objective, Sampler, SampleResult
+from diffpilot.policy.generative.base import Denoiser, Objective, Sampler, SampleResult, StepHook, StepInfo
+from diffpilot.policy.generative.conditions import (
+    Condition,
+    TokenSets,
+    cond_batch_size,
+    cond_index,
+    cond_repeat_interleave,
+    cond_to,
+)
 from diffpilot.policy.generative.diffusion import DDIMSampler, DDPM, DDPMSampler
 from diffpilot.policy.generative.flow import EulerSampler, FlowMatching, HeunSampler
 from diffpilot.policy.generative.meanflow import MeanFlow, MeanFlowSampler
@@ -12,6 +25,7 @@ from diffpilot.policy.generative.metrics import energy_distance, mmd_rbf
 from diffpilot.policy.generative.schedules import NoiseSchedule, make_schedule
 
 __all__ = [
+    "Condition",
     "DDIMSampler",
     "DDPM",
     "DDPMSampler",
@@ -25,8 +39,15 @@ __all__ = [
     "Objective",
     "SampleResult",
     "Sampler",
+    "StepHook",
+    "StepInfo",
+    "TokenSets",
     "build_objective",
     "build_sampler",
+    "cond_batch_size",
+    "cond_index",
+    "cond_repeat_interleave",
+    "cond_to",
     "energy_distance",
     "make_schedule",
     "mmd_rbf",

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffpilot.policy.generative.base import Denoiser, SampleResult
+from diffpilot.policy.generative.base import Denoiser, SampleResult, StepHook, StepInfo, call_hook
+from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.schedules import make_schedule
 
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -79,7 +80,7 @@ class DDPM:
         self,
         model: Denoiser,
         x0: Tensor,
-        cond: Tensor | None = None,
+        cond: Condition = None,
         *,
         generator: torch.Generator | None = None,
     ) -> Tensor:
@@ -176,18 +177,21 @@ class _DiscreteSampler:
         self,
         model: Denoiser,
         noise: Tensor,
-        cond: Tensor | None = None,
+        cond: Condition = None,
         *,
         x_start: Tensor | None = None,
         t_start: float = 1.0,
         step_noise: Tensor | None = None,
+        hook: StepHook | None = None,
     ) -> SampleResult:
         """Denoises from ``x_start`` (or ``noise``), running only the steps with time <= ``t_start``.
 
         For a warm start ``x_start`` should be at the noise level of the first
         step run; pick ``t_start`` from ``timesteps`` to make that exact.
         ``step_noise[i]`` is the fresh noise of the ``i``-th step of the full
-        list, so a warm start reuses the same draws as a full run.
+        list, so a warm start reuses the same draws as a full run. ``hook``
+        is called after each update (``StepInfo.index`` = ``i``); a stochastic
+        step draws its noise before the hook, so ``StepInfo.redo`` reuses it.
         """
         x = resolve_start(noise, x_start, t_start, step_noise, self.num_steps)
         nfe = 0
@@ -197,8 +201,26 @@ class _DiscreteSampler:
             out = model(x, _batch_time(x, self.ddpm.time_of(step.k)), cond)
             nfe += 1
             x0, eps = self.ddpm.split_prediction(out, x, step.abar)
-            x = self._update(x, x0, eps, step, None if step_noise is None else step_noise[i])
+            z = None if step_noise is None else step_noise[i]
+            if hook is None:
+                x = self._update(x, x0, eps, step, z)
+                continue
+            if z is None and self._noise_scale(step) > 0.0:
+                z = torch.randn_like(x)  # drawn here (where _update would draw it) so a redo reuses it
+            x = call_hook(hook, self._update(x, x0, eps, step, z), self._step_info(i, step, x, x0, eps, z))
         return SampleResult(sample=x, nfe=nfe)
+
+    def _step_info(self, i: int, step: _Step, x: Tensor, x0: Tensor, eps: Tensor, z: Tensor | None) -> StepInfo:
+        t_to = self.ddpm.time_of(self._steps[i + 1].k) if i + 1 < len(self._steps) else 0.0
+
+        def redo(x_from: Tensor | None, x0_hat: Tensor | None) -> Tensor:
+            return self._update(x if x_from is None else x_from, x0 if x0_hat is None else x0_hat, eps, step, z)
+
+        return StepInfo(i, len(self._steps), self.ddpm.time_of(step.k), t_to, x, x0, redo)
+
+    def _noise_scale(self, step: _Step) -> float:
+        """Standard deviation of the fresh noise the update of ``step`` adds (0 = deterministic)."""
+        raise NotImplementedError
 
     def _update(self, x: Tensor, x0: Tensor, eps: Tensor, step: _Step, z: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -211,17 +233,21 @@ class DDPMSampler(_DiscreteSampler):
         _require_ddpm(ddpm, "DDPMSampler")
         super().__init__(ddpm, list(range(ddpm.num_train_steps - 1, -1, -1)))
 
+    def _noise_scale(self, step: _Step) -> float:
+        var = (1.0 - step.abar / step.abar_prev) * (1.0 - step.abar_prev) / (1.0 - step.abar)
+        return math.sqrt(var) if var > 0.0 else 0.0
+
     def _update(self, x: Tensor, x0: Tensor, eps: Tensor, step: _Step, z: Tensor | None) -> Tensor:
         alpha = step.abar / step.abar_prev
         beta = 1.0 - alpha
         denom = 1.0 - step.abar
         mean = (math.sqrt(step.abar_prev) * beta / denom) * x0 + (math.sqrt(alpha) * (1.0 - step.abar_prev) / denom) * x
-        var = beta * (1.0 - step.abar_prev) / denom
-        if var <= 0.0:  # last step: the posterior is a point mass
+        std = self._noise_scale(step)
+        if std <= 0.0:  # last step: the posterior is a point mass
             return mean
         if z is None:
             z = torch.randn_like(x)
-        return mean + math.sqrt(var) * z
+        return mean + std * z
 
 
 class DDIMSampler(_DiscreteSampler):
@@ -242,9 +268,13 @@ class DDIMSampler(_DiscreteSampler):
         steps = [int(round(big_t - i * big_t / num_steps)) - 1 for i in range(num_steps)]
         super().__init__(ddpm, steps)
 
+    def _noise_scale(self, step: _Step) -> float:
+        a, ap = step.abar, step.abar_prev
+        return self.eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(1.0 - a / ap)
+
     def _update(self, x: Tensor, x0: Tensor, eps: Tensor, step: _Step, z: Tensor | None) -> Tensor:
         a, ap = step.abar, step.abar_prev
-        sigma = self.eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(1.0 - a / ap)
+        sigma = self._noise_scale(step)
         x_prev = math.sqrt(ap) * x0 + math.sqrt(max(1.0 - ap - sigma**2, 0.0)) * eps
         if sigma <= 0.0:
             return x_prev

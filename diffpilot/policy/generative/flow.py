@@ -7,11 +7,14 @@ integrates ``dx/dt = v(x, t)`` backwards from ``t_start`` to 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffpilot.policy.generative.base import Denoiser, SampleResult
+from diffpilot.policy.generative.base import Denoiser, SampleResult, StepHook, StepInfo, call_hook
+from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.diffusion import resolve_start
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -60,7 +63,7 @@ class FlowMatching:
         self,
         model: Denoiser,
         x0: Tensor,
-        cond: Tensor | None = None,
+        cond: Condition = None,
         *,
         generator: torch.Generator | None = None,
     ) -> Tensor:
@@ -82,6 +85,30 @@ def _check_num_steps(num_steps: int, who: str) -> None:
         raise ValueError(f"{who} num_steps must be a positive integer, got {num_steps!r}")
 
 
+def velocity_step_info(
+    index: int, num_steps: int, t: float, t_next: float, x: Tensor, v: Tensor, move: Callable[[Tensor], Tensor]
+) -> StepInfo:
+    """``StepInfo`` of a flow-sampler step from ``x`` at ``t`` whose update ``move(x_from)`` holds the velocity fixed.
+
+    ``v`` is the velocity that defines the clean-sample estimate ``x - t v``.
+    With the velocity held fixed the estimate moves with the sample, so a redo
+    takes either a moved sample or a moved estimate (shifting the sample by as much).
+    """
+    x0_hat = x - t * v
+
+    def redo(x_from: Tensor | None, new_x0: Tensor | None) -> Tensor:
+        if x_from is not None and new_x0 is not None:
+            raise ValueError(
+                "a flow sampler step holds the velocity fixed, so its sample and clean estimate move together: "
+                "redo with x_from or with x0_hat, not both"
+            )
+        if new_x0 is not None:
+            return move(x + (new_x0 - x0_hat))
+        return move(x if x_from is None else x_from)
+
+    return StepInfo(index, num_steps, t, t_next, x, x0_hat, redo)
+
+
 class EulerSampler:
     """Euler integration of the learned velocity field; ``num_steps`` NFE."""
 
@@ -93,17 +120,30 @@ class EulerSampler:
         self,
         model: Denoiser,
         noise: Tensor,
-        cond: Tensor | None = None,
+        cond: Condition = None,
         *,
         x_start: Tensor | None = None,
         t_start: float = 1.0,
         step_noise: Tensor | None = None,
+        hook: StepHook | None = None,
     ) -> SampleResult:
-        """Integrates from ``x_start`` (or ``noise``) at ``t_start`` to 0; ``step_noise`` is unused (deterministic)."""
+        """Integrates from ``x_start`` (or ``noise``) at ``t_start`` to 0; ``step_noise`` is unused (deterministic).
+
+        ``hook`` is called after each Euler step (index ``i`` of the grid from ``t_start``).
+        """
         x = resolve_start(noise, x_start, t_start, None, self.num_steps)
         grid = uniform_grid(t_start, self.num_steps)
-        for t, t_next in zip(grid[:-1], grid[1:]):
-            x = x + (t_next - t) * model(x, x.new_full((x.shape[0],), t), cond)
+        for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+            if hook is None:
+                x = x + (t_next - t) * model(x, x.new_full((x.shape[0],), t), cond)
+                continue
+            v = model(x, x.new_full((x.shape[0],), t), cond)
+            dt = t_next - t
+
+            def move(x_from: Tensor, v: Tensor = v, dt: float = dt) -> Tensor:
+                return x_from + dt * v
+
+            x = call_hook(hook, move(x), velocity_step_info(i, self.num_steps, t, t_next, x, v, move))
         return SampleResult(sample=x, nfe=self.num_steps)
 
 
@@ -127,13 +167,19 @@ class HeunSampler:
         self,
         model: Denoiser,
         noise: Tensor,
-        cond: Tensor | None = None,
+        cond: Condition = None,
         *,
         x_start: Tensor | None = None,
         t_start: float = 1.0,
         step_noise: Tensor | None = None,
+        hook: StepHook | None = None,
     ) -> SampleResult:
-        """Integrates from ``x_start`` (or ``noise``) at ``t_start`` to 0; ``step_noise`` is unused (deterministic)."""
+        """Integrates from ``x_start`` (or ``noise``) at ``t_start`` to 0; ``step_noise`` is unused (deterministic).
+
+        ``hook`` is called after each full Heun step (both evaluations); its
+        ``x0_hat`` comes from the step's first velocity, and ``redo`` holds both
+        velocities fixed.
+        """
         x = resolve_start(noise, x_start, t_start, None, self.num_steps)
         grid = uniform_grid(t_start, self.num_steps)
         nfe = 0
@@ -141,11 +187,20 @@ class HeunSampler:
             dt = t_next - t
             v = model(x, x.new_full((x.shape[0],), t), cond)
             nfe += 1
+            # the update is x + coef * vel: an Euler step (last one with final_euler) or the trapezoid
             if self.final_euler and i == self.num_steps - 1:
-                x = x + dt * v
-                continue
-            x_pred = x + dt * v
-            v_next = model(x_pred, x.new_full((x.shape[0],), t_next), cond)
-            nfe += 1
-            x = x + dt * 0.5 * (v + v_next)
+                vel, coef = v, dt
+            else:
+                x_pred = x + dt * v
+                v_next = model(x_pred, x.new_full((x.shape[0],), t_next), cond)
+                nfe += 1
+                vel, coef = v + v_next, dt * 0.5
+
+            def move(x_from: Tensor, vel: Tensor = vel, coef: float = coef) -> Tensor:
+                return x_from + coef * vel
+
+            x_new = move(x)
+            x = x_new if hook is None else call_hook(
+                hook, x_new, velocity_step_info(i, self.num_steps, t, t_next, x, v, move)
+            )
         return SampleResult(sample=x, nfe=nfe)

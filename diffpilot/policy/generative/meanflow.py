@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffpilot.policy.generative.base import Denoiser, SampleResult
+from diffpilot.policy.generative.base import Denoiser, SampleResult, StepHook, call_hook
+from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.diffusion import resolve_start
-from diffpilot.policy.generative.flow import FlowMatching, uniform_grid
+from diffpilot.policy.generative.flow import FlowMatching, uniform_grid, velocity_step_info
 
 
 class MeanFlow:
@@ -64,7 +65,7 @@ class MeanFlow:
         r = torch.where(torch.arange(n, device=r.device) < n_equal, t, r)
         return r, t
 
-    def target(self, model: Denoiser, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def target(self, model: Denoiser, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         """Returns ``(u, u_tgt)``: the network's average velocity and its detached target.
 
         One forward-mode pass gives both ``u`` and ``du/dt`` along ``(v, 0, 1)``;
@@ -82,7 +83,7 @@ class MeanFlow:
         self,
         model: Denoiser,
         x0: Tensor,
-        cond: Tensor | None = None,
+        cond: Condition = None,
         *,
         generator: torch.Generator | None = None,
     ) -> Tensor:
@@ -114,16 +115,30 @@ class MeanFlowSampler:
         self,
         model: Denoiser,
         noise: Tensor,
-        cond: Tensor | None = None,
+        cond: Condition = None,
         *,
         x_start: Tensor | None = None,
         t_start: float = 1.0,
         step_noise: Tensor | None = None,
+        hook: StepHook | None = None,
     ) -> SampleResult:
-        """Maps ``x_start`` (or ``noise``) at ``t_start`` to ``t = 0``; ``step_noise`` is unused (deterministic)."""
+        """Maps ``x_start`` (or ``noise``) at ``t_start`` to ``t = 0``; ``step_noise`` is unused (deterministic).
+
+        ``hook`` is called after each jump; its ``x0_hat`` is ``z - t u``, the
+        step's average velocity extrapolated to ``t = 0`` (exact for the last jump).
+        """
         z = resolve_start(noise, x_start, t_start, None, self.num_steps)
         grid = uniform_grid(t_start, self.num_steps)
         b = z.shape[0]
-        for t, r in zip(grid[:-1], grid[1:]):
-            z = z - (t - r) * model(z, z.new_full((b,), t), cond, z.new_full((b,), r))
+        for i, (t, r) in enumerate(zip(grid[:-1], grid[1:])):
+            if hook is None:
+                z = z - (t - r) * model(z, z.new_full((b,), t), cond, z.new_full((b,), r))
+                continue
+            u = model(z, z.new_full((b,), t), cond, z.new_full((b,), r))
+            span = t - r
+
+            def move(z_from: Tensor, u: Tensor = u, span: float = span) -> Tensor:
+                return z_from - span * u
+
+            z = call_hook(hook, move(z), velocity_step_info(i, self.num_steps, t, r, z, u, move))
         return SampleResult(sample=z, nfe=self.num_steps)

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffpilot.policy.generative.base import Denoiser, Sampler, SampleResult
+from diffpilot.policy.generative import build_sampler
+from diffpilot.policy.generative.base import Denoiser, Sampler, SampleResult, StepHook
+from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.diffusion import DDPM, DDIMSampler, DDPMSampler
-from diffpilot.policy.generative.flow import EulerSampler, FlowMatching, HeunSampler
+from diffpilot.policy.generative.flow import FlowMatching, HeunSampler
 from diffpilot.policy.generative.meanflow import MeanFlow, MeanFlowSampler
 
 
@@ -58,7 +60,9 @@ class WarmStarter:
     at or below ``t_start`` (DDIM or DDPM); ``t_start`` snaps down to the
     nearest of those step times so the guess sits exactly at a noise level the
     sampler knows. Flow and MeanFlow models integrate ``num_steps`` steps from
-    ``t_start``.
+    ``t_start`` with a sampler of the policy's kind (Heun, MeanFlow, else Euler),
+    built by :func:`~diffpilot.policy.generative.build_sampler`, so the
+    objective must fit it as for the policy's own sampler.
     """
 
     def __init__(self, objective: Any, sampler: Sampler, config: WarmStartConfig) -> None:
@@ -76,12 +80,13 @@ class WarmStarter:
         elif isinstance(objective, (FlowMatching, MeanFlow)):
             self.t_start = config.t_start
             if isinstance(sampler, HeunSampler):
-                self.sampler = HeunSampler(config.num_steps)
-                self.nfe = 2 * config.num_steps
+                name = "heun"
             elif isinstance(objective, MeanFlow) and isinstance(sampler, MeanFlowSampler):
-                self.sampler, self.nfe = MeanFlowSampler(config.num_steps), config.num_steps
+                name = "meanflow"
             else:
-                self.sampler, self.nfe = EulerSampler(config.num_steps), config.num_steps
+                name = "euler"
+            self.sampler = build_sampler(name, objective, config.num_steps)
+            self.nfe = 2 * config.num_steps if name == "heun" else config.num_steps
         else:
             raise ValueError(f"no warm start for a {type(objective).__name__} objective with {type(sampler).__name__}")
 
@@ -94,7 +99,20 @@ class WarmStarter:
             return self.objective.add_noise(guess, noise, k)
         return FlowMatching.interpolate(guess, noise, guess.new_full((guess.shape[0],), self.t_start))
 
-    def sample(self, model: Denoiser, previous: Tensor, shift: int, noise: Tensor, cond: Tensor) -> SampleResult:
-        """Next chunk from the previous (normalized) chunk after ``shift`` executed actions."""
+    def sample(
+        self,
+        model: Denoiser,
+        previous: Tensor,
+        shift: int,
+        noise: Tensor,
+        cond: Condition,
+        *,
+        hook: StepHook | None = None,
+    ) -> SampleResult:
+        """Next chunk from the previous (normalized) chunk after ``shift`` executed actions.
+
+        ``hook`` is called after each warm step, as in a full sampler run
+        (DDPM/DDIM steps keep their index in the full step list).
+        """
         x_start = self.place(shift_chunk(previous, shift), noise)
-        return self.sampler.sample(model, noise, cond, x_start=x_start, t_start=self.t_start)
+        return self.sampler.sample(model, noise, cond, x_start=x_start, t_start=self.t_start, hook=hook)

@@ -111,6 +111,11 @@ class MLPDenoiser(nn.Module):
         if r is not None and r.dim() == 0:
             r = r.expand(x.shape[0])
         c = self.time_emb(t, r)
+        if cond is not None and not isinstance(cond, Tensor):
+            raise ValueError(
+                f"MLPDenoiser takes a condition tensor, got {type(cond).__name__}; "
+                "structured (TokenSets) conditions need the transformer denoiser"
+            )
         if self.cond_dim:
             if cond is None:
                 raise ValueError(f"this MLPDenoiser was built with cond_dim={self.cond_dim}; pass cond of shape (B, {self.cond_dim})")

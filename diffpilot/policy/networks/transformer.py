@@ -16,7 +16,9 @@ pre-norm transformer and gradients reach every weight from the first step.
 Attention is written with matmul and softmax so it exports to plain ONNX ops.
 ``DecoderLayer`` holds one cross-attention block per condition token set and
 applies them in order, which is the sequential multi-modal fusion TransDiffuser
-uses; ``TransformerDenoiser`` itself uses a single set.
+uses; ``TransformerDenoiser`` itself uses a single set: a structured condition
+(:class:`~diffpilot.policy.generative.conditions.TokenSets`) is concatenated
+into it, each set's mask becoming part of the key-padding mask.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from diffpilot.policy.generative.conditions import TokenSets
 
 from .embeddings import TimeEmbedding
 
@@ -161,8 +165,11 @@ class TransformerDenoiser(nn.Module):
     Args:
         action_dim: features per chunk step.
         cond_dim: features per condition token; ``cond`` is ``(B, N, cond_dim)``
-            tokens or ``(B, cond_dim)`` (one token). 0 means time-only (no
-            cross-attention; ``cond`` must be None).
+            tokens, ``(B, cond_dim)`` (one token) or a ``TokenSets`` of
+            ``(B, N_i, cond_dim)`` sets with their masks, which is the same as
+            passing the sets concatenated in order with the concatenated masks
+            as ``cond_mask``. 0 means time-only (no cross-attention; ``cond``
+            must be None).
         horizon: chunk length; fixes the learned position embedding.
         d_model, n_heads, n_layers, dropout: transformer size.
         time_dim: time embedding width (default ``d_model``).
@@ -171,6 +178,7 @@ class TransformerDenoiser(nn.Module):
             exactly this length (e.g. an observation history) and get learned
             position embeddings; if None they are an unordered set of any size
             (e.g. agents), which attention treats permutation-invariantly.
+            With ``TokenSets`` the count is that of all sets together.
     """
 
     def __init__(
@@ -279,11 +287,18 @@ class TransformerDenoiser(nn.Module):
         self,
         x: Tensor,
         t: Tensor,
-        cond: Tensor | None = None,
+        cond: Tensor | TokenSets | None = None,
         r: Tensor | None = None,
         cond_mask: Tensor | None = None,
     ) -> Tensor:
-        """Return a tensor shaped like ``x``; ``cond_mask`` (B, N) bool marks tokens to ignore."""
+        """Return a tensor shaped like ``x``; ``cond_mask`` (B, N) bool marks tokens to ignore.
+
+        A ``TokenSets`` condition carries its own masks (``cond_mask`` must be None).
+        """
+        if isinstance(cond, TokenSets):
+            if cond_mask is not None:
+                raise ValueError("cond_mask must be None when cond is a TokenSets (each set carries its mask)")
+            cond, cond_mask = cond.concat()
         self._check_inputs(x, t, cond, r, cond_mask)
         emb = self.time_embed(t, r)
         token_sets: list[TokenSet] = [] if cond is None else [(self.encode_cond(cond), cond_mask)]

@@ -165,6 +165,11 @@ class ConditionalUnet1D(nn.Module):
             )
         if t.dim() != 1 or t.shape[0] != batch:
             raise ValueError(f"t must be (B,) = ({batch},), got {tuple(t.shape)}")
+        if cond is not None and not isinstance(cond, Tensor):
+            raise ValueError(
+                f"ConditionalUnet1D takes a condition vector, got {type(cond).__name__}; "
+                "structured (TokenSets) conditions need the transformer denoiser"
+            )
         if self.cond_dim == 0:
             if cond is not None:
                 raise ValueError(f"network built with cond_dim=0 takes cond=None, got {tuple(cond.shape)}")
