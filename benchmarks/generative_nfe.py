@@ -19,18 +19,7 @@ from results_io import write_results
 
 from diffpilot.data.toy import sample_gaussian_mixture
 from diffpilot.sim.report import markdown_table
-from diffpilot.policy.generative import (
-    DDIMSampler,
-    DDPM,
-    DDPMSampler,
-    EulerSampler,
-    FlowMatching,
-    HeunSampler,
-    MeanFlow,
-    MeanFlowSampler,
-    energy_distance,
-    mmd_rbf,
-)
+from diffpilot.policy.generative import build_objective, build_sampler, energy_distance, mmd_rbf
 from diffpilot.policy.networks.mlp import MLPDenoiser
 
 NAME = "generative_nfe"
@@ -94,21 +83,25 @@ def main() -> None:
         }
     ]
 
-    ddpm = DDPM(100, "squaredcos_cap_v2", "epsilon", clip_sample=2.0)
+    ddpm = build_objective(
+        "ddpm", num_train_steps=100, schedule="squaredcos_cap_v2", prediction="epsilon", clip_sample=2.0
+    )
     model, train_s = train(ddpm, use_r=False)
-    rows.append(evaluate("ddpm", DDPMSampler(ddpm), model, noise, target, train_s))
+    rows.append(evaluate("ddpm", build_sampler("ddpm", ddpm), model, noise, target, train_s))
     for steps in (5, 10, 20, 50):
-        rows.append(evaluate("ddim", DDIMSampler(ddpm, steps), model, noise, target, train_s))
+        rows.append(evaluate("ddim", build_sampler("ddim", ddpm, steps), model, noise, target, train_s))
 
-    model, train_s = train(FlowMatching(), use_r=False)
+    flow = build_objective("flow")
+    model, train_s = train(flow, use_r=False)
     for steps in (1, 2, 5, 10, 20, 50):
-        rows.append(evaluate("flow_euler", EulerSampler(steps), model, noise, target, train_s))
+        rows.append(evaluate("flow_euler", build_sampler("euler", flow, steps), model, noise, target, train_s))
     for steps in (1, 2, 5, 10):
-        rows.append(evaluate("flow_heun", HeunSampler(steps), model, noise, target, train_s))
+        rows.append(evaluate("flow_heun", build_sampler("heun", flow, steps), model, noise, target, train_s))
 
-    model, train_s = train(MeanFlow(), use_r=True)
+    meanflow = build_objective("meanflow")
+    model, train_s = train(meanflow, use_r=True)
     for steps in (1, 2, 4):
-        rows.append(evaluate("meanflow", MeanFlowSampler(steps), model, noise, target, train_s))
+        rows.append(evaluate("meanflow", build_sampler("meanflow", meanflow, steps), model, noise, target, train_s))
 
     write_results(NAME, f"python benchmarks/{NAME}.py", rows)
     print(markdown_table(rows))

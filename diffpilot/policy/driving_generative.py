@@ -30,8 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffpilot.data.scenario import FUTURE_STEPS
-from diffpilot.policy.generative import DDIMSampler, DDPM, DDPMSampler
-from diffpilot.policy.stl_flow import DEFAULT_RULES, ConditionNet, GuidanceConfig, ParamConditionedPlanner, _Bound
+from diffpilot.policy.generative import Sampler, build_objective, build_sampler
+from diffpilot.policy.stl_flow import (
+    DEFAULT_RULES,
+    ConditionNet,
+    GuidanceConfig,
+    GuidanceHook,
+    ParamConditionedPlanner,
+    _Bound,
+)
 
 __all__ = ["CTGGuidance", "ConditionalVAEPlanner", "ParamDDPMPlanner"]
 
@@ -60,16 +67,14 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         self.num_train_steps, self.sampler_name, self.sampler_steps = int(num_train_steps), sampler, int(sampler_steps)
-        self.ddpm = DDPM(num_train_steps=self.num_train_steps, prediction="epsilon", clip_sample=5.0)
+        self.ddpm = build_objective("ddpm", num_train_steps=self.num_train_steps, prediction="epsilon", clip_sample=5.0)
         super().__init__(rules, horizon, **kwargs)
 
     def _extra_config(self) -> dict[str, Any]:
         return {"num_train_steps": self.num_train_steps, "sampler": self.sampler_name, "sampler_steps": self.sampler_steps}
 
-    def _sampler(self) -> DDIMSampler | DDPMSampler:
-        if self.sampler_name == "ddpm":
-            return DDPMSampler(self.ddpm)
-        return DDIMSampler(self.ddpm, self.sampler_steps)
+    def _sampler(self) -> Sampler:
+        return build_sampler(self.sampler_name, self.ddpm, self.sampler_steps)
 
     def _loss(self, x0: Tensor, cond: Tensor, mask: Tensor | None, gen: torch.Generator) -> Tensor:
         return self.ddpm.loss(_Bound(self.net, mask), x0, cond, generator=gen)
@@ -80,21 +85,12 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
         if guide is None:
             res = sampler.sample(model, noise, cond)
             return res.sample, res.nfe, 0
+        # CTG: the predicted clean sample is guided at each chosen step, the noise estimate held fixed
         g = guide.config
-        inner = getattr(g, "inner", 1)
-        use = None if g.steps is None else {int(s) % sampler.num_steps for s in g.steps}
-        x, nfe, gsteps = noise, 0, 0
-        for i, step in enumerate(sampler._steps):
-            out = model(x, x.new_full((x.shape[0],), self.ddpm.time_of(step.k)), cond)
-            nfe += 1
-            x0, eps = self.ddpm.split_prediction(out, x, step.abar)
-            if use is None or i in use:
-                for _ in range(inner):
-                    x0 = x0 + guide.direction(x0)
-                    gsteps += 1
-            x = sampler._update(x, x0, eps, step, None)
-        x, k = guide.refine(x)
-        return x, nfe, gsteps + k
+        hook = GuidanceHook(guide, sampler.num_steps, g.steps, inner=getattr(g, "inner", 1))
+        res = sampler.sample(model, noise, cond, hook=hook)
+        x, k = guide.refine(res.sample)
+        return x, res.nfe, hook.count + k
 
 
 class ConditionalVAEPlanner(ParamConditionedPlanner):

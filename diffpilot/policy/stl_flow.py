@@ -52,7 +52,7 @@ from diffpilot.data.scenario import FUTURE_STEPS, PAST_STEPS, SceneSample, mode_
 from diffpilot.data.scene_sample import stack_samples
 from diffpilot.planning.dynamics import controls_from_poses, rollout
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from diffpilot.policy.generative import EulerSampler, FlowMatching, MeanFlow, MeanFlowSampler
+from diffpilot.policy.generative import Sampler, StepInfo, build_objective, build_sampler
 from diffpilot.policy.networks.embeddings import TimeEmbedding
 from diffpilot.policy.networks.mlp import MLPDenoiser
 from diffpilot.policy.networks.scene_encoder import ConditionFusion, SceneEncoder, batch_from_arrays
@@ -521,6 +521,44 @@ class RobustnessGuide:
         return best_x, done
 
 
+class GuidanceHook:
+    """Sampler step hook: guidance updates of the step's predicted clean sample at chosen steps.
+
+    At the steps in ``steps`` (indices into the sampler's step list, negative
+    ones from the end; None = every step) it runs ``inner`` updates
+    ``x0 <- x0 + guide.direction(x0)`` of ``StepInfo.x0_hat`` and has the
+    sampler redo the step from the result, without another network evaluation:
+
+    * ``move_sample=False`` (DDPM/DDIM, CTG): the noise estimate is held fixed
+      and the guided prediction replaces the predicted clean sample;
+    * ``move_sample=True`` (flow samplers): the velocity is held fixed, so
+      ``x0_hat = x - t v`` moves with the sample and the step restarts from the
+      sample moved by the same displacements.
+
+    ``count`` is the number of guidance updates run so far.
+    """
+
+    def __init__(self, guide: RobustnessGuide, num_steps: int, steps: Sequence[int] | None, inner: int = 1,
+                 move_sample: bool = False) -> None:
+        if inner < 1:
+            raise ValueError(f"inner guidance updates must be >= 1, got {inner}")
+        self.guide, self.inner, self.move_sample = guide, int(inner), move_sample
+        self.use = None if steps is None else {int(s) % num_steps for s in steps}
+        self.count = 0
+
+    def __call__(self, x: Tensor, step: StepInfo) -> Tensor:
+        if self.use is not None and step.index not in self.use:
+            return x
+        x_from, x0 = step.x_from, step.x0_hat
+        for _ in range(self.inner):
+            d = self.guide.direction(x0)
+            x0 = x0 + d
+            if self.move_sample:
+                x_from = x_from + d
+            self.count += 1
+        return step.redo(x_from=x_from) if self.move_sample else step.redo(x0_hat=x0)
+
+
 @dataclass
 class SampleOutput:
     """Sampled plans: states ``(W, N, T, 4)`` (x, y, theta, v), controls ``(W, N, T, 2)``, network evaluations."""
@@ -819,7 +857,8 @@ class STLFlowPlanner(ParamConditionedPlanner):
             raise ValueError(f"sampler_steps must be a positive integer, got {sampler_steps!r}")
         self.objective_name, self.sampler_steps = objective, sampler_steps
         self.USE_R = objective == "meanflow"
-        self.objective = FlowMatching(time_sampling="logit_normal") if objective == "flow" else MeanFlow()
+        self.objective = build_objective("flow", time_sampling="logit_normal") if objective == "flow" \
+            else build_objective("meanflow")
         super().__init__(rules, horizon, **kwargs)
 
     def _extra_config(self) -> dict[str, Any]:
@@ -828,26 +867,17 @@ class STLFlowPlanner(ParamConditionedPlanner):
     def _loss(self, x0: Tensor, cond: Tensor, mask: Tensor | None, gen: torch.Generator) -> Tensor:
         return self.objective.loss(_Bound(self.net, mask), x0, cond, generator=gen)
 
+    def _sampler(self) -> Sampler:
+        return build_sampler("meanflow" if self.objective_name == "meanflow" else "euler", self.objective, self.sampler_steps)
+
     def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
         model = _Bound(self.net, mask, self.cfg_scale)
-        meanflow = self.objective_name == "meanflow"
+        sampler = self._sampler()
         if guide is None:
-            sampler = MeanFlowSampler(self.sampler_steps) if meanflow else EulerSampler(self.sampler_steps)
             res = sampler.sample(model, noise, cond)
             return res.sample, res.nfe, 0
-        g = guide.config
-        K = self.sampler_steps
-        grid = [1.0 - i / K for i in range(K + 1)]
-        use = set(range(K)) if g.steps is None else {int(s) % K for s in g.steps}
-        x, nfe, gsteps = noise, 0, 0
-        for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-            tt = x.new_full((x.shape[0],), t)
-            v = model(x, tt, cond, x.new_full((x.shape[0],), t_next)) if meanflow else model(x, tt, cond)
-            nfe += 1
-            if i in use:
-                # x0_hat = x - t v; with v held fixed, d x0_hat / d x = I, so the step moves x directly
-                x = x + guide.direction(x - t * v)
-                gsteps += 1
-            x = x + (t_next - t) * v
-        x, k = guide.refine(x)
-        return x, nfe, gsteps + k
+        # x0_hat = x - t v; with v held fixed, d x0_hat / d x = I, so a guided prediction moves the sample directly
+        hook = GuidanceHook(guide, sampler.num_steps, guide.config.steps, move_sample=True)
+        res = sampler.sample(model, noise, cond, hook=hook)
+        x, k = guide.refine(res.sample)
+        return x, res.nfe, hook.count + k
