@@ -228,22 +228,17 @@ def closed_loop(args: argparse.Namespace, logs: list, planners: dict, rule_names
     ``planners`` maps a name to ``(planner, guidance)``; a parameter-conditioned planner drives
     with that guidance (None: none). Rule parameters are each planner's defaults.
     """
-    from diffpilot.sim.driving.scoring import score_rollout
-    from diffpilot.sim.driving.simulator import DrivingSimulator
+    from diffpilot.sim.driving.runner import run_episodes
     from diffpilot.stl import RuleSet
     from diffpilot.stl.report import evaluate_compliance, trajectories_from_rollouts
 
     rules = RuleSet(rule_names)
-    sim = DrivingSimulator(reactive=False)
     rows = []
     for name, (planner, guidance) in planners.items():
         if hasattr(planner, "guidance"):
             planner.guidance = guidance
-        ros, scores = [], []
-        for log in logs:
-            ro = sim.run(log, planner, end_frame=min(log.num_frames - 1, 4 + args.closed_loop_frames))
-            ros.append(ro)
-            scores.append(score_rollout(ro, log))
+        episodes = run_episodes(planner, logs, [False], max_frames=args.closed_loop_frames)
+        ros, scores = [ep.rollout for ep in episodes], [ep.metrics for ep in episodes]
         win = trajectories_from_rollouts(ros, logs)
         res = evaluate_compliance(win.arrays, rules, None, trajectories=win.trajectories, index=win.index)
         plan_ms = np.concatenate([r.plan_ms for r in ros])

@@ -197,25 +197,16 @@ def stl_report_job(cfg: dict[str, Any]) -> Path:
                         f"{wall:.2f} s for the batch)")
     else:
         from diffpilot.sim.driving.evaluate import planner_factory
-        from diffpilot.sim.driving.scoring import score_rollout
-        from diffpilot.sim.driving.simulator import DrivingSimulator
+        from diffpilot.sim.driving.runner import run_episodes
         from diffpilot.sim.report import markdown_table
 
         name = str(cfg["rollouts"]["planner"])
         reactive = bool(cfg["rollouts"]["reactive"])
-        sim = DrivingSimulator(spec, reactive=reactive)
-        rollouts, rows = [], []
-        for log in logs:
-            drv = planner if name == "stl_flow" else planner_factory(name)()
-            tic = time.perf_counter()
-            ro = sim.run(log, drv)
-            wall = time.perf_counter() - tic
-            s = score_rollout(ro, log)
-            rollouts.append(ro)
-            rows.append({"scene": log.scene_name, "progress_m": float(s["progress_m"]), "collision": float(s["collision"]),
-                         "out_of_lane_rate": float(s["out_of_lane_rate"]), "pdms": float(s["pdms"]),
-                         "plan_ms_p50": float(np.median(ro.plan_ms)) if ro.plan_ms else 0.0, "wall_s": wall})
-        win = trajectories_from_rollouts(rollouts, logs, spec, horizon=int(cfg["rollouts"]["horizon"]))
+        # the STL planner drives every scene; a baseline is built fresh for each
+        episodes = run_episodes(planner if name == "stl_flow" else planner_factory(name), logs, [reactive], spec=spec)
+        rows = [{"scene": ep.scene, **{k: ep.metrics[k] for k in ("progress_m", "collision", "out_of_lane_rate", "pdms",
+                                                                   "plan_ms_p50", "wall_s")}} for ep in episodes]
+        win = trajectories_from_rollouts([ep.rollout for ep in episodes], logs, spec, horizon=int(cfg["rollouts"]["horizon"]))
         arrays, trajectories, index = win.arrays, win.trajectories, win.index
         what.append(f"- scored: closed-loop drives of `{name}` ({'reactive' if reactive else 'non-reactive'} agents), "
                     f"cut into {len(index)} windows of {trajectories.shape[1]} keyframes of driven future, each in the "

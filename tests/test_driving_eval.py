@@ -160,6 +160,26 @@ def test_constant_velocity_scores_below_the_lane_follower_on_the_bend(data: Path
     assert len(cache) == 1 and cv["reference_progress_m"] == lf["reference_progress_m"]
 
 
+def test_run_episodes_drives_a_planner_or_a_factory_through_scenes_and_modes() -> None:
+    from diffpilot.policy.driving_baselines import LaneFollowerIDMPlanner
+    from diffpilot.sim.driving.runner import run_episodes
+
+    geom = _map()
+    logs = [_log("scene-straight", STRAIGHT, "lane_right", 8.0, 10.0, [(35.0, 8.0, 0.0)], geom),
+            _log("scene-bend", BEND, "lane_bend", 8.0, 20.0, [], geom)]
+    eps = run_episodes(LaneFollowerIDMPlanner(), logs, [False, True], max_frames=6, reference_progress_m=lambda lg, r: 40.0)
+    assert [(e.scene, e.reactive) for e in eps] == [("scene-straight", False), ("scene-bend", False),
+                                                   ("scene-straight", True), ("scene-bend", True)]
+    for e in eps:
+        _in_unit(e.metrics)
+        assert e.rollout.end_frame == 4 + 6 and e.metrics["sim_s"] == pytest.approx(6 * DT)
+        assert e.metrics["reference_progress_m"] == 40.0 and e.metrics["plan_ms_p50"] > 0.0 and e.metrics["wall_s"] > 0.0
+    again = run_episodes(LaneFollowerIDMPlanner, logs, max_frames=6, reference_progress_m=40.0)  # a factory
+    assert [e.metrics["pdms"] for e in again] == [e.metrics["pdms"] for e in eps[:2]]
+    with pytest.raises(TypeError, match="not a Planner"):
+        run_episodes(lambda: object(), logs)
+
+
 def test_ray_with_two_workers_gives_the_in_process_rows(data: Path) -> None:
     def strip(rows):
         return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]

@@ -2,7 +2,7 @@
 
 * :func:`evaluate_planner` drives a planner closed loop through every scene
   of a split (agents replaying the log, or reactive) and scores each drive
-  with the PDM score. Scenes are independent, so they run in-process or as
+  with the PDM score (:func:`diffpilot.sim.driving.runner.run_episodes`). Scenes are independent, so they run in-process or as
   Ray tasks (local or on a cluster) with identical results.
 * :func:`open_loop` compares plans with the logged future (L2 and collision
   rate at 1/2/3 s) on every keyframe of the split.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,26 +79,17 @@ def _build(factory: PlannerFactory) -> Planner:
 # --------------------------------------------------------------------------- closed loop, one scene
 
 
-def _drive(factory: PlannerFactory, log: ScenarioLog, reactive: bool, spec: SampleSpec) -> tuple[Any, float]:
-    from diffpilot.sim.driving.simulator import DrivingSimulator
-
-    planner = _build(factory)
-    tic = time.perf_counter()
-    rollout = DrivingSimulator(spec, reactive=reactive).run(log, planner)
-    return rollout, time.perf_counter() - tic
-
-
 def reference_progress(log: ScenarioLog, reactive: bool, reference: str = "lane_follower", spec: SampleSpec = SampleSpec()) -> float:
     """Closed-loop route progress (m) of the ``reference`` baseline on ``log`` (EP's denominator).
 
     Like NAVSIM's use of PDM-Closed, the reference's own progress counts only
     when it drives without an at-fault collision and on the drivable area.
     """
-    from diffpilot.sim.driving.scoring import score_rollout
+    from diffpilot.sim.driving.runner import run_episodes
 
-    rollout, _ = _drive(_baseline(reference), log, reactive, spec)
-    s = score_rollout(rollout, log, reference_progress_m=0.0)
-    return max(float(s["progress_m"]), 0.0) * float(s["nc"]) * float(s["dac"])
+    [ep] = run_episodes(_build(_baseline(reference)), [log], [reactive], spec=spec, reference_progress_m=0.0)
+    s = ep.metrics
+    return max(s["progress_m"], 0.0) * s["nc"] * s["dac"]
 
 
 def _scene_row(
@@ -111,21 +101,15 @@ def _scene_row(
     spec: SampleSpec,
 ) -> tuple[dict[str, Any], float | None]:
     """One scene's row, and the reference progress used (computed here when not given)."""
-    from diffpilot.sim.driving.scoring import score_rollout
+    from diffpilot.sim.driving.runner import run_episodes
 
     if reference is not None and ref_progress is None:
         ref_progress = reference_progress(log, reactive, reference, spec)
-    rollout, wall = _drive(factory, log, reactive, spec)
-    s = score_rollout(rollout, log, reference_progress_m=ref_progress)
-    sim_s = float(rollout.times[-1] - rollout.times[0])
+    [ep] = run_episodes(_build(factory), [log], [reactive], spec=spec, reference_progress_m=ref_progress)
+    m = ep.metrics
     row: dict[str, Any] = {"scene": log.scene_name}
-    row.update({k: float(s[k]) for k in METRICS})
-    row["at_fault_collision"] = float(s["at_fault_collision"])
-    row["reference_progress_m"] = float(ref_progress) if ref_progress is not None else None
-    row["sim_s"] = sim_s
-    row["plan_ms_p50"] = float(np.median(rollout.plan_ms)) if rollout.plan_ms else 0.0
-    row["wall_s"] = wall
-    row["sim_s_per_wall_s"] = sim_s / max(wall, 1e-9)
+    row.update({k: m[k] for k in (*METRICS, "at_fault_collision", "reference_progress_m", "sim_s", "plan_ms_p50", "wall_s")})
+    row["sim_s_per_wall_s"] = m["sim_s"] / max(m["wall_s"], 1e-9)
     return row, ref_progress
 
 
