@@ -27,7 +27,7 @@ from diffpilot.sim.report import markdown_table, write_report
 from diffpilot.sim.runner import EpisodeRecord, run_episodes, summarize
 from diffpilot.sim.tasks import Task, dataset_reference, get_task
 from diffpilot.train.offline_rl import OFFLINE_RL_KINDS, train_offline_rl
-from diffpilot.train.trainer import Trainer, TrainerConfig, check_settings
+from diffpilot.train.trainer import TensorRows, Trainer, TrainerConfig, check_settings
 
 
 def dataset_path(data: dict[str, Any]) -> Path:
@@ -98,6 +98,14 @@ def train_job(cfg: dict[str, Any]) -> Path:
     tcfg = trainer_config(cfg)
     check_settings(policy_class(kind), tcfg)
     out = Path(cfg["out"])
+    driving = hasattr(policy_class(kind), "plan")
+    if driving != (data_cfg["kind"] == "driving"):
+        raise ValueError(
+            f"policy {kind!r} {'plans drives and trains on data=driving' if driving else 'acts in gym tasks and cannot train on data=driving'}; "
+            f"pick a matching data= option"
+        )
+    if driving:
+        return _train_driving(cfg, kind, options, tcfg, out)
     data_path = generate_job(data_cfg, tcfg.progress)
     ds = read_d4rl(data_path)
     resume = bool(cfg.get("resume", True))
@@ -125,6 +133,33 @@ def train_job(cfg: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_path": str(data_path)}, sort_keys=False))
     trainer.run(resume=resume)
+    return out / "policy"
+
+
+DRIVING_DATA_KEYS = ("root", "version", "num_scenes", "seed", "val_fraction", "workers")
+
+
+def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg: TrainerConfig, out: Path) -> Path:
+    """A driving kind on the scene samples of the data set's train split, through the same trainer."""
+    from diffpilot.data.nuscenes import load_scene_samples
+    from diffpilot.data.scenario import SampleSpec
+    from diffpilot.driving_jobs import driving_data_job
+
+    data_cfg = cfg["data"]
+    root = driving_data_job({k: data_cfg[k] for k in DRIVING_DATA_KEYS})
+    torch.manual_seed(tcfg.seed)
+    policy = build_policy({"name": kind, **options})
+    spec = SampleSpec(past_steps=int(policy.config.get("past_steps", SampleSpec.past_steps)),
+                      future_steps=int(policy.config.get("future_steps", policy.config.get("horizon", SampleSpec.future_steps))))
+    arrays = load_scene_samples(root, str(data_cfg["version"]), str(data_cfg["train_split"]), spec, progress=tcfg.progress)
+    rows = policy.training_rows(arrays)
+    policy.fit_to_batch(rows)
+    source = TensorRows(rows) if isinstance(rows, dict) else rows
+    trainer = Trainer(policy, source, tcfg, out, fingerprint={"root": str(root), "split": str(data_cfg["train_split"]),
+                                                              "rows": len(source)})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_root": str(root)}, sort_keys=False))
+    trainer.run(resume=bool(cfg.get("resume", True)))
     return out / "policy"
 
 
