@@ -44,6 +44,7 @@ from diffpilot.data.scenario import FUTURE_STEPS, PAST_STEPS  # noqa: E402
 from diffpilot.data.scene_sample import build_scene_sample, stack_samples  # noqa: E402
 from diffpilot.data.traffic.generate import simulate_scenes  # noqa: E402
 from diffpilot.stl import metrics as M  # noqa: E402
+from diffpilot.train import fit
 
 AUGMENTATION_RESULTS = results_io.RESULTS / "augmentation.json"
 
@@ -153,14 +154,14 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
     aug_rows = len(ad)
     both = _concat(ad, train)  # the data of every augmented learner
 
-    def fit(p, d):  # noqa: ANN001, ANN202
+    def train(p, d):  # noqa: ANN001, ANN202
         tic = time.perf_counter()
-        p.fit(d, steps=args.train_steps, batch_size=args.batch_size)
+        fit(p, d, steps=args.train_steps, batch_size=args.batch_size)
         return time.perf_counter() - tic
 
     ours = f"stl-flow euler{args.sampler_steps} + guidance, {args.guide_refine} steps (ours)"
     flow = STLFlowPlanner(sampler_steps=args.sampler_steps, **hp)
-    train_s = fit(flow, both)
+    train_s = train(flow, both)
     ev(f"stl-flow euler{args.sampler_steps} (ours, no guidance)", flow)
     guidance = GuidanceConfig(refine=args.guide_refine)
     ev(ours, flow, guidance)
@@ -168,18 +169,18 @@ def open_loop(args: argparse.Namespace, arrays: dict) -> tuple[list[dict], dict]
         ev(f"stl-flow euler{args.sampler_steps} + guidance, {args.guide_refine - 1} steps (ours)", flow,
            GuidanceConfig(refine=args.guide_refine - 1))
     mf = STLFlowPlanner(objective="meanflow", sampler_steps=1, **hp)
-    fit(mf, both)
+    train(mf, both)
     ev("stl-flow meanflow 1 step (ours, no guidance)", mf)
     ev("stl-flow meanflow 1 step + guidance (ours)", mf, guidance)
     vae = ConditionalVAEPlanner(**hp)
-    fit(vae, both)
+    train(vae, both)
     ev("cvae, trajopt-augmented + logs", vae)
     ddpm_log = ParamDDPMPlanner(sampler="ddim", sampler_steps=10, **hp)
-    fit(ddpm_log, train_log)
+    train(ddpm_log, train_log)
     ev("ddpm ddim10, logs only (no augmentation)", ddpm_log)
     ev("ddpm ddim10 + CTG every step, logs only", ddpm_log, CTGGuidance())
     ddpm_aug = ParamDDPMPlanner(sampler="ddim", sampler_steps=10, **hp)
-    fit(ddpm_aug, both)
+    train(ddpm_aug, both)
     ev("ddpm ddim10, trajopt-augmented + logs", ddpm_aug)
     ev("ddpm ddim10 + CTG every step, trajopt-augmented + logs", ddpm_aug, CTGGuidance())
     base = f"stl-flow euler{args.sampler_steps} (ours, no guidance)"

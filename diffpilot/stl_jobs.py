@@ -21,6 +21,7 @@ import yaml
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import SampleSpec
 from diffpilot.fileio import atomic_write_text
+from diffpilot.train import fit
 
 __all__ = ["DEFAULTS_FILE", "SOURCES", "stl_config", "stl_report_job"]
 
@@ -107,7 +108,7 @@ def _planner(cfg: dict[str, Any], train: dict[str, np.ndarray] | None, out: Path
                              param_dropout=float(p["param_dropout"]), relative_speed=bool(p["relative_speed"]))
     data = data_from_logs(train, planner.rules, perturb=int(p["perturb"]), seed=int(p["seed"]))
     tic = time.perf_counter()
-    losses = planner.fit(data, steps=int(p["train_steps"]), batch_size=int(p["batch_size"]))
+    losses = fit(planner, data, steps=int(p["train_steps"]), batch_size=int(p["batch_size"]))
     path = planner.save(out / "planner")
     return planner, (f"STL flow planner ({p['objective']}, {p['sampler_steps']} step(s)) trained {p['train_steps']} steps "
                      f"on {len(data)} rows of `{cfg['train_split']}` in {time.perf_counter() - tic:.0f} s (final loss "

@@ -23,6 +23,7 @@ from diffpilot.policy.stl_flow import (
 )
 from diffpilot.stl import metrics as M
 from diffpilot.stl.signals import driving_signals, lane_choice, scene_from_arrays
+from diffpilot.train import fit
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, num_samples=8)
 
@@ -72,7 +73,7 @@ def logged(arrays):
 
 def test_refinement_repairs_samples_and_leaves_satisfying_ones(arrays, logged):
     planner = STLFlowPlanner(seed=0, **SMALL)
-    planner.fit(logged, steps=1)  # normalizers only: raw samples violate often, which is what is repaired
+    fit(planner, logged, steps=1)  # normalizers only: raw samples violate often, which is what is repaired
     idx = np.unique(logged.window)[:10]
     first = np.array([np.flatnonzero(logged.window == w)[0] for w in idx])
     params = {k: v[first] for k, v in logged.params.items()}
@@ -113,7 +114,7 @@ def test_fusion_network_and_parameter_dropout_with_cfg(arrays, logged, tmp_path)
     changed[1, 2:] = 100.0  # masked tokens do not matter
     assert torch.allclose(fusion(changed, mask)[1], out[1], atol=1e-5)
     planner = STLFlowPlanner(seed=0, network="fusion", param_dropout=0.2, cfg_scale=2.0, **SMALL)
-    losses = planner.fit(logged, steps=30, batch_size=32)
+    losses = fit(planner, logged, steps=30, batch_size=32)
     assert np.isfinite(losses).all()
     idx = np.unique(logged.window)[:3]
     first = np.array([np.flatnonzero(logged.window == w)[0] for w in idx])
@@ -142,7 +143,7 @@ def test_lower_vmax_alone_lowers_the_planned_speed(arrays, tmp_path):
     data = data_from_augmented(arrays, read_augmented(out))
     assert len(data) > 40 and np.ptp(data.params["vmax"]) > 5.0
     planner = STLFlowPlanner(rules=("speed_limit", "lane_keeping", "heading", "safe_distance"), seed=0, **SMALL)
-    planner.fit(data, steps=400, batch_size=64)
+    fit(planner, data, steps=400, batch_size=64)
     idx = np.unique(data.window)
     first = np.array([np.flatnonzero(data.window == w)[0] for w in idx])
     v0 = arrays["ego_status"][idx, 0]

@@ -19,6 +19,7 @@ from diffpilot.stl.report import (
     evaluate_compliance,
     trajectories_from_rollouts,
 )
+from diffpilot.train import fit
 
 RULES = ["speed_limit", "lane_keeping", "heading", "safe_distance", "lane_change", "comfort"]
 
@@ -93,7 +94,7 @@ def test_controllability_cautious_is_slower(tmp_path, arrays) -> None:
     from diffpilot.policy.stl_flow import STLFlowPlanner, data_from_logs
 
     planner = STLFlowPlanner(sampler_steps=2, d_model=32, n_layers=1, n_heads=2, seed=0, num_samples=8)
-    planner.fit(data_from_logs(arrays, perturb=6, seed=0), steps=400, batch_size=64)
+    fit(planner, data_from_logs(arrays, perturb=6, seed=0), steps=400, batch_size=64)
     sample = scene_samples_from_arrays(arrays, len(arrays["command"]) // 2)
     # the planner learned parameters in hindsight (the speed band a drive kept), so a setting names the whole band
     settings = {"cautious": {"vmin": 0.0, "vmax": 8.0}, "aggressive": {"vmin": 6.0, "vmax": 15.0}}

@@ -24,6 +24,7 @@ from diffpilot.data.scenario import (
     SampleSpec,
     SceneSample,
     ScenarioLog,
+    _no_map_elements,
     to_ego_frame,
     wrap_angle,
 )
@@ -31,6 +32,7 @@ from diffpilot.data.scenario import (
 __all__ = [
     "COMMAND_HORIZON_S",
     "build_scene_sample",
+    "example_scene_arrays",
     "driving_command",
     "ego_status_from_log",
     "MAP_ELEMENT_FIELDS",
@@ -430,3 +432,40 @@ def scene_samples_from_arrays(arrays: dict[str, np.ndarray], i: int) -> SceneSam
             v = np.array(v)
         kwargs[f.name] = v
     return SceneSample(**kwargs)
+
+
+def example_scene_arrays(n: int, seed: int = 0, spec: SampleSpec = SampleSpec()) -> dict[str, np.ndarray]:
+    """``n`` stacked straight-road samples (three lanes, a lead car, constant-speed ego): smoke tests and tracing.
+
+    Speeds, the lead car's gap and the command vary with ``seed``; every
+    future is complete, so hindsight labelling and open-loop scoring work.
+    """
+    rng = np.random.default_rng(seed)
+    P, F, K, L, N = spec.past_steps, spec.future_steps, spec.num_agents, spec.num_lanes, spec.lane_points
+    xs = np.linspace(-20.0, 2.0 * spec.lane_radius_m, N)
+    samples = []
+    for i in range(n):
+        v = float(rng.uniform(2.0, 14.0))
+        lanes, lanes_valid = np.zeros((L, N, 3)), np.zeros(L, bool)
+        for j, y in enumerate((0.0, 3.5, -3.5)[: min(3, L)]):
+            lanes[j, :, 0], lanes[j, :, 1], lanes_valid[j] = xs, y, True
+        W = P + 1 + F
+        t = DT * (np.arange(W) - P)
+        a_pose, a_valid = np.zeros((K, W, 3)), np.zeros((K, W), bool)
+        a_size, a_cat = np.zeros((K, 2)), np.full(K, -1)
+        if K:
+            gap, va = float(rng.uniform(10.0, 40.0)), float(rng.uniform(0.0, 12.0))
+            a_pose[0, :, 0] = gap + va * t
+            a_valid[0], a_size[0], a_cat[0] = True, (4.5, 1.9), 0
+        past = np.zeros((P + 1, 3))
+        past[:, 0] = v * DT * (np.arange(P + 1) - P)
+        future = np.stack([v * DT * np.arange(1, F + 1), np.zeros(F), np.zeros(F)], axis=1)
+        samples.append(SceneSample(
+            token=f"example-{seed}-{i}", scene_token=f"example-{seed}", frame=i, ego_pose_global=np.zeros(3),
+            ego_status=np.array([v, 0.0, 0.0]), ego_past=past, ego_future=future, ego_future_valid=np.ones(F, bool),
+            agents_pose=a_pose, agents_valid=a_valid, agents_size=a_size, agents_category=a_cat, lanes=lanes,
+            lanes_valid=lanes_valid, drivable=np.ones((spec.raster_size, spec.raster_size), np.uint8),
+            command=int(rng.integers(0, len(COMMANDS))),
+            **dict(zip(("stop_lines", "stop_lines_valid", "zones", "zones_valid"), _no_map_elements(spec))),
+        ))
+    return stack_samples(samples)

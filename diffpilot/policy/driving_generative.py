@@ -31,12 +31,14 @@ from torch import Tensor, nn
 
 from diffpilot.data.scenario import FUTURE_STEPS
 from diffpilot.policy.generative import Sampler, build_objective, build_sampler
+from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.stl_flow import (
     DEFAULT_RULES,
     ConditionNet,
     GuidanceConfig,
     GuidanceHook,
     ParamConditionedPlanner,
+    PlannerConfig,
     _Bound,
 )
 
@@ -57,10 +59,20 @@ class CTGGuidance(GuidanceConfig):
     refine: int = 0
 
 
+@dataclass
+class ParamDDPMConfig(PlannerConfig):
+    """``conf/policy/param_ddpm_planner.yaml``."""
+
+    num_train_steps: int = 100
+    sampler: str = "ddim"  # ddim (sampler_steps) or ddpm (all steps)
+    sampler_steps: int = 10
+
+
+@register_policy("param_ddpm_planner")
 class ParamDDPMPlanner(ParamConditionedPlanner):
     """Parameter-conditioned DDPM over controls; ``sampler`` is ``"ddim"`` (``sampler_steps``) or ``"ddpm"`` (all steps)."""
 
-    KIND = "param_ddpm_planner"
+    Config = ParamDDPMConfig
 
     def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, num_train_steps: int = 100,
                  sampler: str = "ddim", sampler_steps: int = 10, **kwargs: Any) -> None:
@@ -93,6 +105,15 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
         return x, res.nfe, hook.count + k
 
 
+@dataclass
+class ConditionalVAEConfig(PlannerConfig):
+    """``conf/policy/conditional_vae_planner.yaml``."""
+
+    latent_dim: int = 8
+    beta: float = 0.05
+
+
+@register_policy("conditional_vae_planner")
 class ConditionalVAEPlanner(ParamConditionedPlanner):
     """Conditional VAE over controls; the condition is the pooled scene + parameter + mode vector.
 
@@ -101,7 +122,7 @@ class ConditionalVAEPlanner(ParamConditionedPlanner):
     only runs its ``refine`` gradient steps on the decoded sample.
     """
 
-    KIND = "conditional_vae_planner"
+    Config = ConditionalVAEConfig
 
     def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, latent_dim: int = 8,
                  beta: float = 0.05, **kwargs: Any) -> None:

@@ -36,10 +36,8 @@ sampler.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,13 +46,15 @@ from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.data.scenario import FUTURE_STEPS, PAST_STEPS, SceneSample, mode_from_command, wrap_angle
+from diffpilot.data.scenario import FUTURE_STEPS, PAST_STEPS, SampleSpec, SceneSample, mode_from_command, wrap_angle
 from diffpilot.data.scene_sample import stack_samples
 from diffpilot.planning.dynamics import controls_from_poses, rollout
-from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.generative import Sampler, StepInfo, build_objective, build_sampler
+from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks.embeddings import TimeEmbedding
 from diffpilot.policy.networks.mlp import MLPDenoiser
+from diffpilot.policy.networks.scene_encoder import SCENE_KEYS as ENCODER_KEYS
 from diffpilot.policy.networks.scene_encoder import ConditionFusion, SceneEncoder, batch_from_arrays
 from diffpilot.policy.networks.transformer import TransformerDenoiser
 from diffpilot.stl.calibration import calibrate
@@ -70,7 +70,9 @@ __all__ = [
     "ControlDenoiser",
     "GuidanceConfig",
     "ParamConditionedPlanner",
+    "PlannerConfig",
     "PlannerData",
+    "PlannerRows",
     "RobustnessGuide",
     "SampleOutput",
     "STLFlowPlanner",
@@ -576,15 +578,68 @@ class SampleOutput:
 # --------------------------------------------------------------------------- planner base
 
 
-class ParamConditionedPlanner:
-    """Shared machinery of the parameter-conditioned planners: data, conditioning, rules, Planner protocol, saving.
+@dataclass
+class PlannerConfig:
+    """The options every parameter-conditioned planner shares (``conf/policy/<kind>.yaml``)."""
 
-    Subclasses define ``_loss(net, x0, cond, mask, gen)`` and
-    ``_generate(cond, mask, noise, guide)`` in normalized control space.
+    rules: list[str] = field(default_factory=lambda: list(DEFAULT_RULES))
+    horizon: int = FUTURE_STEPS
+    network: str = "fusion"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    past_steps: int = PAST_STEPS
+    use_raster: bool = False
+    lr: float = 2e-3
+    param_dropout: float = 0.0
+    cfg_scale: float = 1.0
+    relative_speed: bool = True
+    num_samples: int = 16
+    seed: int = 0
+    plan_params: dict[str, float] | None = None  # the rule parameters plan() conditions on (None: the rules' defaults)
+
+
+class PlannerRows:
+    """The trainer's view of :class:`PlannerData`: row ``i`` gathers its window's scene tensors,
+    the raw controls, the raw parameter features and the mode."""
+
+    def __init__(self, planner: "ParamConditionedPlanner", data: PlannerData) -> None:
+        if data.controls.shape[1] != planner.horizon:
+            raise DatasetError(f"controls have {data.controls.shape[1]} steps, this planner plans {planner.horizon}")
+        self.scene = batch_from_arrays(data.arrays, raster=planner.hparams["use_raster"])
+        self.window = torch.as_tensor(data.window, dtype=torch.long)
+        self.controls = torch.as_tensor(data.controls, dtype=torch.float32)
+        self.params = planner._param_features(data.params, np.asarray(data.arrays["ego_status"])[data.window, 0])
+        self.modes = torch.as_tensor(data.modes, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    def batch(self, rows: np.ndarray) -> dict[str, Tensor]:
+        idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        out = {k: v[self.window[idx]] for k, v in self.scene.items()}
+        out.update(controls=self.controls[idx], params=self.params[idx], modes=self.modes[idx])
+        return out
+
+
+class ParamConditionedPlanner(PolicyBase):
+    """Shared machinery of the parameter-conditioned planners: data, conditioning, rules, Planner protocol.
+
+    Subclasses define ``_loss(x0, cond, mask, gen)`` and
+    ``_generate(cond, mask, noise, guide)`` in normalized control space. They
+    train through the one trainer (AdamW, weight decay 1e-4, cosine decay to
+    a tenth of ``lr``, gradient clip 1), on :class:`PlannerRows`.
     """
 
     KIND = "param_conditioned_planner"
+    Config = PlannerConfig
     USE_R = False
+    OWN_TRAIN_KEYS = {
+        "lr": "policy.lr", "weight_decay": "nothing (fixed at 1e-4)", "warmup_steps": "nothing (no warmup)",
+        "schedule": "nothing (cosine to a tenth of policy.lr)", "grad_clip": "nothing (fixed at 1.0)",
+        "ema_decay": "nothing (no EMA)",
+    }
+    TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "num_samples": 2}
 
     def __init__(
         self,
@@ -603,7 +658,9 @@ class ParamConditionedPlanner:
         relative_speed: bool = True,
         num_samples: int = 16,
         seed: int = 0,
+        plan_params: Mapping[str, float] | None = None,
     ) -> None:
+        super().__init__()
         self.rules = RuleSet(list(rules))
         self.rule_names = list(rules)
         self.param_names = sorted(self.rules.defaults())
@@ -620,11 +677,18 @@ class ParamConditionedPlanner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.net = self._build_net()
-        self.net.eval()
+        self.eval()
         self.plan_params: dict[str, float] = dict(self.rules.defaults())
+        if plan_params:
+            self.set_rule_params(**plan_params)
         self.plan_mode: int | None = None
         self.guidance: GuidanceConfig | None = None
         self._rng = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], obs_dim: int | None = None, action_dim: int | None = None) -> "ParamConditionedPlanner":
+        """Sizes come from the rules and the horizon in ``options``, not from a gym task."""
+        return cls(**options)
 
     # -- construction / config
     def _build_net(self) -> ConditionNet:
@@ -634,11 +698,12 @@ class ParamConditionedPlanner:
         return {}
 
     @property
-    def config(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:  # type: ignore[override]
         return {
             "rules": self.rule_names, "horizon": self.horizon, **self.hparams, "lr": self.lr,
             "num_samples": self.num_samples, "seed": self.seed, "param_dropout": self.param_dropout,
             "cfg_scale": self.cfg_scale, "relative_speed": self.relative_speed, **self._extra_config(),
+            "plan_params": {k: float(v) for k, v in self.plan_params.items()},
         }
 
     # -- user-facing parameters
@@ -694,41 +759,46 @@ class ParamConditionedPlanner:
             raise DatasetError("rule parameters contain NaN or inf; drop those rows")
         return m
 
-    # -- training
-    def fit(self, data: PlannerData, steps: int = 500, batch_size: int = 64, seed: int | None = None) -> list[float]:
-        """Train from the current weights on ``data``; normalizers are fitted first. Returns per-step losses."""
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
-        if data.controls.shape[1] != self.horizon:
-            raise DatasetError(f"controls have {data.controls.shape[1]} steps, this planner plans {self.horizon}")
-        seed = self.seed if seed is None else seed
-        gen = torch.Generator().manual_seed(seed)
-        self.net.control_norm.load_state_dict(Normalizer.fit(data.controls.reshape(-1, 2), "gaussian").state_dict())
-        P = self._param_features(data.params, np.asarray(data.arrays["ego_status"])[data.window, 0])
-        self.net.param_norm.load_state_dict(Normalizer.fit(P.numpy(), "gaussian").state_dict())
-        scene_all = batch_from_arrays(data.arrays, raster=self.hparams["use_raster"])
-        x_all = self.net.control_norm.normalize(torch.as_tensor(data.controls, dtype=torch.float32))
-        p_all = self.net.param_norm.normalize(P)
-        m_all = torch.as_tensor(data.modes, dtype=torch.long)
-        w_all = torch.as_tensor(data.window, dtype=torch.long)
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4, foreach=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=self.lr * 0.1)
-        self.net.train()
-        losses = []
-        for _ in range(steps):
-            idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=gen)
-            scene = {k: v[w_all[idx]] for k, v in scene_all.items()}
-            drop = torch.rand(len(idx), generator=gen) < self.param_dropout if self.param_dropout > 0 else None
-            cond, mask = self.net.condition(scene, p_all[idx], m_all[idx], drop)
-            loss = self._loss(x_all[idx], cond, mask, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        self.net.eval()
-        return losses
+    # -- training (the one trainer: diffpilot.train.fit / Trainer)
+    def training_rows(self, data: PlannerData | Mapping[str, np.ndarray]) -> PlannerRows:
+        """Training rows from :class:`PlannerData`, or from stacked SceneSamples (their logs, hindsight-labelled)."""
+        if not isinstance(data, PlannerData):
+            data = data_from_logs(dict(data), self.rules, seed=self.seed)
+        return PlannerRows(self, data)
+
+    def fit_to_batch(self, rows: PlannerRows | Mapping[str, Tensor]) -> None:
+        """Fit the control and parameter normalizers on every training row."""
+        controls = rows.controls if isinstance(rows, PlannerRows) else rows["controls"]
+        params = rows.params if isinstance(rows, PlannerRows) else rows["params"]
+        self.net.control_norm.load_state_dict(Normalizer.fit(np.asarray(controls).reshape(-1, 2), "gaussian").state_dict())
+        self.net.param_norm.load_state_dict(Normalizer.fit(np.asarray(params), "gaussian").state_dict())
+
+    def optim_groups(self) -> dict[str, OptimGroup]:
+        return {"net": OptimGroup(list(self.net.parameters()), lr=self.lr, weight_decay=1e-4, grad_clip=1.0,
+                                  schedule="cosine", warmup_steps=0, min_lr_ratio=0.1)}
+
+    def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The generative loss of the controls given scene, parameters (dropped for ``param_dropout`` of rows) and mode."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        scene = {k: batch[k] for k in self._scene_keys()}
+        n = batch["controls"].shape[0]
+        drop = torch.rand(n, generator=gen) < self.param_dropout if self.param_dropout > 0 else None
+        cond, mask = self.net.condition(scene, self.net.param_norm.normalize(batch["params"]), batch["modes"], drop)
+        loss = self._loss(self.net.control_norm.normalize(batch["controls"]), cond, mask, gen)
+        return loss, {"loss": float(loss.detach())}
+
+    def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        from diffpilot.data.scene_sample import example_scene_arrays
+
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+        arrays = example_scene_arrays(max(4, batch_size // 4), seed=seed,
+                                      spec=SampleSpec(past_steps=self.hparams["past_steps"], future_steps=self.horizon))
+        rows = PlannerRows(self, data_from_logs(arrays, self.rules, perturb=3, seed=seed))
+        return rows.batch(np.arange(len(rows))[:batch_size] if len(rows) >= batch_size else
+                          np.resize(np.arange(len(rows)), batch_size))
+
+    def _scene_keys(self) -> tuple[str, ...]:
+        return ENCODER_KEYS + (("drivable",) if self.hparams["use_raster"] else ())
 
     def _loss(self, x0: Tensor, cond: Tensor, mask: Tensor | None, gen: torch.Generator) -> Tensor:
         raise NotImplementedError
@@ -792,6 +862,27 @@ class ParamConditionedPlanner:
             controls=ctrl.double().numpy().reshape(W, n, self.horizon, 2), nfe=nfe, guide_steps=gsteps,
         )
 
+    def noise_shape(self, batch_size: int) -> tuple[int, ...]:
+        return (batch_size, self.horizon, 2)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """One plan per row: states ``(B, T, 4)`` for scene tensors, raw ``params`` features and ``modes``.
+
+        The batched core that ``plan`` and ``sample`` add candidates, selection and guidance to.
+        """
+        scene = {k: batch[k] for k in self._scene_keys()}
+        n = batch["modes"].shape[0]
+        cond, mask = self.net.condition(scene, self.net.param_norm.normalize(batch["params"]), batch["modes"])
+        if self.cfg_scale != 1.0:
+            cond_u, _ = self.net.condition(scene, self.net.param_norm.normalize(batch["params"]), batch["modes"],
+                                           torch.ones(n, dtype=torch.bool))
+            cond = torch.cat([cond, cond_u], dim=-1) if mask is None else torch.stack([cond, cond_u], dim=1)
+        if noise is None:
+            noise = torch.randn(self.noise_shape(n), generator=self._rng)
+        x, _, _ = self._generate(cond, mask, noise, None)
+        return self.decode(x, batch["ego_status"][:, 0])
+
     def satisfaction(
         self, states: np.ndarray, arrays: Mapping[str, np.ndarray], index: np.ndarray | Sequence[int],
         params: Mapping[str, np.ndarray | float], modes: np.ndarray | Sequence[int],
@@ -817,37 +908,26 @@ class ParamConditionedPlanner:
         poses[:, 2] = wrap_angle(poses[:, 2])
         return poses
 
-    # -- persistence
-    def save(self, directory: str | Path) -> Path:
-        """Safetensors weights (normalizers included) + YAML config (with the plan parameters)."""
-        cfg = copy.deepcopy(self.config)
-        cfg["plan_params"] = {k: float(v) for k, v in self.plan_params.items()}
-        return save_checkpoint(directory, self.net.state_dict(), cfg, kind=self.KIND)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "ParamConditionedPlanner":
-        tensors, config = load_checkpoint(directory, kind=cls.KIND)
-        plan_params = config.pop("plan_params", {})
-        try:
-            planner = cls(**config)
-        except TypeError as e:
-            raise ValueError(f"checkpoint {directory} config does not fit {cls.__name__}: {e}") from None
-        load_state_strict(planner.net, tensors, directory)
-        planner.net.eval()
-        planner.plan_params.update(plan_params)
-        return planner
-
 
 # --------------------------------------------------------------------------- the flow planner
 
 
+@dataclass
+class STLFlowConfig(PlannerConfig):
+    """``conf/policy/stl_flow_planner.yaml``."""
+
+    objective: str = "flow"  # flow (Euler, sampler_steps) or meanflow (one step)
+    sampler_steps: int = 2
+
+
+@register_policy("stl_flow_planner")
 class STLFlowPlanner(ParamConditionedPlanner):
     """Rectified flow (``objective="flow"``, Euler 1-4 steps) or MeanFlow (one step) over controls.
 
     See the module docstring for the representation and the conditioning.
     """
 
-    KIND = "stl_flow_planner"
+    Config = STLFlowConfig
 
     def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, objective: str = "flow",
                  sampler_steps: int = 2, **kwargs: Any) -> None:

@@ -347,15 +347,16 @@ def train(
 
 
 def fit(
-    policy: PolicyBase, data: Any, steps: int, batch_size: int = 256, seed: int = 0, out: str | Path | None = None,
-    **settings: Any,
+    policy: PolicyBase, data: Any, steps: int, batch_size: int = 256, seed: int | None = None,
+    out: str | Path | None = None, **settings: Any,
 ) -> list[float]:
     """Fit the normalizers, then train ``policy`` on its ``training_rows(data)``; returns every step's loss.
 
     The short form for library use and the driving jobs: ``out`` makes the run
     checkpointed and resumable (None: in memory); ``settings`` are further
-    :class:`TrainerConfig` fields.
+    :class:`TrainerConfig` fields; ``seed`` defaults to the policy's own.
     """
+    seed = int(policy.config.get("seed", 0)) if seed is None else int(seed)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     rows = policy.training_rows(data)
