@@ -130,12 +130,19 @@ def _train_ego_mlp(cfg: dict[str, Any], root: Path, version: str, spec: SampleSp
 def _factories(cfg: dict[str, Any], root: Path, version: str, spec: SampleSpec, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from diffpilot.sim.driving.evaluate import planner_factory
 
-    names = list(cfg["planners"])
+    names = [str(n) for n in cfg["planners"]]
     if not names:
-        raise ValueError("planners is empty; name at least one of log_replay, constant_velocity, ego_mlp, lane_follower, trajopt")
+        raise ValueError("planners is empty; name at least one of log_replay, constant_velocity, ego_mlp, lane_follower, "
+                         "trajopt, or a saved driving policy folder")
     factories, ego_info = {}, {}
     for name in dict.fromkeys(names):
-        if name == "ego_mlp":
+        if Path(name).expanduser().is_dir():  # a saved policy of any driving kind, labelled <kind>:<run folder>
+            from diffpilot.policy.registry import stored_kind
+
+            folder = Path(name).expanduser()
+            label = f"{stored_kind(folder)}:{folder.parent.name if folder.name in ('policy', 'best') else folder.name}"
+            factories[label] = planner_factory(name)
+        elif name == "ego_mlp":
             ckpt = cfg["ego_mlp"].get("checkpoint")
             if ckpt:
                 ego_info = {"checkpoint": str(ckpt)}

@@ -93,19 +93,26 @@ def _params(cfg: dict[str, Any], rules: Any, train: dict[str, np.ndarray] | None
 
 
 def _planner(cfg: dict[str, Any], train: dict[str, np.ndarray] | None, out: Path) -> tuple[Any, str]:
-    """The STL flow planner: loaded from ``planner.checkpoint`` or trained on ``train`` and saved in ``<out>/planner``."""
-    from diffpilot.policy.stl_flow import STLFlowPlanner, data_from_logs
+    """A parameter-conditioned planner: any saved one from ``planner.checkpoint`` (the STL flow planner or a
+    baseline kind), or an STL flow planner trained on ``train`` and saved in ``<out>/planner``."""
+    from diffpilot.policy.registry import build_policy, load_policy
+    from diffpilot.policy.stl_flow import ParamConditionedPlanner, data_from_logs
 
     p = cfg["planner"]
     if p.get("checkpoint"):
-        planner = STLFlowPlanner.load(p["checkpoint"])
-        return planner, f"STL flow planner loaded from `{p['checkpoint']}`"
+        planner = load_policy(p["checkpoint"])
+        if not isinstance(planner, ParamConditionedPlanner):
+            raise ValueError(f"planner.checkpoint={p['checkpoint']} holds a {planner.KIND!r}; the STL report needs a "
+                             "rule-conditioned planner (stl_flow_planner, param_ddpm_planner or conditional_vae_planner)")
+        return planner, f"{planner.KIND} loaded from `{p['checkpoint']}`"
     if train is None:
         raise ValueError("training the planner needs the train split's windows")
-    planner = STLFlowPlanner(objective=str(p["objective"]), sampler_steps=int(p["sampler_steps"]), d_model=int(p["d_model"]),
-                             n_layers=int(p["n_layers"]), n_heads=int(p["n_heads"]), seed=int(p["seed"]),
-                             num_samples=int(p["samples"]), network=str(p["network"]),
-                             param_dropout=float(p["param_dropout"]), relative_speed=bool(p["relative_speed"]))
+    planner = build_policy({
+        "name": "stl_flow_planner", "objective": str(p["objective"]), "sampler_steps": int(p["sampler_steps"]),
+        "d_model": int(p["d_model"]), "n_layers": int(p["n_layers"]), "n_heads": int(p["n_heads"]), "seed": int(p["seed"]),
+        "num_samples": int(p["samples"]), "network": str(p["network"]), "param_dropout": float(p["param_dropout"]),
+        "relative_speed": bool(p["relative_speed"]),
+    })
     data = data_from_logs(train, planner.rules, perturb=int(p["perturb"]), seed=int(p["seed"]))
     tic = time.perf_counter()
     losses = fit(planner, data, steps=int(p["train_steps"]), batch_size=int(p["batch_size"]))

@@ -147,3 +147,22 @@ def test_resumed_training_equals_an_uninterrupted_run(kind, tmp_path):
     for key in full:
         torch.testing.assert_close(full[key], cut[key], rtol=0, atol=0, msg=key)
     assert (tmp_path / "full" / "train_log.csv").read_text() == (tmp_path / "cut" / "train_log.csv").read_text()
+
+
+def test_every_policy_yaml_maps_one_to_one_onto_its_config():
+    import dataclasses
+
+    import yaml
+
+    from diffpilot.cli import load_config
+
+    conf = Path(__file__).resolve().parent.parent / "diffpilot" / "conf" / "policy"
+    seen = set()
+    for path in sorted(conf.glob("*.yaml")):
+        cfg = load_config("train", [f"policy={path.stem}"])["policy"]  # composed as the CLI composes it
+        kind, _ = policy_options(cfg)
+        fields = {f.name for f in dataclasses.fields(policy_class(kind).Config)}
+        assert set(cfg) - {"name", "per_task"} == fields, path.name
+        assert yaml.safe_load(path.read_text())  # not empty
+        seen.add(kind)
+    assert seen == set(KINDS)  # every registered kind has a YAML

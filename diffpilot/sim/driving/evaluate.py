@@ -55,15 +55,28 @@ HORIZONS_S = (1.0, 2.0, 3.0)
 
 
 def planner_factory(name: str, **kwargs: Any) -> PlannerFactory:
-    """A picklable factory for a baseline planner (``ego_mlp`` takes ``checkpoint=DIR``).
+    """A picklable factory for a planner: a baseline by name (``ego_mlp`` takes ``checkpoint=DIR``), or any
+    saved policy folder whose registered kind plans (``diffpilot train policy=<kind> data=driving`` writes one).
 
     Ray ships the factory, not the planner, so each task builds its own.
     """
     from diffpilot.policy.driving_baselines import PLANNERS, build_planner
+    from diffpilot.policy.registry import POLICIES, load_policy, stored_kind
 
-    if name not in PLANNERS:
-        raise ValueError(f"unknown planner {name!r}; known planners: {', '.join(sorted(PLANNERS))}")
-    return functools.partial(build_planner, name, **kwargs)
+    if name in PLANNERS:
+        return functools.partial(build_planner, name, **kwargs)
+    if Path(name).expanduser().is_dir():
+        kind = stored_kind(Path(name).expanduser())
+        if kind not in POLICIES or not hasattr(POLICIES[kind], "plan"):
+            raise ValueError(f"planner folder {name} holds a {kind!r}, which does not plan drives; pass a driving "
+                             f"policy folder (e.g. <out>/policy of `diffpilot train policy=stl_flow_planner data=driving`)")
+        return functools.partial(load_policy, str(Path(name).expanduser()))
+    if name in POLICIES and hasattr(POLICIES[name], "plan"):
+        raise ValueError(f"planner {name!r} is a learned kind: train it (`diffpilot train policy={name} data=driving "
+                         f"out=runs/{name}`) and pass its folder, e.g. planners=[runs/{name}/policy]")
+    learned = sorted(k for k, c in POLICIES.items() if hasattr(c, "plan"))
+    raise ValueError(f"unknown planner {name!r}; known planners: {', '.join(sorted(PLANNERS))}, or a saved folder of "
+                     f"a driving kind ({', '.join(learned)})")
 
 
 _baseline = planner_factory  # the module-level factory, where a parameter of the same name shadows it
