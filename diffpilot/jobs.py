@@ -187,6 +187,8 @@ def eval_job(cfg: dict[str, Any]) -> Path:
     """Evaluate a saved policy closed loop; writes eval.json and report.md next to it."""
     ckpt = Path(cfg["checkpoint"])
     policy = load_policy(ckpt)
+    if hasattr(policy, "plan"):
+        return _eval_driving(cfg, ckpt)
     if cfg.get("sampler"):
         if not hasattr(policy, "set_sampler"):
             raise ValueError(f"sampler= does not apply to a {policy.KIND!r} policy (its sampler is fixed at training); drop it")
@@ -208,6 +210,20 @@ def eval_job(cfg: dict[str, Any]) -> Path:
         ("Episodes", markdown_table([r.row() for r in records], ["episode", "seed", "episode_return", "normalized_score", "success", "latency_ms_p50", "latency_ms_p99"])),
     ])
     return out
+
+
+def _eval_driving(cfg: dict[str, Any], ckpt: Path) -> Path:
+    """A driving policy: closed loop (both modes), open loop and one-shot PDMS beside the lane follower,
+    on the data set it was trained on (from its run.yaml; else the embedded default)."""
+    from diffpilot.driving_jobs import driving_eval_job
+
+    run_yaml = ckpt.parent / "run.yaml"
+    run = (yaml.safe_load(run_yaml.read_text()) or {}) if run_yaml.is_file() else {}
+    data = run.get("data") or {}
+    data = {k: data[k] for k in DRIVING_DATA_KEYS if k in data} if data.get("kind") == "driving" else {}
+    out = Path(cfg["out"]) if cfg.get("out") else ckpt.parent / "eval"
+    return driving_eval_job({"data": data, "planners": ["lane_follower", str(ckpt)],
+                             "out": str(out), "progress": bool(cfg.get("progress", True))})
 
 
 def export_job(cfg: dict[str, Any]) -> Path:

@@ -66,3 +66,62 @@ def test_export_command_writes_a_model_the_runtime_runs(tmp_path, capsys):
     runtime = OnnxChunkPolicy(path)
     assert runtime.nfe == 2
     assert runtime.act(np.zeros(6, dtype=np.float32)).shape == (2,)
+
+
+def _one_line_exit_2(capsys, args: list[str]) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_user_mistakes_are_one_line_exit_2_and_leave_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFPILOT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "x"
+    msg = _one_line_exit_2(capsys, ["train", "policy=ofql", "data.path=/nonexistent/file.hdf5", f"out={out}"])
+    assert "data.path=/nonexistent/file.hdf5 does not exist" in msg and not out.exists()
+    msg = _one_line_exit_2(capsys, ["train", "policy=dql", "train.lr=1e-4", f"out={out}"])
+    assert "train.lr does not apply to policy 'dql'; set policy.actor_lr" in msg and not out.exists()
+    msg = _one_line_exit_2(capsys, ["train", "policy=dql", "+policy.etaa=3", f"out={out}"])
+    assert "unknown key(s) ['etaa'] for policy 'dql'" in msg and not out.exists()
+    msg = _one_line_exit_2(capsys, ["train", "policy=ego_status_mlp", f"out={out}"])
+    assert "trains on data=driving" in msg and not out.exists()
+    msg = _one_line_exit_2(capsys, ["eval", f"checkpoint={tmp_path / 'nope'}"])
+    assert "no saved policy at" in msg
+
+
+def test_eval_and_export_load_any_kind_by_its_stored_kind(tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from diffpilot.policy.registry import build_policy
+
+    torch.manual_seed(0)
+    dql = build_policy({"name": "dql", "network": {"hidden": 16, "depth": 1}, "critic": {"hidden": 16, "depth": 1}}, 6, 2)
+    dql.fit_normalizers(np.random.default_rng(0).normal(size=(40, 6)), np.random.default_rng(1).uniform(-1, 1, (40, 2)))
+    dql.save(tmp_path / "dql")
+    msg = _one_line_exit_2(capsys, ["export", f"checkpoint={tmp_path / 'dql'}"])
+    assert "needs the critic" in msg and not (tmp_path / "policy.onnx").exists()
+    flow = build_policy({"name": "flow_bc", "network": {"hidden": 16, "depth": 1}}, 6, 2)
+    flow.fit_normalizers(np.random.default_rng(0).normal(size=(40, 6)), np.random.default_rng(1).uniform(-1, 1, (40, 2)))
+    flow.save(tmp_path / "flow")
+    assert main(["export", f"checkpoint={tmp_path / 'flow'}", f"out={tmp_path / 'flow.onnx'}"]) == 0
+    assert (tmp_path / "flow.onnx").is_file()
+    msg = _one_line_exit_2(capsys, ["export", f"checkpoint={tmp_path / 'flow'}", "sampler={name: euler, num_steps: 2}"])
+    assert "sampler= does not apply to a 'flow_bc' policy" in msg
+
+
+def test_a_driving_kind_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFPILOT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ego"
+    args = ["train", "policy=ego_status_mlp", "data=driving", "data.num_scenes=6", "train.steps=30", "train.batch_size=32",
+            "train.ckpt_every=10", "policy.hidden=32", "policy.depth=1", f"out={out}", "progress=false"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "policy")
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and log[-1].startswith("30,")
+    assert main(args[:4] + ["train.steps=40"] + args[5:]) == 0  # resumes from step 30
+    assert (out / "train_log.csv").read_text().splitlines()[-1].startswith("40,")
+    assert main(["eval", f"checkpoint={out / 'policy'}", "progress=false"]) == 0
+    report = (out / "eval" / "report.md").read_text()
+    assert "ego_status_mlp:ego" in report and "lane_follower" in report
