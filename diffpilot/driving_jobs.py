@@ -7,17 +7,16 @@ from :mod:`diffpilot.sim.driving.evaluate`; every file is written atomically.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import SampleSpec, ScenarioLog
+from diffpilot.conf import with_defaults
 from diffpilot.fileio import atomic_write_text
 
 __all__ = ["DEFAULTS_FILE", "driving_config", "driving_data_job", "driving_eval_job", "embedded_data_path"]
@@ -29,22 +28,9 @@ TABLE_COLUMNS = ["method", "mode", "pdms", "nc", "dac", "ttc", "ep", "comfort", 
                  "collision_1s", "collision_2s", "collision_3s", "progress_m", "out_of_lane_rate", "plan_ms_p50"]
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if k not in base:
-            raise ValueError(f"unknown driving setting {where + k!r}; known settings: {sorted(base)} (see {DEFAULTS_FILE})")
-        if isinstance(base[k], dict) and isinstance(v, dict):
-            out[k] = _merge(base[k], v, f"{where}{k}.")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def driving_config(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """``cfg`` over the defaults of ``conf/driving.yaml``; an unknown key raises ValueError naming it."""
-    defaults = yaml.safe_load(DEFAULTS_FILE.read_text())
-    return _merge(defaults, dict(cfg or {}))
+    return with_defaults("driving", cfg)
 
 
 # --------------------------------------------------------------------------- data

@@ -9,17 +9,16 @@ or closed-loop rollouts of a baseline or that planner.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import SampleSpec
+from diffpilot.conf import with_defaults
 from diffpilot.fileio import atomic_write_text
 from diffpilot.train import fit
 
@@ -30,21 +29,9 @@ SOURCES = ("data", "planner", "rollouts")
 _OPEN_KEYS = ("params", "margins", "controllability")  # dicts whose keys the user chooses
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if k not in base:
-            raise ValueError(f"unknown STL report setting {where + k!r}; known settings: {sorted(base)} (see {DEFAULTS_FILE})")
-        if isinstance(base[k], dict) and isinstance(v, dict) and k not in _OPEN_KEYS:
-            out[k] = _merge(base[k], v, f"{where}{k}.")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def stl_config(cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """``cfg`` over the defaults of ``conf/stl.yaml``; an unknown key raises ValueError naming it."""
-    return _merge(yaml.safe_load(DEFAULTS_FILE.read_text()), dict(cfg or {}))
+    return with_defaults("stl", cfg, _OPEN_KEYS)
 
 
 def _limit(arrays: dict[str, np.ndarray], cfg: dict[str, Any], scenes: list[str] | None = None) -> dict[str, np.ndarray]:

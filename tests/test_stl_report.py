@@ -130,7 +130,7 @@ def test_job_config_rejects_unknown_settings() -> None:
 
     cfg = stl_config({"params": {"vmax": 12.0}, "planner": {"samples": 2}})
     assert cfg["params"] == {"vmax": 12.0} and cfg["planner"]["samples"] == 2 and cfg["planner"]["train_steps"] > 0
-    with pytest.raises(ValueError, match="unknown STL report setting 'planner.sampels'"):
+    with pytest.raises(ValueError, match="unknown setting 'planner.sampels'"):
         stl_config({"planner": {"sampels": 2}})
     with pytest.raises(ValueError, match="source must be one of"):
         stl_report_job({"source": "video"})
