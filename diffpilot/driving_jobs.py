@@ -54,13 +54,9 @@ def driving_data_job(cfg: dict[str, Any]) -> Path:
     data = driving_config({"data": dict(cfg.get("data", cfg))})["data"]
     version = str(data["version"])
     if data.get("root"):
-        root = Path(data["root"]).expanduser()
-        if not (root / version / "scene.json").is_file():
-            raise DatasetError(
-                f"data.root={root} holds no nuScenes version {version!r} (expected {root / version / 'scene.json'}); "
-                "set data.version to the folder name of the tables or point data.root at the nuScenes root"
-            )
-        return root
+        from diffpilot.data.nuscenes import check_nuscenes_root
+
+        return check_nuscenes_root(data["root"], version)  # as fully as the reader checks it
     path = embedded_data_path(data)
     if (path / version / "scene.json").is_file():
         return path

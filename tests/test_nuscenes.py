@@ -320,6 +320,17 @@ def test_bad_inputs_give_specific_errors(written: tuple[Path, list[ScenarioLog]]
     shutil.rmtree(bad)
 
     bad = _copy(root, tmp_path)
+    (bad / VERSION / "sample_data.json").write_text('[{"token": "a", ')  # truncated
+    with pytest.raises(DatasetError, match=r"sample_data.json is not valid JSON"):
+        NuScenesReader(bad, VERSION)
+    from diffpilot.driving_jobs import driving_data_job
+
+    (bad / "maps" / "expansion" / f"{LOCATION}.json").unlink()
+    with pytest.raises(DatasetError, match="map expansion for location"):  # `driving data` checks as fully as eval
+        driving_data_job({"root": str(bad), "version": VERSION})
+    shutil.rmtree(bad)
+
+    bad = _copy(root, tmp_path)
     (bad / "maps" / "expansion" / f"{LOCATION}.json").unlink()
     with pytest.raises(DatasetError, match=f"map expansion for location '{LOCATION}' is missing: expected .*{LOCATION}.json"):
         NuScenesReader(bad, VERSION).scenario_log("scene-0001")

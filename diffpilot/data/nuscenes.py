@@ -31,6 +31,7 @@ __all__ = [
     "MAP_MARGIN_M",
     "NuScenesReader",
     "category_index",
+    "check_nuscenes_root",
     "expansion_path",
     "load_scene_samples",
     "scene_samples_from_arrays",
@@ -119,6 +120,14 @@ def _check_maps(root: Path, version: str) -> None:
             )
     for location in sorted({logs[scene["log_token"]].get("location", "") for scene in scenes}):
         _check_expansion(root, location)
+
+
+def check_nuscenes_root(root: str | Path, version: str) -> Path:
+    """Everything a reader checks before loading: root, version folder, the 13 tables, maps and map expansions."""
+    root = Path(root).expanduser()
+    _check_root(root, version)
+    _check_maps(root, version)
+    return root
 
 
 def expansion_path(root: str | Path, location: str) -> Path:
@@ -251,7 +260,11 @@ class NuScenesReader:
             out = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
             with out:
                 self.nusc = NuScenes(version=version, dataroot=str(self.root), verbose=verbose)
-        except (AssertionError, KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+        except json.JSONDecodeError as e:
+            for table in TABLES:  # name the damaged table (only on this error path: tables can be large)
+                _read_json(self.root / version / f"{table}.json")
+            raise DatasetError(f"nuscenes-devkit could not load {self.root / version}: {e!r}") from e
+        except (AssertionError, KeyError, IndexError, TypeError) as e:
             raise DatasetError(f"nuscenes-devkit could not load {self.root / version}: {e!r}") from e
         self._scenes = {rec["name"]: rec for rec in self.nusc.scene}
         self._maps: dict[str, _LocationMap] = {}
