@@ -350,7 +350,7 @@ def fit(
     policy: PolicyBase, data: Any, steps: int, batch_size: int = 256, seed: int | None = None,
     out: str | Path | None = None, **settings: Any,
 ) -> list[float]:
-    """Fit the normalizers, then train ``policy`` on its ``training_rows(data)``; returns every step's loss.
+    """Fit the normalizers, then train ``policy`` in place on its ``training_rows(data)``; returns every step's loss.
 
     The short form for library use and the driving jobs: ``out`` makes the run
     checkpointed and resumable (None: in memory); ``settings`` are further
@@ -366,6 +366,8 @@ def fit(
     cfg = TrainerConfig(**{"steps": int(steps), "batch_size": min(int(batch_size), len(source)), "seed": int(seed),
                            "log_every": max(1, int(steps) // 50), "ckpt_every": max(1, int(steps) // 4),
                            "progress": False, **settings})
-    train(policy, source, cfg, out, on_step=lambda step, metrics: losses.append(float(metrics["loss"])))
+    result = train(policy, source, cfg, out, on_step=lambda step, metrics: losses.append(float(metrics["loss"])))
+    if result.policy is not policy:  # a kind with an EMA part acts with the EMA weights: ``policy`` takes them
+        policy.load_state_dict(result.policy.state_dict())
     policy.eval()
     return losses
