@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from results_io import write_results
-from train_realtime_policies import train_all
+from train_realtime_policies import VARIANTS, train_all
 
 from diffpilot.export.onnx import ExportCheckError, export_policy, export_warm_start, quantize_dynamic_int8
 from diffpilot.export.runtime import OnnxChunkPolicy
@@ -151,7 +151,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/realtime")
     ap.add_argument("--tasks", nargs="*", default=["maze2d-umaze", "pick-place"])
     args = ap.parse_args()
-    cfgs = train_all(args.out, args.steps, args.batch)
+    unknown = sorted(set(args.tasks) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; choose from {sorted(VARIANTS)}")
+    cfgs = train_all(args.out, args.steps, args.batch, only=[f"{t}/{v}" for t in args.tasks for v in VARIANTS[t]])
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     for task_name in args.tasks:
@@ -175,7 +178,8 @@ def main() -> None:
         "rows with a score ran closed loop through onnxruntime. int8 = dynamic quantization of MatMul/Gemm (the "
         "U-Net's convolutions stay fp32)."
     ) + "".join(f" Not measured: {f}." for f in failures)
-    write_results(NAME, "python benchmarks/realtime.py " + " ".join(
+    name = NAME if sorted(args.tasks) == sorted(VARIANTS) else "_".join([NAME, *args.tasks])  # a subset: its own file
+    write_results(name, "python benchmarks/realtime.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"),
         rows, notes)
 
