@@ -1,18 +1,29 @@
-"""Export chunk policies to ONNX, verified against torch before anything is written.
+"""Export policies to ONNX, verified against torch before anything is written.
 
-Three forms:
+Every exportable kind describes its own inference path as an
+:class:`~diffpilot.policy.export_spec.ExportSpec` (``policy.export_spec()``:
+graph, inputs, outputs, metadata, NFE); :func:`export_by_kind` writes any
+spec, so ``diffpilot export checkpoint=...`` works for every exportable kind
+and nothing here switches on kind names. The forms (metadata ``kind``/``form``):
 
-- ``export_policy``: the whole inference path in one graph, raw observations
-  and noise in, actions in environment units out. The normalizers and the
-  fixed-step sampler (its schedule as constants) are inside, so the runtime
+- ``chunk_policy`` ``multi_step``/``one_step`` (:func:`export_policy`): the
+  whole inference path in one graph, raw observations and noise in, actions
+  in environment units out. The normalizers and the fixed-step sampler (its
+  schedule as constants) are inside, so the runtime
   (``diffpilot.export.runtime``) needs nothing but the file. Noise is an
   input, never a ``RandomNormal`` node: such nodes cannot be seeded and an
   optimizer may fold them into constants.
-- ``export_warm_start``: the full denoise and the warm-started replan
-  (RTI-DP) side by side in one graph, the previous chunk as an input.
-- ``export_actor``: a single-step offline-RL actor (OFQL's one-step MeanFlow
-  actor, flow BC) as a chunk of one, run by the same runtime.
-- ``export_denoiser``: the network alone, for users who run their own loop.
+- ``chunk_policy`` ``warm_start`` (:func:`export_warm_start`): the full
+  denoise and the warm-started replan (RTI-DP) side by side in one graph,
+  the previous chunk as an input.
+- single-step offline-RL actors (:func:`export_actor`: OFQL's one-step
+  MeanFlow actor, flow BC) as a chunk of one, run by the same runtime.
+- ``planner`` ``states``: a parameter-conditioned driving planner (STL flow,
+  its DDIM and conditional-VAE baselines): scene tensors, raw rule-parameter
+  features, mode and noise in, states out; ``predict`` without guidance
+  (guidance needs autograd and stays in torch). ``OnnxPlanner`` runs it.
+- ``denoiser`` (:func:`export_denoiser`): the network alone, for users who
+  run their own loop.
 
 Every export runs the written graph in onnxruntime at batch 1 and 3 against
 torch and refuses to publish a file whose outputs differ by more than
@@ -42,17 +53,10 @@ import torch
 from torch import Tensor, nn
 
 import diffpilot
-from diffpilot.export.runtime import (
-    EXPORT_FORMAT,
-    KIND_DENOISER,
-    KIND_POLICY,
-    ExportedModelError,
-    open_session,
-)
+from diffpilot.export.runtime import EXPORT_FORMAT, ExportedModelError, open_session
 from diffpilot.fileio import atomic_path
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
-from diffpilot.policy.generative import DDIMSampler, DDPMSampler, build_sampler
-from diffpilot.policy.generative.warm_start import WarmStartConfig, WarmStarter
+from diffpilot.policy.export_spec import RUNTIME_DENOISER, ExportSpec, chunk_metadata
 
 MIN_OPSET = 17
 DEFAULT_ATOL = 1e-5
@@ -60,74 +64,8 @@ DEFAULT_RTOL = 1e-5
 CHECK_BATCHES = (1, 3)
 MAX_BATCH = 4096
 
-
 class ExportCheckError(RuntimeError):
     """The exported graph disagrees with torch; nothing was written."""
-
-
-# ----------------------------------------------------------------------- graphs
-class _PolicyGraph(nn.Module):
-    """obs (B, To, obs_dim) + noise (B, H, A) [+ step_noise (K, B, H, A)] -> actions (B, H, A)."""
-
-    def __init__(self, policy: ChunkDiffusionPolicy, sampler: Any) -> None:
-        super().__init__()
-        self.policy = policy
-        self.sampler = sampler
-
-    def forward(self, obs: Tensor, noise: Tensor, step_noise: Tensor | None = None) -> Tensor:
-        cond = self.policy.condition(obs)
-        sample = self.sampler.sample(self.policy.net, noise, cond, step_noise=step_noise).sample
-        return self.policy.to_actions(sample)
-
-
-class _ColdChunkGraph(nn.Module):
-    """obs + noise -> (actions, model-space chunk): the first plan of an episode."""
-
-    def __init__(self, policy: ChunkDiffusionPolicy, sampler: Any) -> None:
-        super().__init__()
-        self.policy, self.sampler = policy, sampler
-
-    def forward(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        chunk = self.sampler.sample(self.policy.net, noise, self.policy.condition(obs)).sample
-        return self.policy.to_actions(chunk), chunk
-
-
-class _WarmChunkGraph(nn.Module):
-    """obs + noise + previous chunk -> (actions, chunk): shift, place at t_start, denoise the rest."""
-
-    def __init__(self, policy: ChunkDiffusionPolicy, warm: WarmStarter) -> None:
-        super().__init__()
-        self.policy, self.warm = policy, warm
-
-    def forward(self, obs: Tensor, noise: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        guess = self.policy.warm_guess(previous)
-        chunk = self.warm.sample(self.policy.net, guess, self.policy.exec_horizon, noise, self.policy.condition(obs)).sample
-        return self.policy.to_actions(chunk), chunk
-
-
-class _Switch(nn.Module):
-    """Eager reference for the exported ``If``: the warm branch when ``warm`` is true, else the cold one."""
-
-    def __init__(self, cold: _ColdChunkGraph, warm: _WarmChunkGraph) -> None:
-        super().__init__()
-        self.cold, self.warm = cold, warm
-
-    def forward(self, obs: Tensor, noise: Tensor, previous: Tensor, warm: Tensor) -> tuple[Tensor, Tensor]:
-        return self.warm(obs, noise, previous) if bool(warm) else self.cold(obs, noise)
-
-
-class _ActorGraph(nn.Module):
-    """A single-step offline-RL actor as a chunk of one: obs (B, 1, obs_dim) + noise (B, 1, A) -> actions (B, 1, A)."""
-
-    def __init__(self, policy: Any) -> None:
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, obs: Tensor, noise: Tensor) -> Tensor:
-        p = self.policy
-        cond = p.obs_normalizer.normalize(obs[:, 0])
-        action = p.sample(p.actor_ema, cond, noise=noise[:, 0]).sample
-        return p.action_normalizer.unnormalize(action)[:, None]
 
 
 class _DenoiserGraph(nn.Module):
@@ -141,12 +79,48 @@ class _DenoiserGraph(nn.Module):
         return self.net(x, t, cond, r)
 
 
-def _is_stochastic(sampler: Any) -> bool:
-    """Samplers that draw fresh noise at each step (DDPM ancestral, DDIM with eta > 0)."""
-    return isinstance(sampler, DDPMSampler) or (isinstance(sampler, DDIMSampler) and sampler.eta > 0)
-
-
 # ------------------------------------------------------------------ public API
+def export_by_kind(
+    policy: Any,
+    path: str | os.PathLike[str],
+    sampler: dict[str, Any] | None = None,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    fp32_slack: float = 2.0,
+    seed: int = 0,
+    **options: Any,
+) -> Path:
+    """Export any exportable policy in the form its kind runs on board, verified against torch.
+
+    The policy describes the graph (``policy.export_spec(sampler, **options)``):
+    a chunk policy its whole inference path (the warm-start form when it has a
+    warm start configured), a single-step actor (OFQL, flow BC) a chunk of
+    one, a driving planner its unguided ``predict``. A kind or configuration
+    without an ONNX form raises ``ValueError`` with the reason, and nothing
+    is written. ``sampler`` overrides the policy's sampler where the kind allows it.
+    """
+    describe = getattr(policy, "export_spec", None)
+    if describe is None:
+        raise ValueError(f"a {type(policy).__name__} is not a registered policy; it has no ONNX export")
+    _check_cpu(policy)
+    spec = describe(dict(sampler) if sampler else None, **options)
+    return export_from_spec(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
+
+
+def export_from_spec(
+    spec: ExportSpec,
+    path: str | os.PathLike[str],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    fp32_slack: float = 2.0,
+    seed: int = 0,
+) -> Path:
+    """Write ``spec`` to ``path`` as one verified ONNX graph (see the module docstring for the check)."""
+    return _export_verified(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
+
+
 def export_policy(
     policy: ChunkDiffusionPolicy,
     path: str | os.PathLike[str],
@@ -157,7 +131,7 @@ def export_policy(
     fp32_slack: float = 2.0,
     seed: int = 0,
 ) -> Path:
-    """Write ``policy``'s whole inference path to ``path`` as one verified ONNX graph.
+    """Write ``policy``'s whole inference path to ``path`` as one verified ONNX graph (form ``chunk``).
 
     The check: |onnxruntime - float64 torch| <= nfe (atol + rtol |output|) + 2 max|fp32 torch - float64 torch|.
 
@@ -168,45 +142,8 @@ def export_policy(
     ``atol + rtol * |torch output|`` anywhere.
     """
     _check_policy(policy)
-    sampler_cfg = dict(sampler) if sampler is not None else dict(policy.config["sampler"])
-    if "name" not in sampler_cfg:
-        raise ValueError(
-            f"sampler override needs a 'name' key, e.g. {{'name': 'ddim', 'num_steps': 10}}; got {sampler_cfg}"
-        )
-    options = {k: v for k, v in sampler_cfg.items() if k != "name"}
-    built = build_sampler(sampler_cfg["name"], policy.objective, **options)
-    stochastic = _is_stochastic(built)
-    k_steps = built.num_steps if stochastic else 0
-    h, a, to, od = policy.action_horizon, policy.action_dim, policy.obs_horizon, policy.obs_dim
-
-    def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
-        # Observations whose normalized values are standard normal, i.e. near the range the normalizer maps data to.
-        z = torch.randn(b, to, od, generator=g)
-        out = {
-            "obs": (z - policy.obs_normalizer.offset) / policy.obs_normalizer.scale,
-            "noise": torch.randn(b, h, a, generator=g),
-        }
-        if stochastic:
-            out["step_noise"] = torch.randn(k_steps, b, h, a, generator=g)
-        return out
-
-    graph = _PolicyGraph(policy, built)
-    with torch.no_grad():
-        probe = feeds(1, torch.Generator().manual_seed(seed))
-        cond = policy.condition(probe["obs"])
-        nfe = built.sample(policy.net, probe["noise"], cond, step_noise=probe.get("step_noise")).nfe
-    names = list(probe)
-    meta = _common_metadata(policy) | {
-        "kind": KIND_POLICY,
-        "form": "one_step" if nfe == 1 else "multi_step",
-        "inputs": ",".join(names),
-        "outputs": "actions",
-        "sampler": json.dumps(sampler_cfg, sort_keys=True),
-        "nfe": str(nfe),
-        "t_start": "1.0",
-        "step_noise_steps": str(k_steps),
-    }
-    return _export_verified(graph, feeds, names, ["actions"], meta, path, atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed)
+    spec = policy.export_spec(sampler, form="chunk")
+    return export_from_spec(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
 
 
 def export_warm_start(
@@ -233,66 +170,8 @@ def export_warm_start(
     Heun, MeanFlow): the warm path re-uses its steps below ``t_start``.
     """
     _check_policy(policy)
-    ws_cfg = dict(warm_start) if warm_start is not None else policy.config["warm_start"]
-    if not ws_cfg:
-        raise ValueError("the policy has no warm_start config; pass warm_start={'t_start': 0.3, 'renoise': True}")
-    sampler = policy.sampler
-    if _is_stochastic(sampler):
-        raise ValueError(
-            f"warm-start export needs a deterministic sampler, the policy uses {type(sampler).__name__}; "
-            "call policy.set_sampler('ddim', num_steps=10) first"
-        )
-    warm = WarmStarter(policy.objective, sampler, WarmStartConfig(**ws_cfg))
-    h, a, to, od = policy.action_horizon, policy.action_dim, policy.obs_horizon, policy.obs_dim
-
-    def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
-        z = torch.randn(b, to, od, generator=g)
-        obs = (z - policy.obs_normalizer.offset) / policy.obs_normalizer.scale
-        noise = torch.randn(b, h, a, generator=g)
-        with torch.no_grad():  # a realistic previous chunk: the policy's own plan for nearby observations
-            previous = sampler.sample(policy.net, torch.randn(b, h, a, generator=g), policy.condition(obs)).sample
-        return {"obs": obs, "noise": noise, "previous": previous}
-
-    with torch.no_grad():
-        probe = feeds(1, torch.Generator().manual_seed(seed))
-        cold_nfe = sampler.sample(policy.net, probe["noise"], policy.condition(probe["obs"])).nfe
-    meta = _common_metadata(policy) | {
-        "kind": KIND_POLICY,
-        "form": "warm_start",
-        "inputs": "obs,noise,previous,warm",
-        "outputs": "actions,chunk",
-        "sampler": json.dumps(policy.config["sampler"], sort_keys=True),
-        "nfe": str(cold_nfe),
-        "warm_nfe": str(warm.nfe),
-        "t_start": repr(float(warm.t_start)),
-        "warm_start": json.dumps(ws_cfg, sort_keys=True),
-        "step_noise_steps": "0",
-    }
-    cold_graph, warm_graph = _ColdChunkGraph(policy, sampler), _WarmChunkGraph(policy, warm)
-    switch = _Switch(cold_graph, warm_graph)
-    path = Path(path)
-    modes = [(m, m.training) for m in switch.modules()]
-    switch.eval()
-    try:
-        example = feeds(2, torch.Generator().manual_seed(seed))
-        with atomic_path(path) as tmp:
-            cold_model = _export_model(cold_graph, {k: example[k] for k in ("obs", "noise")}, ["actions", "chunk"])
-            warm_model = _export_model(warm_graph, example, ["actions", "chunk"])
-            model = _if_model(cold_model, warm_model)
-            _set_metadata(model, meta)
-            onnx.save(model, str(tmp))
-            error = 0.0
-            for flag in (False, True):
-                def flagged(b: int, g: torch.Generator, flag: bool = flag) -> dict[str, Tensor]:
-                    return feeds(b, g) | {"warm": torch.tensor(flag)}
-                nfe = warm.nfe if flag else cold_nfe
-                error = max(error, _verify(switch, tmp, flagged, atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed))
-            _set_metadata(model, meta | {"check_max_abs_error": repr(error)})
-            onnx.save(model, str(tmp))
-    finally:
-        for module, training in modes:
-            module.training = training
-    return path
+    spec = policy.export_spec(form="warm_start", warm_start=warm_start)
+    return export_from_spec(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
 
 
 def export_actor(
@@ -316,59 +195,9 @@ def export_actor(
 
     if not isinstance(policy, SingleStepPolicy):
         raise TypeError(f"export_actor takes DQL/OFQL/BC policies, got {type(policy).__name__}; use export_policy for chunk policies")
-    sel = policy.config["action_selection"]
-    if int(sel["samples"]) > 1 and sel["mode"] != "first":
-        raise ValueError(
-            f"this actor picks among {sel['samples']} candidates by Q ({sel['mode']}), which needs the critic; "
-            "export it with action_selection samples=1 (the one-step actor alone)"
-        )
-    if policy.step_noise_shape(1) is not None:
-        raise ValueError("this actor's sampler draws fresh noise at every step (DDPM); export a deterministic one (OFQL, flow BC)")
-    devices = {p.device.type for p in policy.parameters()} | {b.device.type for b in policy.buffers()}
-    if devices != {"cpu"}:
-        raise ValueError(f"export runs on the CPU; the policy is on {sorted(devices)}: call policy.cpu() first")
-    od, a = policy.obs_dim, policy.action_dim
-
-    def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
-        z = torch.randn(b, 1, od, generator=g)
-        return {"obs": policy.obs_normalizer.unnormalize(z), "noise": torch.randn(b, 1, a, generator=g)}
-
-    with torch.no_grad():
-        probe = feeds(1, torch.Generator().manual_seed(seed))
-        nfe = policy.sample(policy.actor_ema, policy.obs_normalizer.normalize(probe["obs"][:, 0]), noise=probe["noise"][:, 0]).nfe
-    meta = _metadata(policy.KIND, policy.config, 1, 1, 1) | {
-        "kind": KIND_POLICY,
-        "form": "one_step" if nfe == 1 else "multi_step",
-        "inputs": "obs,noise",
-        "outputs": "actions",
-        "sampler": json.dumps(policy.config["sampler"], sort_keys=True),
-        "nfe": str(nfe),
-        "t_start": "1.0",
-        "step_noise_steps": "0",
-    }
-    return _export_verified(_ActorGraph(policy), feeds, ["obs", "noise"], ["actions"], meta, path,
-                            atol=atol * nfe, rtol=rtol * nfe, fp32_slack=fp32_slack, seed=seed)
-
-
-def export_by_kind(policy: Any, path: str | os.PathLike[str], sampler: dict[str, Any] | None = None) -> Path:
-    """Export any exportable policy in the form its kind runs on board, verified against torch.
-
-    A chunk policy exports its whole inference path (the warm-start form when
-    the policy has a warm start configured); a single-step actor (OFQL, flow
-    BC) exports as a chunk of one. Other kinds are refused with the reason.
-    """
-    kind = getattr(policy, "KIND", type(policy).__name__)
-    if kind == "chunk_diffusion":
-        if policy.config.get("warm_start"):
-            if sampler:
-                policy.set_sampler(sampler.pop("name"), **sampler)
-            return export_warm_start(policy, path, policy.config["warm_start"])
-        return export_policy(policy, path, sampler)
-    if kind in ("ofql", "flow_bc", "diffusion_bc", "dql"):
-        if sampler:
-            raise ValueError(f"sampler= does not apply to a {kind!r} policy (its sampler is fixed at training); drop it")
-        return export_actor(policy, path)
-    raise ValueError(f"a {kind!r} policy has no ONNX export; exportable kinds: chunk_diffusion, ofql, flow_bc")
+    _check_cpu(policy)
+    spec = policy.export_spec()
+    return export_from_spec(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
 
 
 def export_denoiser(
@@ -401,19 +230,16 @@ def export_denoiser(
             out["r"] = out["t"] * torch.rand(b, generator=g)
         return out
 
-    names = ["x", "t", "cond"] + (["r"] if use_r else [])
-    meta = _common_metadata(policy) | {
-        "kind": KIND_DENOISER,
+    cfg = policy.config
+    meta = {"kind": RUNTIME_DENOISER, **chunk_metadata(policy.KIND, cfg, policy.obs_horizon, policy.action_horizon,
+                                                      policy.exec_horizon)} | {
         "form": "network",
-        "inputs": ",".join(names),
-        "outputs": "out",
-        "sampler": json.dumps(policy.config["sampler"], sort_keys=True),
-        "nfe": "1",
+        "sampler": json.dumps(cfg["sampler"], sort_keys=True),
         "t_start": "1.0",
         "step_noise_steps": "0",
     }
-    graph = _DenoiserGraph(policy.net)
-    return _export_verified(graph, feeds, names, ["out"], meta, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
+    spec = ExportSpec(_DenoiserGraph(policy.net), feeds, ("out",), meta, nfe=1)
+    return export_from_spec(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
 
 
 def quantize_dynamic_int8(
@@ -482,29 +308,23 @@ def _as_tuple(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 def _check_policy(policy: ChunkDiffusionPolicy) -> None:
     if not isinstance(policy, ChunkDiffusionPolicy):
         raise TypeError(f"expected a ChunkDiffusionPolicy, got {type(policy).__name__}")
+    _check_cpu(policy)
+
+
+def _check_cpu(policy: nn.Module) -> None:
     devices = {p.device.type for p in policy.parameters()} | {b.device.type for b in policy.buffers()}
-    if devices != {"cpu"}:
+    if devices - {"cpu"}:
         raise ValueError(f"export runs on the CPU; the policy is on {sorted(devices)}: call policy.cpu() first")
 
 
-def _common_metadata(policy: ChunkDiffusionPolicy) -> dict[str, str]:
-    cfg = policy.config
-    return _metadata(policy.KIND, cfg, cfg["obs_horizon"], cfg["action_horizon"], cfg["exec_horizon"])
-
-
-def _metadata(kind: str, cfg: dict[str, Any], obs_horizon: int, action_horizon: int, exec_horizon: int) -> dict[str, str]:
-    """The metadata every export carries (see diffpilot.export.runtime for the schema)."""
-    return {
+def _stamp(spec: ExportSpec, inputs: tuple[str, ...]) -> dict[str, str]:
+    """The spec's metadata plus what the exporter owns: format, version, inputs, outputs, NFE."""
+    return dict(spec.metadata) | {
         "diffpilot_format": str(EXPORT_FORMAT),
         "diffpilot_version": diffpilot.__version__,
-        "policy_kind": kind,
-        "obs_dim": str(cfg["obs_dim"]),
-        "action_dim": str(cfg["action_dim"]),
-        "obs_horizon": str(obs_horizon),
-        "action_horizon": str(action_horizon),
-        "exec_horizon": str(exec_horizon),
-        "network": json.dumps(cfg["network"], sort_keys=True),
-        "objective": json.dumps(cfg["objective"], sort_keys=True),
+        "inputs": ",".join(inputs),
+        "outputs": ",".join(spec.outputs),
+        "nfe": str(spec.nfe),
     }
 
 
@@ -529,11 +349,18 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _random_feeds(session: ort.InferenceSession, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs for any exported graph: symbolic dims become ``batch``; times are drawn in [0, 1]."""
+    """Inputs for any exported graph: symbolic dims become ``batch``; times are drawn in [0, 1].
+
+    Integer inputs (modes, commands, categories) are 0 and bool ones (validity masks) True: valid everywhere.
+    """
     feeds = {}
     for inp in session.get_inputs():
         shape = tuple(d if isinstance(d, int) else batch for d in inp.shape)
-        if inp.name in ("t", "r"):
+        if inp.type == "tensor(bool)":
+            feeds[inp.name] = np.ones(shape, dtype=bool)
+        elif inp.type == "tensor(int64)":
+            feeds[inp.name] = np.zeros(shape, dtype=np.int64)
+        elif inp.name in ("t", "r"):
             feeds[inp.name] = rng.uniform(0.0, 1.0, shape).astype(np.float32)
         else:
             feeds[inp.name] = rng.standard_normal(shape, dtype=np.float32)
@@ -542,17 +369,19 @@ def _random_feeds(session: ort.InferenceSession, batch: int, rng: np.random.Gene
     return feeds
 
 
-def _export_model(graph: nn.Module, example: dict[str, Tensor], outputs: list[str]) -> onnx.ModelProto:
+def _export_model(graph: nn.Module, example: dict[str, Tensor], outputs: list[str] | tuple[str, ...],
+                  batch_axes: dict[str, int] | None = None) -> onnx.ModelProto:
     """torch.onnx.export (dynamo, dynamic batch axis) of ``graph`` called with ``example`` as keywords."""
     names = list(example)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic = {n: ({1: batch} if n == "step_noise" else {0: batch}) for n in names}
+    axes = dict(batch_axes or {})
+    dynamic = {n: {axes.get(n, 0): batch} for n in names}
     with tempfile.TemporaryDirectory(prefix="diffpilot-export-") as work:
         raw = Path(work) / "graph.onnx"
         with torch.no_grad():
             torch.onnx.export(
                 graph, (), str(raw), kwargs=example, dynamo=True, dynamic_shapes=dynamic,
-                input_names=names, output_names=outputs, verbose=False,
+                input_names=names, output_names=list(outputs), verbose=False,
             )
         model = onnx.load(str(raw))
     opset = {o.domain: o.version for o in model.opset_import}.get("", 0)
@@ -562,8 +391,8 @@ def _export_model(graph: nn.Module, example: dict[str, Tensor], outputs: list[st
     return model
 
 
-def _if_model(cold: onnx.ModelProto, warm: onnx.ModelProto) -> onnx.ModelProto:
-    """One model whose ``If`` on the bool input ``warm`` runs ``warm``'s graph or ``cold``'s.
+def _if_model(cold: onnx.ModelProto, warm: onnx.ModelProto, flag_name: str = "warm") -> onnx.ModelProto:
+    """One model whose ``If`` on the bool input ``flag_name`` runs ``warm``'s graph (true) or ``cold``'s (false).
 
     Each graph becomes a branch: its names get a prefix, and its inputs are
     read from the outer graph's inputs of the same name (``warm`` has them all).
@@ -577,9 +406,9 @@ def _if_model(cold: onnx.ModelProto, warm: onnx.ModelProto) -> onnx.ModelProto:
             initializer=list(g.initializer), value_info=list(g.value_info),
         )
     outputs = [copy.deepcopy(o) for o in warm.graph.output]
-    flag = onnx.helper.make_tensor_value_info("warm", onnx.TensorProto.BOOL, [])
+    flag = onnx.helper.make_tensor_value_info(flag_name, onnx.TensorProto.BOOL, [])
     node = onnx.helper.make_node(
-        "If", ["warm"], [o.name for o in outputs], then_branch=branches["warm"], else_branch=branches["cold"]
+        "If", [flag_name], [o.name for o in outputs], then_branch=branches["warm"], else_branch=branches["cold"]
     )
     graph = onnx.helper.make_graph([node], "warm_start_policy", [*warm.graph.input, flag], outputs)
     functions = {(f.domain, f.name, f.overload): f for m in (cold, warm) for f in m.functions}
@@ -595,11 +424,7 @@ def _if_model(cold: onnx.ModelProto, warm: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _export_verified(
-    graph: nn.Module,
-    make_feeds: Callable[[int, torch.Generator], dict[str, Tensor]],
-    names: list[str],
-    outputs: list[str],
-    meta: dict[str, str],
+    spec: ExportSpec,
     path: str | os.PathLike[str],
     *,
     atol: float,
@@ -607,21 +432,42 @@ def _export_verified(
     fp32_slack: float,
     seed: int,
 ) -> Path:
-    """torch.onnx.export (dynamo, dynamic batch) to a scratch file, stamp metadata, verify, then publish."""
+    """torch.onnx.export (dynamo, dynamic batch) of ``spec`` to a scratch file, stamp metadata, verify, then publish.
+
+    A spec with a switch becomes one ``If`` over its two graphs, each branch
+    checked with its own flag value and NFE.
+    """
     if not (atol >= 0 and rtol >= 0):
         raise ValueError(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
     path = Path(path)
+    graph, switch = spec.graph, spec.switch
     modes = [(m, m.training) for m in graph.modules()]  # the wrapped policy's own mode comes back after export
     graph.eval()
     try:
-        example = make_feeds(2, torch.Generator().manual_seed(seed))
-        if list(example) != names:
-            raise ValueError(f"feeds {list(example)} do not match the input names {names}")
+        example = spec.feeds(2, torch.Generator().manual_seed(seed))
+        names = tuple(example) + ((switch.flag,) if switch is not None else ())
+        meta = _stamp(spec, names)
         with atomic_path(path) as tmp:
-            model = _export_model(graph, example, outputs)
+            if switch is None:
+                model = _export_model(graph, example, spec.outputs, dict(spec.batch_axes))
+            else:
+                off = _export_model(switch.off, {k: example[k] for k in switch.off_inputs}, spec.outputs,
+                                    dict(spec.batch_axes))
+                on = _export_model(switch.on, example, spec.outputs, dict(spec.batch_axes))
+                model = _if_model(off, on, switch.flag)
             _set_metadata(model, meta)
             onnx.save(model, str(tmp))
-            error = _verify(graph, tmp, make_feeds, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
+            if switch is None:
+                error = _verify(graph, tmp, spec.feeds, atol=atol * spec.nfe, rtol=rtol * spec.nfe,
+                                fp32_slack=fp32_slack, seed=seed)
+            else:
+                error = 0.0
+                for flag in (False, True):
+                    def flagged(b: int, g: torch.Generator, flag: bool = flag) -> dict[str, Tensor]:
+                        return spec.feeds(b, g) | {switch.flag: torch.tensor(flag)}
+                    nfe = switch.on_nfe if flag else spec.nfe
+                    error = max(error, _verify(graph, tmp, flagged, atol=atol * nfe, rtol=rtol * nfe,
+                                               fp32_slack=fp32_slack, seed=seed))
             _set_metadata(model, meta | {"check_max_abs_error": repr(error)})
             onnx.save(model, str(tmp))
     finally:
@@ -656,7 +502,7 @@ def _verify(
         feeds = make_feeds(b, g)
         with torch.no_grad():
             wants = _as_tuple(graph(**feeds))
-            exacts = _as_tuple(exact_graph(**{k: v.double() for k, v in feeds.items()}))
+            exacts = _as_tuple(exact_graph(**{k: v.double() if v.is_floating_point() else v for k, v in feeds.items()}))
         gots = session.run(None, {k: v.numpy() for k, v in feeds.items()})
         for name, got, want_t, exact_t in zip([o.name for o in session.get_outputs()], gots, wants, exacts):
             want, exact = want_t.numpy(), exact_t.numpy()

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from diffpilot.policy.export_spec import ExportSpec
+from diffpilot.policy.kinds import POLICIES
 
 __all__ = ["OptimGroup", "Policy", "PolicyBase"]
 
@@ -67,7 +69,7 @@ class PolicyBase(nn.Module):
     EMA_PART: ClassVar[str | None] = None
     # Options for a tiny build of this kind (tests, smoke runs): a few thousand parameters.
     TINY: ClassVar[dict[str, Any]] = {}
-    # Whether diffpilot.export.onnx.export_by_kind writes this kind (with the TINY options) to ONNX.
+    # Whether this kind describes an ONNX export (``export_spec``) that works with its TINY options.
     EXPORTABLE: ClassVar[bool] = False
     # Trainer settings this kind fixes itself (e.g. per-group learning rates); a user value for them is refused.
     OWN_TRAIN_KEYS: ClassVar[dict[str, str]] = {}
@@ -138,6 +140,17 @@ class PolicyBase(nn.Module):
     def reset(self, seed: int | None = None) -> None:
         """Clear per-episode state; ``seed`` reseeds the policy's own generator."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ export
+    def export_spec(self, sampler: dict[str, Any] | None = None, **options: Any) -> ExportSpec:
+        """The inference path to export (graph, inputs, outputs, metadata): see :mod:`diffpilot.policy.export_spec`.
+
+        ``sampler`` overrides the policy's sampler for the export where the kind
+        allows it. Raises ``ValueError`` naming the reason when this policy (or
+        this configuration of it) has no ONNX form.
+        """
+        exportable = ", ".join(sorted(k for k, c in POLICIES.items() if getattr(c, "EXPORTABLE", False)))
+        raise ValueError(f"a {self.KIND!r} policy has no ONNX export; exportable kinds: {exportable}")
 
     # ------------------------------------------------------------------ storage
     def save(self, directory: str | Path) -> Path:

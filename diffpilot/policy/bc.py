@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.policy.base import OptimGroup, PolicyBase
+from diffpilot.policy.export_spec import RUNTIME_CHUNK, ExportSpec, chunk_metadata
 from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
 from diffpilot.policy.networks import MLPDenoiser
@@ -263,6 +265,59 @@ class SingleStepPolicy(PolicyBase):
         self.total_nfe += self.last_nfe
         self.decisions += 1
         return action.cpu().numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------ export
+    def export_spec(self, sampler: dict[str, Any] | None = None, **options: Any) -> ExportSpec:
+        """The EMA actor with its normalizers and deterministic sampler, shaped as a chunk of one.
+
+        Inputs obs (B, 1, obs_dim) and noise (B, 1, A), output actions (B, 1, A)
+        in environment units (form ``one_step``/``multi_step``), so
+        ``OnnxChunkPolicy`` runs it unchanged. Candidate selection by Q (DQL's
+        softmax over 50 samples) needs the critic and stochastic samplers draw
+        fresh noise at every step: both are refused with the reason.
+        """
+        if sampler:
+            raise ValueError(f"sampler= does not apply to a {self.KIND!r} policy (its sampler is fixed at training); drop it")
+        if options:
+            raise ValueError(f"unknown export option(s) {sorted(options)} for a {self.KIND!r} policy")
+        sel = self.config["action_selection"]
+        if int(sel["samples"]) > 1 and sel["mode"] != "first":
+            raise ValueError(
+                f"this actor picks among {sel['samples']} candidates by Q ({sel['mode']}), which needs the critic; "
+                "export it with action_selection samples=1 (the one-step actor alone)"
+            )
+        if self.step_noise_shape(1) is not None:
+            raise ValueError("this actor's sampler draws fresh noise at every step (DDPM); export a deterministic one (OFQL, flow BC)")
+        od, a = self.obs_dim, self.action_dim
+
+        def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+            z = torch.randn(b, 1, od, generator=g)
+            return {"obs": self.obs_normalizer.unnormalize(z), "noise": torch.randn(b, 1, a, generator=g)}
+
+        with torch.no_grad():
+            probe = feeds(1, torch.Generator().manual_seed(0))
+            nfe = self.sample(self.actor_ema, self.obs_normalizer.normalize(probe["obs"][:, 0]), noise=probe["noise"][:, 0]).nfe
+        meta = {"kind": RUNTIME_CHUNK, **chunk_metadata(self.KIND, self.config, 1, 1, 1)} | {
+            "form": "one_step" if nfe == 1 else "multi_step",
+            "sampler": json.dumps(self.config["sampler"], sort_keys=True),
+            "t_start": "1.0",
+            "step_noise_steps": "0",
+        }
+        return ExportSpec(ActorGraph(self), feeds, ("actions",), meta, nfe)
+
+
+class ActorGraph(nn.Module):
+    """A single-step actor as a chunk of one: obs (B, 1, obs_dim) + noise (B, 1, A) -> actions (B, 1, A)."""
+
+    def __init__(self, policy: SingleStepPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: Tensor, noise: Tensor) -> Tensor:
+        p = self.policy
+        cond = p.obs_normalizer.normalize(obs[:, 0])
+        action = p.sample(p.actor_ema, cond, noise=noise[:, 0]).sample
+        return p.action_normalizer.unnormalize(action)[:, None]
 
 
 @register_policy("diffusion_bc")

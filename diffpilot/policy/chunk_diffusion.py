@@ -9,6 +9,7 @@ actions, execute ``exec_horizon`` of them, then replan.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.policy.base import OptimGroup, PolicyBase
+from diffpilot.policy.export_spec import RUNTIME_CHUNK, ExportSpec, ExportSwitch, chunk_metadata, stochastic_sampler
 from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
 from diffpilot.policy.generative.warm_start import WarmStartConfig, WarmStarter
@@ -29,6 +31,7 @@ DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [64, 128, 256]
 DEFAULT_OBJECTIVE: dict[str, Any] = {"name": "ddpm", "num_train_steps": 100, "schedule": "squaredcos_cap_v2", "prediction": "epsilon"}
 DEFAULT_SAMPLER: dict[str, Any] = {"name": "ddim", "num_steps": 10}
 DISCRETE_MODES = ("none", "scale", "clip")
+EXPORT_FORMS = ("chunk", "warm_start")
 
 
 @dataclass
@@ -283,3 +286,148 @@ class ChunkDiffusionPolicy(PolicyBase):
             start = self.obs_horizon - 1
             self._action_queue.extend(chunk[start : start + self.exec_horizon])
         return self._action_queue.popleft()
+
+    # ------------------------------------------------------------------- export
+    def export_spec(self, sampler: dict[str, Any] | None = None, *, form: str | None = None,
+                    warm_start: dict[str, Any] | None = None) -> ExportSpec:
+        """The whole inference path (form ``chunk``) or the warm-started one (form ``warm_start``).
+
+        ``form`` defaults to ``warm_start`` when the policy has a warm start
+        configured. ``chunk``: raw observations and noise in, actions in
+        environment units out; the normalizers and the unrolled sampler
+        (``sampler`` overrides the policy's own, e.g. ``{"name": "ddim",
+        "num_steps": 10}``) are inside. A stochastic sampler gets a
+        ``step_noise`` input (K, B, H, A). ``warm_start``: inputs obs, noise,
+        previous (the last plan's model-space chunk) and the bool ``warm``; one
+        ``If`` runs the full denoise (warm false) or shifts ``previous`` and
+        denoises from ``t_start`` (warm true); outputs ``actions`` and ``chunk``.
+        It needs a deterministic sampler; ``warm_start`` (``WarmStartConfig``
+        fields) defaults to the policy's own.
+        """
+        form = form or ("warm_start" if self.config["warm_start"] else "chunk")
+        if form not in EXPORT_FORMS:
+            raise ValueError(f"form must be one of {EXPORT_FORMS}, got {form!r}")
+        sampler_cfg = dict(sampler) if sampler else dict(self.config["sampler"])
+        if "name" not in sampler_cfg:
+            raise ValueError(
+                f"sampler override needs a 'name' key, e.g. {{'name': 'ddim', 'num_steps': 10}}; got {sampler_cfg}"
+            )
+        built = build_sampler(sampler_cfg["name"], self.objective, **{k: v for k, v in sampler_cfg.items() if k != "name"})
+        if form == "warm_start":
+            return self._warm_export_spec(built, sampler_cfg, warm_start)
+        stochastic = stochastic_sampler(built)
+        k_steps = built.num_steps if stochastic else 0
+        h, a = self.action_horizon, self.action_dim
+
+        def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+            out = {"obs": self._example_obs(b, g), "noise": torch.randn(b, h, a, generator=g)}
+            if stochastic:
+                out["step_noise"] = torch.randn(k_steps, b, h, a, generator=g)
+            return out
+
+        with torch.no_grad():
+            probe = feeds(1, torch.Generator().manual_seed(0))
+            nfe = built.sample(self.net, probe["noise"], self.condition(probe["obs"]), step_noise=probe.get("step_noise")).nfe
+        meta = self._export_metadata() | {
+            "form": "one_step" if nfe == 1 else "multi_step",
+            "sampler": json.dumps(sampler_cfg, sort_keys=True),
+            "t_start": "1.0",
+            "step_noise_steps": str(k_steps),
+        }
+        return ExportSpec(ChunkSamplerGraph(self, built), feeds, ("actions",), meta, nfe,
+                          batch_axes={"step_noise": 1} if stochastic else {})
+
+    def _warm_export_spec(self, sampler: Any, sampler_cfg: dict[str, Any], warm_start: dict[str, Any] | None) -> ExportSpec:
+        ws_cfg = dict(warm_start) if warm_start is not None else self.config["warm_start"]
+        if not ws_cfg:
+            raise ValueError("the policy has no warm_start config; pass warm_start={'t_start': 0.3, 'renoise': True}")
+        if stochastic_sampler(sampler):
+            raise ValueError(
+                f"warm-start export needs a deterministic sampler, the policy uses {type(sampler).__name__}; "
+                "call policy.set_sampler('ddim', num_steps=10) first (or pass sampler={'name': 'ddim', 'num_steps': 10})"
+            )
+        warm = WarmStarter(self.objective, sampler, WarmStartConfig(**ws_cfg))
+        h, a = self.action_horizon, self.action_dim
+
+        def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+            obs = self._example_obs(b, g)
+            noise = torch.randn(b, h, a, generator=g)
+            with torch.no_grad():  # a realistic previous chunk: the policy's own plan for nearby observations
+                previous = sampler.sample(self.net, torch.randn(b, h, a, generator=g), self.condition(obs)).sample
+            return {"obs": obs, "noise": noise, "previous": previous}
+
+        with torch.no_grad():
+            probe = feeds(1, torch.Generator().manual_seed(0))
+            cold_nfe = sampler.sample(self.net, probe["noise"], self.condition(probe["obs"])).nfe
+        meta = self._export_metadata() | {
+            "form": "warm_start",
+            "sampler": json.dumps(sampler_cfg, sort_keys=True),
+            "warm_nfe": str(warm.nfe),
+            "t_start": repr(float(warm.t_start)),
+            "warm_start": json.dumps(ws_cfg, sort_keys=True),
+            "step_noise_steps": "0",
+        }
+        cold, warm_graph = ColdChunkGraph(self, sampler), WarmChunkGraph(self, warm)
+        switch = ExportSwitch("warm", on=warm_graph, off=cold, off_inputs=("obs", "noise"), on_nfe=warm.nfe)
+        return ExportSpec(WarmSwitchGraph(cold, warm_graph), feeds, ("actions", "chunk"), meta, cold_nfe, switch=switch)
+
+    def _export_metadata(self) -> dict[str, str]:
+        cfg = self.config
+        return {"kind": RUNTIME_CHUNK, **chunk_metadata(self.KIND, cfg, self.obs_horizon, self.action_horizon,
+                                                        self.exec_horizon)}
+
+    def _example_obs(self, b: int, g: torch.Generator) -> Tensor:
+        """Observations whose normalized values are standard normal, i.e. near the range the normalizer maps data to."""
+        z = torch.randn(b, self.obs_horizon, self.obs_dim, generator=g)
+        return (z - self.obs_normalizer.offset) / self.obs_normalizer.scale
+
+
+# ------------------------------------------------------------------ export graphs
+class ChunkSamplerGraph(nn.Module):
+    """obs (B, To, obs_dim) + noise (B, H, A) [+ step_noise (K, B, H, A)] -> actions (B, H, A)."""
+
+    def __init__(self, policy: ChunkDiffusionPolicy, sampler: Any) -> None:
+        super().__init__()
+        self.policy = policy
+        self.sampler = sampler
+
+    def forward(self, obs: Tensor, noise: Tensor, step_noise: Tensor | None = None) -> Tensor:
+        cond = self.policy.condition(obs)
+        sample = self.sampler.sample(self.policy.net, noise, cond, step_noise=step_noise).sample
+        return self.policy.to_actions(sample)
+
+
+class ColdChunkGraph(nn.Module):
+    """obs + noise -> (actions, model-space chunk): the first plan of an episode."""
+
+    def __init__(self, policy: ChunkDiffusionPolicy, sampler: Any) -> None:
+        super().__init__()
+        self.policy, self.sampler = policy, sampler
+
+    def forward(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        chunk = self.sampler.sample(self.policy.net, noise, self.policy.condition(obs)).sample
+        return self.policy.to_actions(chunk), chunk
+
+
+class WarmChunkGraph(nn.Module):
+    """obs + noise + previous chunk -> (actions, chunk): shift, place at t_start, denoise the rest."""
+
+    def __init__(self, policy: ChunkDiffusionPolicy, warm: WarmStarter) -> None:
+        super().__init__()
+        self.policy, self.warm = policy, warm
+
+    def forward(self, obs: Tensor, noise: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        guess = self.policy.warm_guess(previous)
+        chunk = self.warm.sample(self.policy.net, guess, self.policy.exec_horizon, noise, self.policy.condition(obs)).sample
+        return self.policy.to_actions(chunk), chunk
+
+
+class WarmSwitchGraph(nn.Module):
+    """Eager reference for the exported ``If``: the warm branch when ``warm`` is true, else the cold one."""
+
+    def __init__(self, cold: ColdChunkGraph, warm: WarmChunkGraph) -> None:
+        super().__init__()
+        self.cold, self.warm = cold, warm
+
+    def forward(self, obs: Tensor, noise: Tensor, previous: Tensor, warm: Tensor) -> tuple[Tensor, Tensor]:
+        return self.warm(obs, noise, previous) if bool(warm) else self.cold(obs, noise)
