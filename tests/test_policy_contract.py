@@ -3,8 +3,10 @@
 For each kind: a tiny build; a finite loss that backpropagates into every
 optimizer group; ``predict`` deterministic given its noise and seed; save ->
 load (by stored kind) bit-exact; ``act``/``plan`` shapes; an ONNX round trip
-where the kind is exportable (a clear refusal where it is not); and a
-resumed training run that equals an uninterrupted one.
+where the kind is exportable, run by the runtime ``load_runtime`` picks (for a
+driving kind, ``plan`` compared with torch ``predict`` on the same scene and
+noise), and a clear refusal where it is not; and a resumed training run that
+equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -103,18 +105,36 @@ def test_save_load_by_stored_kind_is_bit_exact_and_acts_alike(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_round_trip_where_the_kind_is_exportable(kind, tmp_path):
     from diffpilot.export.onnx import export_by_kind
-    from diffpilot.export.runtime import OnnxChunkPolicy
+    from diffpilot.export.runtime import OnnxChunkPolicy, OnnxPlanner, load_runtime
 
     policy, data = _build(kind)
     policy.eval()
     path = tmp_path / "p.onnx"
     if not policy.EXPORTABLE:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"no ONNX export|needs the critic|fresh noise"):
             export_by_kind(policy, path)
         assert not path.exists()
         return
     export_by_kind(policy, path)
-    runtime = OnnxChunkPolicy(path)
+    runtime = load_runtime(path)
+    if hasattr(policy, "plan"):  # driving: the runtime's plan of a scene is torch predict's with the same noise
+        from diffpilot.data.scenario import SampleSpec
+        from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
+
+        assert isinstance(runtime, OnnxPlanner)
+        arrays = example_scene_arrays(2, seed=3, spec=SampleSpec(past_steps=runtime.past_steps, future_steps=runtime.horizon))
+        for i in range(2):
+            sample = scene_samples_from_arrays(arrays, i)
+            noise = np.random.default_rng(i).standard_normal((runtime.horizon, 2), dtype=np.float32)
+            feeds = runtime.feeds(sample, noise=noise)  # the graph's inputs: predict's batch format
+            batch = {k: torch.from_numpy(v) for k, v in feeds.items() if k != "noise"}
+            want = policy.predict(batch, torch.from_numpy(noise)[None])[0].double().numpy()
+            got = runtime.plan(sample, noise=noise)
+            assert got.shape == (runtime.horizon, 3) and np.isfinite(got).all()
+            np.testing.assert_allclose(got[:, :2], want[:, :2], atol=1e-4, rtol=1e-5)
+            assert np.abs(np.angle(np.exp(1j * (got[:, 2] - want[:, 2])))).max() < 1e-4
+        return
+    assert isinstance(runtime, OnnxChunkPolicy)
     obs = np.random.default_rng(0).normal(size=(OBS_DIM,)).astype(np.float32)
     runtime.reset(seed=0)
     assert runtime.act(obs).shape == (ACT_DIM,)

@@ -1,25 +1,51 @@
-"""Run an exported chunk policy with numpy and onnxruntime only.
+"""Run an exported policy or planner with numpy and onnxruntime only.
 
 This module is what ships to the robot: it imports the standard library,
 numpy and onnxruntime and nothing else (no torch, nothing from diffpilot that
 pulls torch in). The exported graph holds the normalizers and the unrolled
 sampler, so everything the runtime needs besides the graph is a handful of
-integers in the model's ``metadata_props``, read and checked here.
+values in the model's ``metadata_props``, read and checked here.
+:func:`load_runtime` reads the ``kind`` and returns the object that runs it:
+:class:`OnnxChunkPolicy` (``chunk_policy``) or :class:`OnnxPlanner` (``planner``).
 
-Metadata schema (``EXPORT_FORMAT = 1``), all values strings:
+Metadata schema (``EXPORT_FORMAT = 1``), all values strings. Every file:
 
-- ``diffpilot_format``: the schema version, ``"1"``.
-- ``kind``: ``"chunk_policy"`` (obs -> actions) or ``"denoiser"`` (one network call).
-- ``form``: how a ``chunk_policy`` is run: ``"multi_step"``, ``"one_step"``
-  (nfe == 1) or ``"warm_start"`` (inputs obs, noise, previous, warm;
-  outputs actions, chunk: a full denoise when ``warm`` is false, the first
-  plan of an episode; with ``warm`` true the previous chunk is shifted and
-  denoised from ``t_start`` in ``warm_nfe`` network calls).
+- ``diffpilot_format``: the schema version, ``"1"``; ``diffpilot_version``.
+- ``kind``: ``"chunk_policy"`` (obs -> actions), ``"planner"`` (scene ->
+  states) or ``"denoiser"`` (one network call); ``policy_kind``: the
+  registered policy kind it came from.
+- ``form``: how the file is run (below).
 - ``inputs`` / ``outputs``: comma-separated graph input/output names, in order.
+- ``nfe``: network evaluations per call; ``sampler``: JSON of the sampler config.
+
+``chunk_policy`` and ``denoiser``:
+
+- ``form``: ``"multi_step"``, ``"one_step"`` (nfe == 1) or ``"warm_start"``
+  (inputs obs, noise, previous, warm; outputs actions, chunk: a full denoise
+  when ``warm`` is false, the first plan of an episode; with ``warm`` true the
+  previous chunk is shifted and denoised from ``t_start`` in ``warm_nfe``
+  network calls); ``"network"`` for a denoiser.
 - ``obs_dim``, ``action_dim``, ``obs_horizon``, ``action_horizon``, ``exec_horizon``.
-- ``sampler`` (JSON of the sampler config), ``nfe``, ``t_start`` (``"1.0"`` for a cold start),
-  ``warm_nfe`` and ``warm_start`` (JSON) for the ``warm_start`` form.
+- ``t_start`` (``"1.0"`` for a cold start), ``warm_nfe`` and ``warm_start`` (JSON) for the ``warm_start`` form.
 - ``step_noise_steps``: leading size K of the ``step_noise`` input (0 when absent).
+
+``planner`` (form ``"states"``): inputs are the scene tensors (``ego_status``
+(B, 3), ``command`` (B,) int64, ``ego_past`` (B, P+1, 3), ``agents_pose``
+(B, K, P+1, 3), ``agents_valid`` (B, K, P+1) bool, ``agents_size`` (B, K, 2),
+``agents_category`` (B, K) int64 (-1 = padding), ``lanes`` (B, L, N, 3),
+``lanes_valid`` (B, L) bool, ``drivable`` (B, R, R) with a raster), ``params``
+(B, len(param_names)) raw rule-parameter features, ``modes`` (B,) int64 and
+``noise`` (B, horizon, 2); the output ``states`` (B, horizon, 4) is x, y,
+theta, v in the ego frame every ``dt`` seconds.
+
+- ``horizon``, ``past_steps`` (P), ``num_agents`` (K), ``num_lanes`` (L),
+  ``lane_points`` (N), ``raster_size`` (R, 0 without a raster), ``dt``.
+- ``param_names`` (JSON list), ``plan_params`` (JSON: the defaults ``plan``
+  conditions on), ``relative_params`` (JSON list of the speed bounds fed as
+  offsets from the ego's current speed), ``plan_mode`` (JSON int or null),
+  ``modes`` (JSON names), ``command_modes`` (JSON: mode id per command).
+- ``rules``, ``network``, ``cfg_scale``, ``guidance`` (descriptive: the graph is
+  one unguided draw; robustness guidance needs autograd and stays in torch).
 """
 
 from __future__ import annotations
@@ -27,7 +53,8 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +66,25 @@ EXPORT_FORMAT = 1
 
 KIND_POLICY = "chunk_policy"
 KIND_DENOISER = "denoiser"
+KIND_PLANNER = "planner"
+KINDS = (KIND_POLICY, KIND_PLANNER, KIND_DENOISER)
 POLICY_FORMS = ("multi_step", "one_step", "warm_start")
 """Forms this runtime can drive closed loop."""
+PLANNER_FORMS = ("states",)
+"""Planner forms this runtime can run."""
 WARM_INPUTS = ("obs", "noise", "previous", "warm")
+SCENE_INPUTS = ("ego_status", "command", "ego_past", "agents_pose", "agents_valid", "agents_size", "agents_category",
+                "lanes", "lanes_valid")
+"""The scene tensors a planner export reads (plus ``drivable`` with a raster), in input order."""
 
-_INT_KEYS = ("obs_dim", "action_dim", "obs_horizon", "action_horizon", "exec_horizon", "nfe", "step_noise_steps")
+_CHUNK_INTS = ("obs_dim", "action_dim", "obs_horizon", "action_horizon", "exec_horizon", "step_noise_steps")
+_PLANNER_INTS = ("horizon", "past_steps", "num_agents", "num_lanes", "lane_points", "raster_size")
+_PLANNER_JSON = ("param_names", "plan_params", "relative_params", "plan_mode", "command_modes")
+_REQUIRED = {
+    KIND_POLICY: ("t_start", *_CHUNK_INTS),
+    KIND_DENOISER: ("t_start", *_CHUNK_INTS),
+    KIND_PLANNER: ("dt", *_PLANNER_INTS, *_PLANNER_JSON),
+}
 _OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -58,22 +99,23 @@ class ExportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The parsed ``metadata_props`` of an exported diffpilot model."""
+    """The parsed ``metadata_props`` of an exported diffpilot model (chunk sizes are 0 for a planner)."""
 
     kind: str
     form: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    obs_dim: int
-    action_dim: int
-    obs_horizon: int
-    action_horizon: int
-    exec_horizon: int
     sampler: dict[str, Any]
     nfe: int
-    t_start: float
-    step_noise_steps: int
     raw: dict[str, str]
+    obs_dim: int = 0
+    action_dim: int = 0
+    obs_horizon: int = 0
+    action_horizon: int = 0
+    exec_horizon: int = 0
+    t_start: float = 1.0
+    step_noise_steps: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # a planner's horizon, past_steps, num_agents, ...
 
 
 def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
@@ -89,24 +131,36 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
             f"{source} has export format {found!r}, but this runtime reads format {EXPORT_FORMAT}; "
             "re-export the policy with this diffpilot version or run it with the diffpilot version that wrote it"
         )
-    missing = [k for k in ("kind", "form", "inputs", "outputs", "sampler", "t_start", *_INT_KEYS) if k not in props]
+    missing = [k for k in ("kind", "form", "inputs", "outputs", "sampler", "nfe") if k not in props]
     if missing:
         raise ExportedModelError(f"{source} lacks metadata keys {missing}; re-export it")
+    kind = props["kind"]
+    if kind not in _REQUIRED:
+        raise ExportedModelError(
+            f"{source} is a {kind!r} export; this runtime runs {list(KINDS)}: upgrade diffpilot to run it"
+        )
+    missing = [k for k in _REQUIRED[kind] if k not in props]
+    if missing:
+        raise ExportedModelError(f"{source} lacks metadata keys {missing} of a {kind!r} export; re-export it")
     try:
-        ints = {k: int(props[k]) for k in _INT_KEYS}
-        sampler = json.loads(props["sampler"])
-        t_start = float(props["t_start"])
+        common = {"sampler": json.loads(props["sampler"]), "nfe": int(props["nfe"])}
+        if kind == KIND_PLANNER:
+            for k in _PLANNER_JSON:
+                json.loads(props[k])
+            float(props["dt"])
+            extra: dict[str, Any] = {"sizes": {k: int(props[k]) for k in _PLANNER_INTS}}
+        else:
+            extra = {k: int(props[k]) for k in _CHUNK_INTS} | {"t_start": float(props["t_start"])}
     except ValueError as err:
         raise ExportedModelError(f"{source} has malformed metadata ({err}); re-export it") from None
     return ModelInfo(
-        kind=props["kind"],
+        kind=kind,
         form=props["form"],
         inputs=tuple(n for n in props["inputs"].split(",") if n),
         outputs=tuple(n for n in props["outputs"].split(",") if n),
-        sampler=sampler,
-        t_start=t_start,
         raw=dict(props),
-        **ints,
+        **common,
+        **extra,
     )
 
 
@@ -158,13 +212,15 @@ class OnnxChunkPolicy:
         threads: int = 1,
         graph_optimization: str = "all",
         seed: int = 0,
+        _opened: tuple[ort.InferenceSession, ModelInfo] | None = None,
     ) -> None:
         self.path = Path(path)
-        self.session, self.info = open_session(path, threads=threads, graph_optimization=graph_optimization)
+        self.session, self.info = _opened or open_session(path, threads=threads, graph_optimization=graph_optimization)
         if self.info.kind != KIND_POLICY:
+            hint = "; load it with diffpilot.export.runtime.load_runtime" if self.info.kind == KIND_PLANNER else ""
             raise ExportedModelError(
                 f"{self.path} is a {self.info.kind!r} export, but OnnxChunkPolicy runs {KIND_POLICY!r} exports; "
-                "export the whole policy with diffpilot.export.onnx.export_policy"
+                f"export the whole policy with diffpilot.export.onnx.export_policy{hint}"
             )
         if self.info.form not in POLICY_FORMS:
             raise ExportedModelError(
@@ -268,3 +324,239 @@ class OnnxChunkPolicy:
         if arr.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
         return arr
+
+
+class OnnxPlanner:
+    """A driving planner export (kind ``planner``) on onnxruntime: one unguided draw per plan, seeded.
+
+    ``plan(sample)`` takes one scene sample (a ``SceneSample`` or a mapping of
+    its per-sample arrays: ``ego_status``, ``command``, ``ego_past``,
+    ``agents_*``, ``lanes``, ``lanes_valid``[, ``drivable``]) and returns
+    ego-frame poses ``(horizon, 3)`` (x, y, heading wrapped to [-pi, pi)), as
+    the torch planner's ``plan`` does, conditioned on the rule parameters
+    ``plan_params`` (the exported defaults; ``set_rule_params`` changes them)
+    and the mode (``set_mode``, or the sample's command). Agents and lanes are
+    padded to the exported sizes; a sample with more is refused. Unlike the
+    torch planner, which draws ``num_samples`` plans, may guide them with rule
+    gradients and keeps the most robust, this draws one plan per call from
+    its own generator (``reset(seed)``). ``predict`` is the batched graph itself.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int = 1,
+        graph_optimization: str = "all",
+        seed: int = 0,
+        _opened: tuple[ort.InferenceSession, ModelInfo] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.session, self.info = _opened or open_session(path, threads=threads, graph_optimization=graph_optimization)
+        info = self.info
+        if info.kind != KIND_PLANNER:
+            raise ExportedModelError(
+                f"{self.path} is a {info.kind!r} export, but OnnxPlanner runs {KIND_PLANNER!r} exports; "
+                "load it with diffpilot.export.runtime.load_runtime"
+            )
+        if info.form not in PLANNER_FORMS:
+            raise ExportedModelError(
+                f"{self.path} has planner form {info.form!r}; this runtime runs {list(PLANNER_FORMS)}: upgrade diffpilot"
+            )
+        raw, sizes = info.raw, info.sizes
+        self.horizon, self.past_steps = sizes["horizon"], sizes["past_steps"]
+        self.num_agents, self.num_lanes, self.lane_points = sizes["num_agents"], sizes["num_lanes"], sizes["lane_points"]
+        self.raster_size = sizes["raster_size"]
+        self.param_names: list[str] = list(json.loads(raw["param_names"]))
+        self.relative_params: list[str] = list(json.loads(raw["relative_params"]))
+        self.command_modes: list[int] = [int(m) for m in json.loads(raw["command_modes"])]
+        self.modes: list[str] = list(json.loads(raw.get("modes", "[]")))
+        self.plan_params: dict[str, float] = {k: float(v) for k, v in json.loads(raw["plan_params"]).items()}
+        mode = json.loads(raw["plan_mode"])
+        self.plan_mode: int | None = None if mode is None else int(mode)
+        scene = SCENE_INPUTS + (("drivable",) if self.raster_size else ())
+        expected = (*scene, "params", "modes", "noise")
+        if info.inputs != expected or info.outputs != ("states",):
+            raise ExportedModelError(
+                f"{self.path} claims form 'states' but has inputs {info.inputs} (expected {expected}) and outputs "
+                f"{info.outputs} (expected ('states',)); re-export it"
+            )
+        missing = [k for k in self.param_names if k not in self.plan_params]
+        if missing:
+            raise ExportedModelError(f"{self.path} has no default for rule parameters {missing}; re-export it")
+        self._dtypes = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self._rng = np.random.default_rng(seed)
+        self.last_nfe = 0
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per plan (fixed by the exported sampler)."""
+        return self.info.nfe
+
+    def reset(self, seed: int | None = None) -> None:
+        """Reseed the noise when ``seed`` is given (a planner keeps no other per-episode state)."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+
+    def set_rule_params(self, **values: float) -> None:
+        """Set the rule parameters ``plan`` conditions on (e.g. ``vmax=5.0``), as the torch planner's method."""
+        unknown = sorted(set(values) - set(self.param_names))
+        if unknown:
+            raise ValueError(f"unknown rule parameter(s) {unknown}; this planner's parameters: {self.param_names}")
+        for k, v in values.items():
+            if not np.isfinite(float(v)):
+                raise ValueError(f"rule parameter {k} must be finite, got {v!r}")
+            self.plan_params[k] = float(v)
+
+    def set_mode(self, mode: int | str | None) -> None:
+        """Fix the driving mode (index or name), or None to follow each sample's command."""
+        n = max(self.command_modes, default=0) + 1
+        if mode is None or isinstance(mode, (int, np.integer)) and 0 <= int(mode) < n:
+            self.plan_mode = None if mode is None else int(mode)
+        elif isinstance(mode, str) and mode in self.modes:
+            self.plan_mode = self.modes.index(mode)
+        else:
+            raise ValueError(f"mode must be one of {self.modes} (or its index) or None, got {mode!r}")
+
+    def param_features(self, params: Mapping[str, float], speed: float) -> np.ndarray:
+        """The graph's ``params`` row ``(P,)``: values in ``param_names`` order, speed bounds relative to ``speed``."""
+        missing = [k for k in self.param_names if k not in params]
+        if missing:
+            raise ValueError(f"rule parameters {missing} are missing; this planner needs {self.param_names}")
+        row = np.array([float(params[k]) for k in self.param_names], dtype=np.float64)
+        for k in self.relative_params:
+            row[self.param_names.index(k)] -= float(speed)
+        return row.astype(np.float32)
+
+    def feeds(self, sample: Any, params: Mapping[str, float] | None = None, mode: int | None = None,
+              noise: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The graph inputs (batch 1) for one scene sample, padded to the exported sizes."""
+        H, K, L, N = self.past_steps + 1, self.num_agents, self.num_lanes, self.lane_points
+        get = _field_reader(sample)
+        out: dict[str, np.ndarray] = {}
+        status = _array(get("ego_status"), "ego_status", (3,))
+        out["ego_status"] = status
+        command = int(np.asarray(get("command")).reshape(()))
+        if not 0 <= command < len(self.command_modes):
+            raise ValueError(f"command must be in [0, {len(self.command_modes)}), got {command}")
+        out["command"] = np.array(command)
+        out["ego_past"] = _array(get("ego_past"), "ego_past", (H, 3))
+        pose = np.asarray(get("agents_pose"), dtype=np.float64)
+        if pose.ndim != 3 or pose.shape[1] < H or pose.shape[2] != 3:
+            raise ValueError(f"agents_pose must be (K, W >= {H}, 3), got {pose.shape}")
+        k = pose.shape[0]
+        if k > K:
+            raise ValueError(f"the sample has {k} agent slots, this export takes at most {K}; re-export with num_agents={k}")
+        out["agents_pose"] = _pad(pose[:, :H], K, 0.0)
+        valid = np.asarray(get("agents_valid"), dtype=bool)
+        if valid.shape != pose.shape[:2]:
+            raise ValueError(f"agents_valid must be {pose.shape[:2]} like agents_pose, got {valid.shape}")
+        out["agents_valid"] = _pad(valid[:, :H], K, False)
+        out["agents_size"] = _pad(_array(get("agents_size"), "agents_size", (k, 2)), K, 0.0)
+        out["agents_category"] = _pad(np.asarray(get("agents_category"), dtype=np.int64).reshape(k), K, -1)
+        lanes = np.asarray(get("lanes"), dtype=np.float64)
+        if lanes.ndim != 3 or lanes.shape[1:] != (N, 3):
+            raise ValueError(f"lanes must be (L, {N}, 3) for this export, got {lanes.shape}")
+        if lanes.shape[0] > L:
+            raise ValueError(f"the sample has {lanes.shape[0]} lanes, this export takes at most {L}; "
+                             f"re-export with num_lanes={lanes.shape[0]}")
+        out["lanes"] = _pad(lanes, L, 0.0)
+        out["lanes_valid"] = _pad(np.asarray(get("lanes_valid"), dtype=bool).reshape(lanes.shape[0]), L, False)
+        if self.raster_size:
+            R = self.raster_size
+            out["drivable"] = _array(get("drivable"), "drivable", (R, R))
+        for name, value in out.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"non-finite values in scene field {name!r}; check the perception output")
+        chosen = self.plan_params if params is None else {**self.plan_params, **params}
+        out["params"] = self.param_features(chosen, float(status[0]))
+        mode = self.plan_mode if mode is None else int(mode)
+        out["modes"] = np.array(self.command_modes[command] if mode is None else mode)
+        shape = (self.horizon, 2)
+        if noise is None:
+            out["noise"] = self._rng.standard_normal(shape, dtype=np.float32)
+        else:
+            arr = np.asarray(noise, dtype=np.float32)
+            arr = arr[0] if arr.shape == (1, *shape) else arr
+            if arr.shape != shape:
+                raise ValueError(f"noise must have shape {shape} (or (1, {shape[0]}, 2)), got {arr.shape}")
+            out["noise"] = arr
+        return {name: value[None] for name, value in out.items()}
+
+    def predict(self, batch: Mapping[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
+        """States ``(B, horizon, 4)`` for batched graph inputs (scene tensors, ``params`` features, ``modes``)."""
+        names = [n for n in self.info.inputs if n != "noise"]
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise ValueError(f"predict() needs the inputs {missing}; this planner reads {list(self.info.inputs)}")
+        feeds = {n: np.asarray(batch[n], dtype=self._dtypes[n]) for n in names}
+        b = feeds["modes"].shape[0]
+        shape = (b, self.horizon, 2)
+        if noise is None:
+            feeds["noise"] = self._rng.standard_normal(shape, dtype=np.float32)
+        else:
+            feeds["noise"] = np.asarray(noise, dtype=np.float32)
+            if feeds["noise"].shape != shape:
+                raise ValueError(f"noise must have shape {shape}, got {feeds['noise'].shape}")
+        (states,) = self.session.run(None, feeds)
+        self.last_nfe = self.info.nfe
+        return states
+
+    def plan(self, sample: Any, noise: np.ndarray | None = None) -> np.ndarray:
+        """Ego-frame poses ``(horizon, 3)`` for one scene sample: one draw (``noise`` (horizon, 2) fixes it)."""
+        feeds = self.feeds(sample, noise=noise)
+        (states,) = self.session.run(None, {n: v.astype(self._dtypes[n], copy=False) for n, v in feeds.items()})
+        self.last_nfe = self.info.nfe
+        poses = states[0, :, :3].astype(np.float64)
+        poses[:, 2] = (poses[:, 2] + np.pi) % (2 * np.pi) - np.pi
+        return poses
+
+
+def load_runtime(
+    path: str | os.PathLike[str], *, threads: int = 1, graph_optimization: str = "all", seed: int = 0
+) -> OnnxChunkPolicy | OnnxPlanner:
+    """The runtime object for an exported file, by the ``kind`` in its metadata.
+
+    ``chunk_policy`` (chunk policies, the warm-start form, single-step actors)
+    -> :class:`OnnxChunkPolicy`; ``planner`` -> :class:`OnnxPlanner`. A bare
+    ``denoiser`` has no closed loop to run and is refused.
+    """
+    opened = open_session(path, threads=threads, graph_optimization=graph_optimization)
+    kind = opened[1].kind
+    if kind == KIND_POLICY:
+        return OnnxChunkPolicy(path, seed=seed, _opened=opened)
+    if kind == KIND_PLANNER:
+        return OnnxPlanner(path, seed=seed, _opened=opened)
+    raise ExportedModelError(
+        f"{path} is a {kind!r} export (one network call); run it with onnxruntime directly "
+        "(diffpilot.export.runtime.open_session) or export the whole policy with diffpilot export"
+    )
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+def _field_reader(sample: Any) -> Any:
+    """``get(name)`` for a mapping of arrays or an object with array attributes (a SceneSample)."""
+    def get(name: str) -> Any:
+        value = sample.get(name) if isinstance(sample, Mapping) else getattr(sample, name, None)
+        if value is None:
+            raise ValueError(f"the scene sample has no {name!r}; pass a SceneSample or a mapping of its arrays")
+        return value
+
+    return get
+
+
+def _array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+def _pad(arr: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    """``arr`` with its first axis padded to ``size`` entries of ``fill`` (padding slots are masked in the graph)."""
+    out = np.full((size, *arr.shape[1:]), fill, dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffpilot.data.scenario import FUTURE_STEPS
+from diffpilot.policy.export_spec import stochastic_sampler
 from diffpilot.policy.generative import Sampler, build_objective, build_sampler
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.stl_flow import (
@@ -73,6 +74,7 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
     """Parameter-conditioned DDPM over controls; ``sampler`` is ``"ddim"`` (``sampler_steps``) or ``"ddpm"`` (all steps)."""
 
     Config = ParamDDPMConfig
+    EXPORTABLE = True  # with DDIM (deterministic); ancestral DDPM is refused
 
     def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, num_train_steps: int = 100,
                  sampler: str = "ddim", sampler_steps: int = 10, **kwargs: Any) -> None:
@@ -91,9 +93,23 @@ class ParamDDPMPlanner(ParamConditionedPlanner):
     def _loss(self, x0: Tensor, cond: Tensor, mask: Tensor | None, gen: torch.Generator) -> Tensor:
         return self.ddpm.loss(_Bound(self.net, mask), x0, cond, generator=gen)
 
-    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
+    def _export_sampler(self, sampler: dict[str, Any] | None) -> tuple[Sampler | None, dict[str, Any]]:
+        cfg = dict(sampler) if sampler else {"name": self.sampler_name, "num_steps": self.sampler_steps}
+        if "name" not in cfg:
+            raise ValueError(f"sampler override needs a 'name' key, e.g. {{'name': 'ddim', 'num_steps': 10}}; got {cfg}")
+        built = build_sampler(cfg["name"], self.ddpm, **{k: v for k, v in cfg.items() if k != "name"})
+        if stochastic_sampler(built):
+            raise ValueError(
+                f"this planner samples with {type(built).__name__}, which draws fresh noise at every step "
+                f"({built.num_steps} steps): no deterministic graph; export it with a deterministic sampler, "
+                "sampler={'name': 'ddim', 'num_steps': 10}"
+            )
+        return built, cfg
+
+    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any,
+                  sampler: Sampler | None = None) -> tuple[Tensor, int, int]:
         model = _Bound(self.net, mask, self.cfg_scale)
-        sampler = self._sampler()
+        sampler = self._sampler() if sampler is None else sampler
         if guide is None:
             res = sampler.sample(model, noise, cond)
             return res.sample, res.nfe, 0
@@ -123,6 +139,7 @@ class ConditionalVAEPlanner(ParamConditionedPlanner):
     """
 
     Config = ConditionalVAEConfig
+    EXPORTABLE = True  # the decoder: z from the noise, one pass
 
     def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, latent_dim: int = 8,
                  beta: float = 0.05, **kwargs: Any) -> None:
@@ -158,7 +175,8 @@ class ConditionalVAEPlanner(ParamConditionedPlanner):
         # both terms per control entry, so beta does not depend on the horizon
         return F.mse_loss(recon, x) + self.beta * kl / x.shape[1]
 
-    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
+    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any,
+                  sampler: Sampler | None = None) -> tuple[Tensor, int, int]:
         if self.cfg_scale != 1.0:  # no guidance on a one-pass decoder: the conditional half
             cond = cond.chunk(2, dim=-1)[0]
         z = noise.flatten(1)[:, : self.latent_dim]

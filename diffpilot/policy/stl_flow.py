@@ -32,10 +32,15 @@ robustness on the final controls (and optionally on the predicted clean sample a
 sampler steps) through the differentiable rollout; only samples still short of the target
 robustness are updated, and each keeps its most robust iterate. NFE stays that of the plain
 sampler.
+
+ONNX: ``export_spec`` describes ``predict`` without guidance (scene tensors, rule-parameter
+features, mode and noise in, states out; :class:`PlannerGraph`) for every planner here whose
+sampler is deterministic; guidance needs autograd and stays in torch.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,10 +51,19 @@ from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.data.scenario import FUTURE_STEPS, PAST_STEPS, SampleSpec, SceneSample, mode_from_command, wrap_angle
+from diffpilot.data.scenario import (
+    COMMANDS,
+    FUTURE_STEPS,
+    PAST_STEPS,
+    SampleSpec,
+    SceneSample,
+    mode_from_command,
+    wrap_angle,
+)
 from diffpilot.data.scene_sample import stack_samples
-from diffpilot.planning.dynamics import controls_from_poses, rollout
+from diffpilot.planning.dynamics import DEFAULT_LIMITS, controls_from_poses, rollout
 from diffpilot.policy.base import OptimGroup, PolicyBase
+from diffpilot.policy.export_spec import RUNTIME_PLANNER, ExportSpec
 from diffpilot.policy.generative import Sampler, StepInfo, build_objective, build_sampler
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks.embeddings import TimeEmbedding
@@ -72,6 +86,7 @@ __all__ = [
     "ParamConditionedPlanner",
     "PlannerConfig",
     "PlannerData",
+    "PlannerGraph",
     "PlannerRows",
     "RobustnessGuide",
     "SampleOutput",
@@ -626,7 +641,7 @@ class ParamConditionedPlanner(PolicyBase):
     """Shared machinery of the parameter-conditioned planners: data, conditioning, rules, Planner protocol.
 
     Subclasses define ``_loss(x0, cond, mask, gen)`` and
-    ``_generate(cond, mask, noise, guide)`` in normalized control space. They
+    ``_generate(cond, mask, noise, guide, sampler=None)`` in normalized control space. They
     train through the one trainer (AdamW, weight decay 1e-4, cosine decay to
     a tenth of ``lr``, gradient clip 1), on :class:`PlannerRows`.
     """
@@ -803,7 +818,9 @@ class ParamConditionedPlanner(PolicyBase):
     def _loss(self, x0: Tensor, cond: Tensor, mask: Tensor | None, gen: torch.Generator) -> Tensor:
         raise NotImplementedError
 
-    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
+    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any,
+                  sampler: Sampler | None = None) -> tuple[Tensor, int, int]:
+        """``(normalized controls, NFE, guidance steps)``; ``sampler`` overrides the kind's own (export)."""
         raise NotImplementedError
 
     # -- decoding and rules
@@ -871,6 +888,16 @@ class ParamConditionedPlanner(PolicyBase):
 
         The batched core that ``plan`` and ``sample`` add candidates, selection and guidance to.
         """
+        if noise is None:
+            noise = torch.randn(self.noise_shape(batch["modes"].shape[0]), generator=self._rng)
+        return self.unguided_states(batch, noise)[0]
+
+    def unguided_states(self, batch: Mapping[str, Tensor], noise: Tensor,
+                        sampler: Sampler | None = None) -> tuple[Tensor, int]:
+        """``predict``'s computation (states ``(B, T, 4)``, NFE) without ``no_grad``: the graph the export traces.
+
+        ``sampler`` overrides the kind's own sampler (``None``: the configured one).
+        """
         scene = {k: batch[k] for k in self._scene_keys()}
         n = batch["modes"].shape[0]
         cond, mask = self.net.condition(scene, self.net.param_norm.normalize(batch["params"]), batch["modes"])
@@ -878,10 +905,82 @@ class ParamConditionedPlanner(PolicyBase):
             cond_u, _ = self.net.condition(scene, self.net.param_norm.normalize(batch["params"]), batch["modes"],
                                            torch.ones(n, dtype=torch.bool))
             cond = torch.cat([cond, cond_u], dim=-1) if mask is None else torch.stack([cond, cond_u], dim=1)
-        if noise is None:
-            noise = torch.randn(self.noise_shape(n), generator=self._rng)
-        x, _, _ = self._generate(cond, mask, noise, None)
-        return self.decode(x, batch["ego_status"][:, 0])
+        x, nfe, _ = self._generate(cond, mask, noise, None, sampler)
+        return self.decode(x, batch["ego_status"][:, 0]), nfe
+
+    # -- export
+    def export_spec(self, sampler: dict[str, Any] | None = None, *, num_agents: int | None = None,
+                    num_lanes: int | None = None, lane_points: int | None = None,
+                    raster_size: int | None = None) -> ExportSpec:
+        """``predict`` without guidance as one graph (form ``states``), run by ``diffpilot.export.runtime.OnnxPlanner``.
+
+        Inputs: the scene tensors the encoder reads (``SCENE_KEYS`` of
+        :mod:`~diffpilot.policy.networks.scene_encoder`, agents' poses and
+        validity cut to the ``past_steps + 1`` columns it reads, padded to
+        ``num_agents`` agents and ``num_lanes`` lanes of ``lane_points`` points;
+        ``drivable`` with a raster), the raw rule-parameter features ``params``
+        (B, P) in ``param_names`` order (speed bounds as offsets from the ego's
+        speed with ``relative_speed``), ``modes`` (B,) int64 and ``noise``
+        (B, T, 2). Output: ``states`` (B, T, 4) = x, y, theta, v in the ego frame.
+        Sizes default to :class:`~diffpilot.data.scenario.SampleSpec`'s.
+        Robustness guidance needs autograd through the rules and stays in torch,
+        as does ``plan``'s choice among ``num_samples`` draws by robustness: the
+        graph is one unguided draw per row. ``sampler`` overrides the
+        sampler (deterministic ones only).
+        """
+        spec = SampleSpec()
+        K = spec.num_agents if num_agents is None else int(num_agents)
+        L = spec.num_lanes if num_lanes is None else int(num_lanes)
+        N = spec.lane_points if lane_points is None else int(lane_points)
+        R = (spec.raster_size if raster_size is None else int(raster_size)) if self.hparams["use_raster"] else 0
+        if K < 1 or L < 1 or N < 1 or (self.hparams["use_raster"] and R < 1):
+            raise ValueError(f"export sizes must be >= 1, got num_agents={K}, num_lanes={L}, lane_points={N}, raster_size={R}")
+        built, sampler_cfg = self._export_sampler(sampler)
+        H, T = self.hparams["past_steps"] + 1, self.horizon
+
+        def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
+            out = _random_scene(b, g, H, K, L, N, R)
+            out["params"] = self.net.param_norm.unnormalize(torch.randn(b, len(self.param_names), generator=g))
+            out["modes"] = torch.randint(0, len(MODES), (b,), generator=g)
+            out["noise"] = torch.randn(b, T, 2, generator=g)
+            return out
+
+        with torch.no_grad():
+            probe = feeds(1, torch.Generator().manual_seed(0))
+            nfe = self.unguided_states(probe, probe["noise"], built)[1]
+        relative = [k for k in ("vmin", "vmax") if self.relative_speed and k in self.param_names]
+        meta = {
+            "kind": RUNTIME_PLANNER,
+            "form": "states",
+            "policy_kind": self.KIND,
+            "rules": json.dumps(self.rule_names),
+            "param_names": json.dumps(self.param_names),
+            "plan_params": json.dumps({k: float(v) for k, v in self.plan_params.items()}, sort_keys=True),
+            "relative_params": json.dumps(relative),
+            "plan_mode": json.dumps(self.plan_mode),
+            "modes": json.dumps(list(MODES)),
+            "command_modes": json.dumps([int(m) for m in mode_from_command(np.arange(len(COMMANDS)))]),
+            "horizon": str(T),
+            "past_steps": str(self.hparams["past_steps"]),
+            "num_agents": str(K),
+            "num_lanes": str(L),
+            "lane_points": str(N),
+            "raster_size": str(R),
+            "dt": repr(float(DEFAULT_LIMITS.dt)),
+            "state_layout": "x,y,theta,v",
+            "sampler": json.dumps(sampler_cfg, sort_keys=True),
+            "network": json.dumps(self.hparams, sort_keys=True),
+            "cfg_scale": repr(self.cfg_scale),
+            "guidance": "none: robustness guidance needs autograd and stays in torch, as does plan()'s choice among "
+                        "num_samples draws by rule robustness; this graph is one unguided draw per row",
+        }
+        return ExportSpec(PlannerGraph(self, built), feeds, ("states",), meta, nfe)
+
+    def _export_sampler(self, sampler: dict[str, Any] | None) -> tuple[Sampler | None, dict[str, Any]]:
+        """The sampler the export unrolls (None: the kind's own one-pass generation) and its config."""
+        if sampler:
+            raise ValueError(f"sampler= does not apply to a {self.KIND!r} planner (one decoder pass); drop it")
+        return None, {"name": "decoder"}
 
     def satisfaction(
         self, states: np.ndarray, arrays: Mapping[str, np.ndarray], index: np.ndarray | Sequence[int],
@@ -928,6 +1027,7 @@ class STLFlowPlanner(ParamConditionedPlanner):
     """
 
     Config = STLFlowConfig
+    EXPORTABLE = True  # predict without guidance: Euler or MeanFlow unrolled (PlannerGraph)
 
     def __init__(self, rules: Sequence[str] = DEFAULT_RULES, horizon: int = FUTURE_STEPS, *, objective: str = "flow",
                  sampler_steps: int = 2, **kwargs: Any) -> None:
@@ -950,9 +1050,19 @@ class STLFlowPlanner(ParamConditionedPlanner):
     def _sampler(self) -> Sampler:
         return build_sampler("meanflow" if self.objective_name == "meanflow" else "euler", self.objective, self.sampler_steps)
 
-    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any) -> tuple[Tensor, int, int]:
+    def _export_sampler(self, sampler: dict[str, Any] | None) -> tuple[Sampler | None, dict[str, Any]]:
+        if not sampler:
+            name = "meanflow" if self.objective_name == "meanflow" else "euler"
+            return self._sampler(), {"name": name, "num_steps": self.sampler_steps}
+        cfg = dict(sampler)
+        if "name" not in cfg:
+            raise ValueError(f"sampler override needs a 'name' key, e.g. {{'name': 'euler', 'num_steps': 4}}; got {cfg}")
+        return build_sampler(cfg["name"], self.objective, **{k: v for k, v in cfg.items() if k != "name"}), cfg
+
+    def _generate(self, cond: Tensor, mask: Tensor | None, noise: Tensor, guide: Any,
+                  sampler: Sampler | None = None) -> tuple[Tensor, int, int]:
         model = _Bound(self.net, mask, self.cfg_scale)
-        sampler = self._sampler()
+        sampler = self._sampler() if sampler is None else sampler
         if guide is None:
             res = sampler.sample(model, noise, cond)
             return res.sample, res.nfe, 0
@@ -961,3 +1071,55 @@ class STLFlowPlanner(ParamConditionedPlanner):
         res = sampler.sample(model, noise, cond, hook=hook)
         x, k = guide.refine(res.sample)
         return x, res.nfe, hook.count + k
+
+
+# --------------------------------------------------------------------------- export
+
+
+class PlannerGraph(nn.Module):
+    """Scene tensors + raw parameter features + modes + noise -> states ``(B, T, 4)``: ``predict`` without guidance."""
+
+    def __init__(self, planner: ParamConditionedPlanner, sampler: Sampler | None) -> None:
+        super().__init__()
+        self.planner, self.sampler = planner, sampler
+
+    def forward(self, *, ego_status: Tensor, command: Tensor, ego_past: Tensor, agents_pose: Tensor,
+                agents_valid: Tensor, agents_size: Tensor, agents_category: Tensor, lanes: Tensor, lanes_valid: Tensor,
+                drivable: Tensor | None = None, params: Tensor, modes: Tensor, noise: Tensor) -> Tensor:
+        batch = {"ego_status": ego_status, "command": command, "ego_past": ego_past, "agents_pose": agents_pose,
+                 "agents_valid": agents_valid, "agents_size": agents_size, "agents_category": agents_category,
+                 "lanes": lanes, "lanes_valid": lanes_valid, "params": params, "modes": modes}
+        if drivable is not None:
+            batch["drivable"] = drivable
+        return self.planner.unguided_states(batch, noise, self.sampler)[0]
+
+
+def _random_scene(b: int, g: torch.Generator, H: int, K: int, L: int, N: int, R: int) -> dict[str, Tensor]:
+    """``b`` random scenes in the encoder's input format (metres, m/s), with partly padded agents and lanes.
+
+    Not realistic traffic, but values in the ranges real samples have, so the
+    export check exercises every mask and the whole range of the features.
+    """
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g)
+
+    v = 15.0 * rand(b)
+    steps = torch.arange(H, dtype=torch.float32) - (H - 1)
+    ego_past = torch.stack([v[:, None] * 0.5 * steps + 0.3 * randn(b, H), 0.3 * randn(b, H), 0.05 * randn(b, H)], dim=-1)
+    out = {
+        "ego_status": torch.stack([v, randn(b), 0.1 * randn(b)], dim=-1),
+        "command": torch.randint(0, len(COMMANDS), (b,), generator=g),
+        "ego_past": ego_past,
+        "agents_pose": randn(b, K, H, 3) * torch.tensor([20.0, 6.0, 0.5]),
+        "agents_valid": rand(b, K, H) < 0.8,
+        "agents_size": 1.0 + 4.0 * rand(b, K, 2),
+        "agents_category": torch.randint(-1, 4, (b, K), generator=g),
+        "lanes": randn(b, L, N, 3) * torch.tensor([25.0, 6.0, 0.3]),
+        "lanes_valid": rand(b, L) < 0.7,
+    }
+    if R:
+        out["drivable"] = (rand(b, R, R) < 0.6).float()
+    return out
