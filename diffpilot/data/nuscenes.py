@@ -83,7 +83,10 @@ def _check_root(root: Path, version: str) -> None:
                 f"{root} is not a nuScenes data root: no version folder with tables (e.g. {root}/v1.0-mini/scene.json); "
                 "point it at the folder that holds the nuScenes version folders"
             )
-        raise DatasetError(f"nuScenes version folder {table_root} does not exist; versions found in {root}: {found}")
+        raise DatasetError(
+            f"nuScenes version folder {table_root} does not exist; versions found in {root}: {found}; "
+            "set data.version= to one of them"
+        )
     missing = [t for t in TABLES if not (table_root / f"{t}.json").is_file()]
     if missing:
         raise DatasetError(
