@@ -125,7 +125,7 @@ def test_export_round_trip_where_the_kind_is_exportable(kind, tmp_path):
         arrays = example_scene_arrays(2, seed=3, spec=SampleSpec(past_steps=runtime.past_steps, future_steps=runtime.horizon))
         for i in range(2):
             sample = scene_samples_from_arrays(arrays, i)
-            noise = np.random.default_rng(i).standard_normal((runtime.horizon, 2), dtype=np.float32)
+            noise = np.random.default_rng(i).standard_normal(runtime.noise_shape, dtype=np.float32)
             feeds = runtime.feeds(sample, noise=noise)  # the graph's inputs: predict's batch format
             batch = {k: torch.from_numpy(v) for k, v in feeds.items() if k != "noise"}
             want = policy.predict(batch, torch.from_numpy(noise)[None])[0].double().numpy()

@@ -70,12 +70,15 @@ KIND_PLANNER = "planner"
 KINDS = (KIND_POLICY, KIND_PLANNER, KIND_DENOISER)
 POLICY_FORMS = ("multi_step", "one_step", "warm_start")
 """Forms this runtime can drive closed loop."""
-PLANNER_FORMS = ("states",)
-"""Planner forms this runtime can run."""
+PLANNER_FORMS = ("states", "poses")
+"""Planner forms this runtime can run: ``states`` (scene + rule parameters + mode + noise -> unicycle states) and
+``poses`` (scene [+ map elements] + noise -> the selected plan's poses; candidates and selection inside the graph)."""
 WARM_INPUTS = ("obs", "noise", "previous", "warm")
 SCENE_INPUTS = ("ego_status", "command", "ego_past", "agents_pose", "agents_valid", "agents_size", "agents_category",
                 "lanes", "lanes_valid")
 """The scene tensors a planner export reads (plus ``drivable`` with a raster), in input order."""
+MAP_ELEMENT_INPUTS = ("stop_lines", "stop_lines_valid", "zones", "zones_valid")
+"""Stop lines and crosswalks, read by a ``poses`` export whose metadata says ``map_elements: true``."""
 
 _CHUNK_INTS = ("obs_dim", "action_dim", "obs_horizon", "action_horizon", "exec_horizon", "step_noise_steps")
 _PLANNER_INTS = ("horizon", "past_steps", "num_agents", "num_lanes", "lane_points", "raster_size")
@@ -375,11 +378,26 @@ class OnnxPlanner:
         mode = json.loads(raw["plan_mode"])
         self.plan_mode: int | None = None if mode is None else int(mode)
         scene = SCENE_INPUTS + (("drivable",) if self.raster_size else ())
-        expected = (*scene, "params", "modes", "noise")
-        if info.inputs != expected or info.outputs != ("states",):
+        self.map_elements = raw.get("map_elements", "false") == "true"
+        if self.map_elements:
+            try:
+                self.map_sizes = {k: int(raw[k]) for k in ("num_stop_lines", "num_zones", "zone_vertices")}
+            except (KeyError, ValueError):
+                raise ExportedModelError(f"{self.path} reads map elements but lacks their sizes; re-export it") from None
+            scene = scene + MAP_ELEMENT_INPUTS
+        if info.form == "states":
+            expected, outputs = (*scene, "params", "modes", "noise"), ("states",)
+            self.noise_shape: tuple[int, ...] = (self.horizon, 2)
+        else:
+            expected, outputs = (*scene, "noise"), ("poses",)
+            try:
+                self.noise_shape = tuple(int(n) for n in json.loads(raw["noise_shape"]))
+            except (KeyError, ValueError, TypeError):
+                raise ExportedModelError(f"{self.path} has form 'poses' but no valid 'noise_shape' metadata; re-export it") from None
+        if info.inputs != expected or info.outputs != outputs:
             raise ExportedModelError(
-                f"{self.path} claims form 'states' but has inputs {info.inputs} (expected {expected}) and outputs "
-                f"{info.outputs} (expected ('states',)); re-export it"
+                f"{self.path} claims form {info.form!r} but has inputs {info.inputs} (expected {expected}) and outputs "
+                f"{info.outputs} (expected {outputs}); re-export it"
             )
         missing = [k for k in self.param_names if k not in self.plan_params]
         if missing:
@@ -465,33 +483,54 @@ class OnnxPlanner:
         if self.raster_size:
             R = self.raster_size
             out["drivable"] = _array(get("drivable"), "drivable", (R, R))
+        if self.map_elements:
+            out.update(self._map_feeds(get))
         for name, value in out.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise ValueError(f"non-finite values in scene field {name!r}; check the perception output")
-        chosen = self.plan_params if params is None else {**self.plan_params, **params}
-        out["params"] = self.param_features(chosen, float(status[0]))
-        mode = self.plan_mode if mode is None else int(mode)
-        out["modes"] = np.array(self.command_modes[command] if mode is None else mode)
-        shape = (self.horizon, 2)
+        if self.info.form == "states":
+            chosen = self.plan_params if params is None else {**self.plan_params, **params}
+            out["params"] = self.param_features(chosen, float(status[0]))
+            mode = self.plan_mode if mode is None else int(mode)
+            out["modes"] = np.array(self.command_modes[command] if mode is None else mode)
+        shape = self.noise_shape
         if noise is None:
             out["noise"] = self._rng.standard_normal(shape, dtype=np.float32)
         else:
             arr = np.asarray(noise, dtype=np.float32)
             arr = arr[0] if arr.shape == (1, *shape) else arr
             if arr.shape != shape:
-                raise ValueError(f"noise must have shape {shape} (or (1, {shape[0]}, 2)), got {arr.shape}")
+                raise ValueError(f"noise must have shape {shape} (or (1, *{shape})), got {arr.shape}")
             out["noise"] = arr
         return {name: value[None] for name, value in out.items()}
 
+    def _map_feeds(self, get: Any) -> dict[str, np.ndarray]:
+        """Stop lines and crosswalk polygons, padded to the exported sizes (more than exported is refused)."""
+        S, Z, V = self.map_sizes["num_stop_lines"], self.map_sizes["num_zones"], self.map_sizes["zone_vertices"]
+        stops = np.asarray(get("stop_lines"), dtype=np.float32).reshape(-1, 2)
+        zones = np.asarray(get("zones"), dtype=np.float32)
+        if zones.ndim != 3 or zones.shape[1:] != (V, 2):
+            raise ValueError(f"zones must be (Z, {V}, 2) for this export, got {zones.shape}")
+        if len(stops) > S or len(zones) > Z:
+            raise ValueError(f"the sample has {len(stops)} stop lines and {len(zones)} zones, this export takes at most "
+                             f"{S} and {Z}; re-export with larger num_stop_lines / num_zones")
+        return {
+            "stop_lines": _pad(stops, S, 0.0),
+            "stop_lines_valid": _pad(np.asarray(get("stop_lines_valid"), dtype=bool).reshape(len(stops)), S, False),
+            "zones": _pad(zones, Z, 0.0),
+            "zones_valid": _pad(np.asarray(get("zones_valid"), dtype=bool).reshape(len(zones)), Z, False),
+        }
+
     def predict(self, batch: Mapping[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
-        """States ``(B, horizon, 4)`` for batched graph inputs (scene tensors, ``params`` features, ``modes``)."""
+        """The graph's output for batched inputs: states ``(B, horizon, 4)`` (form ``states``: scene tensors,
+        ``params`` features, ``modes``) or poses ``(B, horizon, 3)`` (form ``poses``: scene tensors)."""
         names = [n for n in self.info.inputs if n != "noise"]
         missing = [n for n in names if n not in batch]
         if missing:
             raise ValueError(f"predict() needs the inputs {missing}; this planner reads {list(self.info.inputs)}")
         feeds = {n: np.asarray(batch[n], dtype=self._dtypes[n]) for n in names}
-        b = feeds["modes"].shape[0]
-        shape = (b, self.horizon, 2)
+        b = feeds["ego_status"].shape[0]
+        shape = (b, *self.noise_shape)
         if noise is None:
             feeds["noise"] = self._rng.standard_normal(shape, dtype=np.float32)
         else:
@@ -503,7 +542,7 @@ class OnnxPlanner:
         return states
 
     def plan(self, sample: Any, noise: np.ndarray | None = None) -> np.ndarray:
-        """Ego-frame poses ``(horizon, 3)`` for one scene sample: one draw (``noise`` (horizon, 2) fixes it)."""
+        """Ego-frame poses ``(horizon, 3)`` for one scene sample: one draw (``noise`` of ``noise_shape`` fixes it)."""
         feeds = self.feeds(sample, noise=noise)
         (states,) = self.session.run(None, {n: v.astype(self._dtypes[n], copy=False) for n, v in feeds.items()})
         self.last_nfe = self.info.nfe
