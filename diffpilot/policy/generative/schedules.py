@@ -71,8 +71,20 @@ def vp_betas(num_steps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> T
     return (1.0 - torch.exp(log_alpha)).clamp(max=MAX_BETA)
 
 
+def scaled_linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Betas whose square roots rise linearly from ``sqrt(beta_start)`` to ``sqrt(beta_end)`` ("scaled_linear").
+
+    Early steps add less noise than the linear schedule, which is what a
+    truncated chain that only ever uses its first few dozen steps wants.
+    """
+    _check_steps(num_steps)
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+    return betas.clamp(max=MAX_BETA)
+
+
 SCHEDULES = {
     "linear": linear_betas,
+    "scaled_linear": scaled_linear_betas,
     "squaredcos_cap_v2": cosine_betas,
     "cosine": cosine_betas,
     "vp": vp_betas,
