@@ -41,7 +41,7 @@ FAMILIES = ("logged", "constant_velocity", "stop", "speed", "curve", "lane_chang
 """Candidate kinds in the order they fill a row: candidate ``k`` is ``FAMILIES[k]`` for ``k < 8``; later
 candidates cycle through the randomized kinds (``stop`` … ``offset``) again with fresh parameters."""
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bumped whenever the candidates or their scoring change, so older banks rebuild."""
 
 _RANDOM_FAMILIES = FAMILIES[2:]
@@ -106,7 +106,7 @@ def _variation(family: str, F: int, v0: float, yaw_rate: float, rng: np.random.G
     elif family == "curve":
         # A constant yaw-rate change of one of several magnitudes (from nudges to sharp turns).
         omega += sign * rng.choice([0.03, 0.07, 0.15, 0.3, 0.5]) * rng.uniform(0.8, 1.2)
-        accel[:] = rng.uniform(-1.0, 0.8)
+        accel[:] = rng.uniform(-1.0, 0.8) if v0 >= 1.0 else rng.uniform(0.5, 2.0)  # from a standstill: move off
     elif family in ("lane_change", "swerve", "offset"):
         duration = float(rng.choice([2.0, 2.5, 3.0, 4.0]))
         start = float(rng.choice([0.0, 0.5, 1.0]))
@@ -116,7 +116,7 @@ def _variation(family: str, F: int, v0: float, yaw_rate: float, rng: np.random.G
         omega += _pulse(F, start, duration, area)
         if family == "swerve":  # out and straight back: the mirrored pulse right after
             omega -= _pulse(F, start + duration, duration, area)
-        accel[:] = rng.uniform(-0.8, 0.6)
+        accel[:] = rng.uniform(-0.8, 0.6) if v0 >= 1.0 else rng.uniform(0.5, 2.0)
     else:
         raise ValueError(f"unknown candidate family {family!r}; known: {FAMILIES}")
     return np.stack([omega, accel], axis=1)
