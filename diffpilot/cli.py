@@ -26,10 +26,11 @@ COMMANDS = {
     "export": ("export", "export a saved policy to ONNX for the onnxruntime runtime (needs checkpoint=PATH)"),
     "deploy": ("deploy", "run an exported policy at a fixed rate with onnxruntime only (needs model=PATH)"),
     "demo": ("demo", "generate, train, evaluate and write a report (what `make demo` runs)"),
-    "driving": ("driving", "driving planners: `driving data` gets the nuScenes-format set, `driving eval` scores the baselines"),
+    "driving": ("driving", "driving planners: `driving data` gets the nuScenes-format set, `driving eval` scores the baselines, "
+                           "`driving anchors` clusters k anchor trajectories"),
     "stl": ("stl", "STL rules: `stl report source=data|planner|rollouts` writes a compliance report"),
 }
-DRIVING_ACTIONS = ("data", "eval")
+DRIVING_ACTIONS = ("data", "anchors", "eval")
 SUB_ACTIONS = {"driving": DRIVING_ACTIONS, "stl": ("report",)}
 # The error types our code raises for bad input (DatasetError, CheckpointError, STLError are ValueErrors);
 # each message names the problem and the fix. DIFFPILOT_DEBUG=1 shows the traceback instead.
@@ -100,7 +101,12 @@ def _run(command: str, action: str | None, cfg: dict[str, Any]) -> int:
     if command == "driving":
         from diffpilot import driving_jobs
 
-        print(driving_jobs.driving_data_job(cfg["data"]) if action == "data" else driving_jobs.driving_eval_job(cfg) / "report.md")
+        if action == "data":
+            print(driving_jobs.driving_data_job(cfg["data"]))
+        elif action == "anchors":
+            print(driving_jobs.driving_anchors_job(cfg))
+        else:
+            print(driving_jobs.driving_eval_job(cfg) / "report.md")
         return 0
     if command == "stl":
         from diffpilot import stl_jobs

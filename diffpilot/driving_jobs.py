@@ -19,7 +19,8 @@ from diffpilot.data.scenario import SampleSpec, ScenarioLog
 from diffpilot.conf import with_defaults
 from diffpilot.fileio import atomic_write_text
 
-__all__ = ["DEFAULTS_FILE", "driving_config", "driving_data_job", "driving_eval_job", "embedded_data_path"]
+__all__ = ["DEFAULTS_FILE", "driving_anchors_job", "driving_config", "driving_data_job", "driving_eval_job",
+           "embedded_data_path"]
 
 DEFAULTS_FILE = Path(__file__).resolve().parent / "conf" / "driving.yaml"
 MODES = {"non_reactive": False, "reactive": True}
@@ -64,6 +65,33 @@ def driving_data_job(cfg: dict[str, Any]) -> Path:
 
     return Path(generate_driving_dataset(path, num_scenes=int(data["num_scenes"]), seed=int(data["seed"]), version=version,
                                          val_fraction=float(data["val_fraction"]), workers=int(data["workers"])))
+
+
+def driving_anchors_job(cfg: dict[str, Any]) -> Path:
+    """K-means anchors of the logged ego futures of ``train_split``: ``<out>/anchors.npz`` (+ ``anchors.png``).
+
+    The file is what the ``diffusiondrive_planner`` kind's ``anchors=`` option
+    reads, so every run trained on it starts from the same anchors.
+    """
+    from diffpilot.data.nuscenes import load_scene_samples
+    from diffpilot.policy.diffusiondrive import cluster_anchors, plot_anchors, save_anchors
+
+    cfg = driving_config(cfg)
+    k = cfg["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer (the number of anchors), got k={k!r}; e.g. k=20")
+    out = Path(str(cfg["out"])).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={out} is a file; pass a folder to write anchors.npz and anchors.png into")
+    root = driving_data_job(cfg["data"])
+    arrays = load_scene_samples(root, str(cfg["data"]["version"]), str(cfg["train_split"]), SampleSpec(),
+                                progress=bool(cfg["progress"]))
+    anchors = cluster_anchors(arrays, k=k, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_anchors(out / "anchors.npz", anchors)
+    complete = np.asarray(arrays["ego_future_valid"], dtype=bool).all(axis=1)
+    plot_anchors(anchors, out / "anchors.png", futures=np.asarray(arrays["ego_future"])[complete])
+    return path
 
 
 # --------------------------------------------------------------------------- evaluation
