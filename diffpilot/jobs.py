@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -151,8 +152,9 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     policy = build_policy({"name": kind, **options})
     spec = SampleSpec(past_steps=int(policy.config.get("past_steps", SampleSpec.past_steps)),
                       future_steps=int(policy.config.get("future_steps", policy.config.get("horizon", SampleSpec.future_steps))))
-    arrays = load_scene_samples(root, str(data_cfg["version"]), str(data_cfg["train_split"]), spec, progress=tcfg.progress)
-    rows = policy.training_rows(arrays)
+    version, split = str(data_cfg["version"]), str(data_cfg["train_split"])
+    arrays = load_scene_samples(root, version, split, spec, progress=tcfg.progress)
+    rows = policy.training_rows(arrays, **_driving_extras(policy, data_cfg, root, version, split, arrays, tcfg))
     policy.fit_to_batch(rows)
     source = TensorRows(rows) if isinstance(rows, dict) else rows
     trainer = Trainer(policy, source, tcfg, out, fingerprint={"root": str(root), "split": str(data_cfg["train_split"]),
@@ -161,6 +163,40 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_root": str(root)}, sort_keys=False))
     trainer.run(resume=bool(cfg.get("resume", True)))
     return out / "policy"
+
+
+def _driving_extras(policy: Any, data_cfg: dict[str, Any], root: Path, version: str, split: str,
+                    arrays: dict[str, Any], tcfg: TrainerConfig) -> dict[str, Any]:
+    """What a driving kind's ``training_rows`` takes beside the logs: augmented trajectories
+    (``data.augmented=<dir>``) and simulator-scored candidates for a learned selection head."""
+    import inspect
+
+    extras: dict[str, Any] = {}
+    takes = inspect.signature(policy.training_rows).parameters
+    if data_cfg.get("augmented"):
+        if "augmented" not in takes:
+            raise ValueError(f"data.augmented does not apply to a {policy.KIND!r} policy (it trains on the logs only); drop it")
+        from diffpilot.planning.augment import read_augmented
+
+        extras["augmented"] = read_augmented(Path(str(data_cfg["augmented"])).expanduser())
+    if getattr(policy, "wants_scored_candidates", False):
+        from diffpilot.sim.driving.candidates import scored_candidates
+
+        every = int(data_cfg.get("score_every", 1))
+        if every < 1:
+            raise ValueError(f"data.score_every must be >= 1 (score every n-th training window), got {every}")
+        W = len(arrays["command"])
+        rows = np.arange(0, W, every)
+        bank = scored_candidates(root, version, split, {k: np.asarray(v)[rows] for k, v in arrays.items()},
+                                 num_candidates=int(data_cfg.get("score_candidates", 8)), seed=tcfg.seed,
+                                 workers=int(data_cfg.get("workers", 1)), progress=tcfg.progress)
+        full = {k: np.zeros((W, *v.shape[1:]), v.dtype) for k, v in bank.items()}
+        for k, v in bank.items():
+            full[k][rows] = v
+        full["valid"] = np.zeros(W, bool)
+        full["valid"][rows] = True
+        extras["candidates"] = full
+    return extras
 
 
 def reference_for(task: Task, data_path: str | Path | None, episodes: int = 100) -> tuple[tuple[float, float], str]:

@@ -77,7 +77,7 @@ class TransDiffuserConfig:
     use_raster: bool = False
     raster_tokens: int = 4
     objective: str = "ddpm"  # ddpm | flow | meanflow
-    prediction: str = "epsilon"  # ddpm: epsilon | sample
+    prediction: str = "sample"  # ddpm: sample (x0, robust at few steps) | epsilon
     num_train_steps: int = 100
     sampler: str = "ddim"  # ddim (ddpm), euler/heun (flow), meanflow
     sampler_steps: int = 10
@@ -385,11 +385,18 @@ class TransDiffuser(PolicyBase):
             out["zones_valid"] = torch.as_tensor(np.asarray(arrays["zones_valid"])[sel].astype(bool)).reshape(n, -1)
         return out
 
-    def training_rows(self, arrays: Mapping[str, np.ndarray], candidates: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    @property
+    def wants_scored_candidates(self) -> bool:
+        """Whether training needs simulator-scored candidates (the learned selection head)."""
+        return self.cfg.selection == "score" and self.cfg.score_weight > 0
+
+    def training_rows(self, arrays: Mapping[str, np.ndarray], candidates: Mapping[str, np.ndarray] | None = None,
+                      augmented: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The trainer's rows: scene tensors and plan deltas of every window with a complete logged future.
 
-        ``candidates`` (``{"candidates": (W, C, F, 3), "scores": (W, C, 6)}`` aligned with ``arrays``)
-        adds the score head's targets.
+        ``candidates`` (``{"candidates": (W, C, F, 3), "scores": (W, C, 6)}`` aligned with ``arrays``,
+        optionally ``"valid"`` (W,) for windows that were scored) adds the score head's targets. ``augmented`` (:func:`diffpilot.planning.augment.read_augmented`
+        output over the same arrays) adds one row per optimized trajectory, on its window's scene.
         """
         if "ego_future" not in arrays:
             raise DatasetError(f"arrays lack 'ego_future' (have {sorted(arrays)}); pass stack_samples(...) output")
@@ -401,8 +408,13 @@ class TransDiffuser(PolicyBase):
         keep = np.flatnonzero(valid & np.isfinite(fut).all(axis=(1, 2)))
         if not len(keep):
             raise DatasetError("no window has a complete logged future; use longer scenes or fewer future steps")
+        targets = fut[keep]
+        if augmented is not None:
+            window, traj = self._augmented_rows(augmented, len(fut))
+            keep = np.concatenate([keep, window])
+            targets = np.concatenate([targets, traj])
         rows = {k: v.numpy() for k, v in self.scene_batch(arrays, keep).items()}
-        rows["deltas"] = deltas_from_poses(fut[keep]).reshape(len(keep), -1).astype(np.float32)
+        rows["deltas"] = deltas_from_poses(targets).reshape(len(keep), -1).astype(np.float32)
         if candidates is not None:
             cand, scores = np.asarray(candidates["candidates"]), np.asarray(candidates["scores"])
             W = len(fut)
@@ -411,7 +423,25 @@ class TransDiffuser(PolicyBase):
                                    f"got {cand.shape} and {scores.shape}")
             rows["cand_poses"] = cand[keep].astype(np.float32)
             rows["cand_scores"] = np.clip(scores[keep], 0.0, 1.0).astype(np.float32)
+            rows["cand_valid"] = np.asarray(candidates.get("valid", np.ones(W, bool)), dtype=np.float32)[keep]
         return rows
+
+    def _augmented_rows(self, augmented: Mapping[str, np.ndarray], num_windows: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(window index, ego-frame poses (n, F, 3))`` of every augmented trajectory, checked against the arrays."""
+        missing = [k for k in ("window", "trajectories") if k not in augmented]
+        if missing:
+            raise DatasetError(f"augmented data lacks {missing}; pass diffpilot.planning.augment.read_augmented(<dir>)")
+        window = np.asarray(augmented["window"], dtype=np.int64).reshape(-1)
+        traj = np.asarray(augmented["trajectories"], dtype=np.float64)
+        if traj.ndim != 3 or traj.shape[0] != len(window) or traj.shape[1] < self.F or traj.shape[2] < 3:
+            raise DatasetError(f"augmented trajectories must be (n={len(window)}, T>={self.F}, >=3), got {traj.shape}; "
+                               f"augment with horizon={self.F}")
+        if len(window) and (window.min() < 0 or window.max() >= num_windows):
+            raise DatasetError(f"augmented windows index up to {window.max()}, but the scene arrays have {num_windows} "
+                               "windows: augment the same root, split and sample spec the planner trains on")
+        traj = traj[:, : self.F, :3]
+        ok = np.isfinite(traj).all(axis=(1, 2))
+        return window[ok], traj[ok]
 
     def fit_to_batch(self, rows: Mapping[str, np.ndarray | Tensor]) -> None:
         """Fit the plan normalizer on the training deltas."""
@@ -435,7 +465,9 @@ class TransDiffuser(PolicyBase):
         metrics = {"denoise": float(gen_loss.detach()), "decorrelation": float(decor.detach())}
         if "cand_poses" in batch and self.cfg.score_weight > 0:
             logits = self.net.scores(self.net.context(cond), batch["cand_poses"])
-            score_loss = F.binary_cross_entropy_with_logits(logits, batch["cand_scores"])
+            per_row = F.binary_cross_entropy_with_logits(logits, batch["cand_scores"], reduction="none").mean((1, 2))
+            w = batch["cand_valid"] if "cand_valid" in batch else torch.ones_like(per_row)
+            score_loss = (per_row * w).sum() / w.sum().clamp_min(1.0)
             loss = loss + self.cfg.score_weight * score_loss
             metrics["score_bce"] = float(score_loss.detach())
         metrics["loss"] = float(loss.detach())

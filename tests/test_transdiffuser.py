@@ -1,0 +1,164 @@
+"""TransDiffuser: no peeking, bad input, the decorrelation loss, selection, warm start, augmented rows, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffpilot.data.errors import DatasetError
+from diffpilot.data.scenario import SampleSpec
+from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
+from diffpilot.policy.checkpoint import CheckpointError
+from diffpilot.policy.registry import build_policy, load_policy
+from diffpilot.policy.transdiffuser import (
+    TransDiffuser,
+    candidate_diversity,
+    decorrelation_loss,
+    deltas_from_poses,
+    poses_from_deltas,
+    select_candidates,
+)
+from diffpilot.train import fit
+
+TINY = dict(TransDiffuser.TINY)
+
+
+def _fitted(**options) -> TransDiffuser:
+    torch.manual_seed(0)
+    policy = build_policy({"name": "transdiffuser", **TINY, **options})
+    policy.fit_to_batch(policy.example_batch(32, torch.Generator().manual_seed(0)))
+    return policy.eval()
+
+
+def test_plan_reads_only_the_past_and_present():
+    policy = _fitted()
+    torch.nn.init.normal_(policy.net.out.weight, std=0.5)  # a zero-initialized head would ignore every input
+    sample = scene_samples_from_arrays(example_scene_arrays(3, seed=1), 1)
+    policy.reset(seed=5)
+    want = policy.plan(sample)
+    P = policy.cfg.past_steps
+    peeked = dataclasses.replace(
+        sample,
+        ego_future=np.random.default_rng(0).normal(size=sample.ego_future.shape) * 50,
+        ego_future_valid=~sample.ego_future_valid,
+        agents_pose=np.concatenate([sample.agents_pose[:, : P + 1],
+                                    np.random.default_rng(1).normal(size=sample.agents_pose[:, P + 1 :].shape) * 50], 1),
+        agents_valid=np.concatenate([sample.agents_valid[:, : P + 1], ~sample.agents_valid[:, P + 1 :]], 1),
+    )
+    policy.reset(seed=5)
+    np.testing.assert_array_equal(policy.plan(peeked), want)
+    # and the past does matter: a different ego history changes the plan
+    moved = dataclasses.replace(sample, ego_past=sample.ego_past * 2.0, ego_status=sample.ego_status * 2.0)
+    policy.reset(seed=5)
+    assert not np.allclose(policy.plan(moved), want)
+
+
+def test_bad_input_is_refused_with_the_field_named(tmp_path: Path):
+    policy = _fitted()
+    arrays = example_scene_arrays(2, seed=0)
+    bad = {k: v.copy() for k, v in arrays.items()}
+    bad["lanes"][0, 0, 0, 0] = np.nan
+    with pytest.raises(DatasetError, match="lanes"):
+        policy.plan_batch(bad)
+    short = example_scene_arrays(2, seed=0, spec=SampleSpec(past_steps=2))
+    with pytest.raises(DatasetError, match="past_steps=4"):
+        policy.plan_batch(short)
+    with pytest.raises(DatasetError, match="future_steps=6"):
+        policy.training_rows(example_scene_arrays(2, seed=0, spec=SampleSpec(future_steps=6)))
+    # more agents and lanes than in training are fine: they are masked token sets
+    wide = example_scene_arrays(2, seed=0, spec=SampleSpec(num_agents=40, num_lanes=20))
+    assert policy.plan_batch(wide).shape == (2, policy.F, 3)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        policy.predict(policy.scene_batch(arrays), torch.zeros(2, 1, policy.F, 3))
+    with pytest.raises(ValueError, match="sampler 'euler' does not fit objective 'ddpm'"):
+        TransDiffuser(sampler="euler")
+    with pytest.raises(ValueError, match="use_raster"):
+        TransDiffuser(modality_order=["lanes", "raster"])
+    # a checkpoint of another kind
+    other = build_policy({"name": "ego_status_mlp", "hidden": 8, "depth": 1})
+    other.save(tmp_path / "mlp")
+    with pytest.raises(CheckpointError, match="holds a 'ego_status_mlp' policy, but a 'transdiffuser'"):
+        load_policy(tmp_path / "mlp", kind="transdiffuser")
+
+
+def test_decorrelation_loss_measures_redundant_features():
+    g = torch.Generator().manual_seed(0)
+    independent = torch.randn(4096, 8, generator=g)
+    base = torch.randn(4096, 1, generator=g)
+    redundant = base + 0.05 * torch.randn(4096, 8, generator=g)
+    assert decorrelation_loss(independent) < 0.01
+    assert decorrelation_loss(redundant) > 0.9
+    # its gradient moves features apart
+    x = redundant.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        decorrelation_loss(x).backward()
+        opt.step()
+    assert decorrelation_loss(x.detach()) < 0.5 * decorrelation_loss(redundant)
+
+
+def test_selection_rules_and_diversity():
+    F = 8
+    line = torch.stack([torch.arange(1, F + 1).float(), torch.zeros(F), torch.zeros(F)], -1)
+    offsets = torch.tensor([0.0, 0.3, -0.3, 6.0])  # three close candidates and an outlier
+    cands = torch.stack([line + torch.tensor([0.0, o, 0.0]) for o in offsets])[None]
+    assert int(select_candidates(cands, "medoid")) == 0
+    assert int(select_candidates(cands, "mode")) in (0, 1, 2)
+    assert int(select_candidates(cands, "first")) == 0
+    assert int(select_candidates(cands, "score", torch.tensor([[0.1, 0.2, 0.3, 0.9]]))) == 3
+    div = float(candidate_diversity(cands)[0])
+    pair = np.abs(offsets[:, None] - offsets[None]).sum().item() / 12
+    assert div == pytest.approx(pair, rel=1e-5)
+    poses = np.cumsum(np.random.default_rng(0).normal(size=(5, F, 3)) * 0.1, axis=1)
+    np.testing.assert_allclose(poses_from_deltas(torch.as_tensor(deltas_from_poses(poses))).numpy(), poses, atol=1e-9)
+
+
+def test_warm_start_replans_in_fewer_steps():
+    policy = _fitted(warm_start=True, sampler_steps=10, warm_start_t=0.4)
+    arrays = example_scene_arrays(2, seed=0)
+    first = scene_samples_from_arrays(arrays, 0)
+    policy.reset(seed=0)
+    policy.plan(first)
+    assert policy.last_nfe == 10
+    nxt = dataclasses.replace(first, frame=first.frame + 1,
+                              ego_pose_global=np.array([first.ego_status[0] * 0.5, 0.0, 0.0]))
+    plan = policy.plan(nxt)
+    assert policy.last_nfe == 4 and plan.shape == (policy.F, 3) and np.isfinite(plan).all()
+    policy.reset()
+    policy.plan(nxt)
+    assert policy.last_nfe == 10  # reset forgets the previous plan
+
+
+def test_augmented_rows_join_their_windows_scene():
+    policy = _fitted()
+    arrays = example_scene_arrays(4, seed=0)
+    base = policy.training_rows(arrays)
+    traj = np.zeros((3, policy.F, 4))
+    traj[..., 0] = np.arange(1, policy.F + 1)
+    rows = policy.training_rows(arrays, augmented={"window": np.array([0, 2, 2]), "trajectories": traj})
+    assert len(rows["deltas"]) == len(base["deltas"]) + 3
+    np.testing.assert_array_equal(rows["ego_status"][-2:], base["ego_status"][[2, 2]])
+    with pytest.raises(DatasetError, match="augment the same root"):
+        policy.training_rows(arrays, augmented={"window": np.array([9]), "trajectories": traj[:1]})
+
+
+def test_training_learns_to_plan_the_logged_future():
+    """A short run on generated scenes: the plans move toward the logged futures."""
+    arrays = example_scene_arrays(256, seed=3)
+    policy = _fitted(selection="medoid")
+
+    def l2() -> float:
+        policy.reset(seed=0)
+        plans = policy.plan_batch(arrays)
+        return float(np.linalg.norm(plans[..., :2] - arrays["ego_future"][..., :2], axis=-1).mean())
+
+    before = l2()
+    losses = fit(policy, arrays, steps=300, batch_size=64, lr=3e-3, warmup_steps=10, progress=False)
+    after = l2()
+    assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:30])
+    assert after < 0.5 * before, (before, after)
