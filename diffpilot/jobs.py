@@ -188,7 +188,7 @@ def _driving_extras(policy: Any, data_cfg: dict[str, Any], root: Path, version: 
         W = len(arrays["command"])
         rows = np.arange(0, W, every)
         bank = scored_candidates(root, version, split, {k: np.asarray(v)[rows] for k, v in arrays.items()},
-                                 num_candidates=int(data_cfg.get("score_candidates", 8)), seed=tcfg.seed,
+                                 num_candidates=int(data_cfg.get("score_candidates", 8)), seed=int(data_cfg.get("seed", 0)),
                                  workers=int(data_cfg.get("workers", 1)), progress=tcfg.progress)
         full = {k: np.zeros((W, *v.shape[1:]), v.dtype) for k, v in bank.items()}
         for k, v in bank.items():

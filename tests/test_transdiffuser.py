@@ -162,3 +162,32 @@ def test_training_learns_to_plan_the_logged_future():
     after = l2()
     assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:30])
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("objective,sampler", [("flow", "euler"), ("meanflow", "meanflow")])
+def test_flow_and_one_step_meanflow_variants_train_and_plan(objective, sampler):
+    policy = _fitted(objective=objective, sampler=sampler, sampler_steps=1 if sampler == "meanflow" else 2)
+    batch = policy.example_batch(8, torch.Generator().manual_seed(1))
+    loss, metrics = policy.compute_loss(batch, torch.Generator().manual_seed(2))
+    loss.backward()
+    assert torch.isfinite(loss) and {"denoise", "decorrelation", "score_bce"} <= set(metrics)
+    policy.reset(seed=0)
+    plans = policy.plan_batch(example_scene_arrays(2, seed=0))
+    assert plans.shape == (2, policy.F, 3) and np.isfinite(plans).all() and policy.last_nfe == policy.sampler.num_steps
+
+
+def test_stl_guidance_raises_rule_robustness():
+    policy = _fitted(guidance=True, selection="first", num_candidates=4)
+    torch.nn.init.normal_(policy.net.out.weight, std=0.5)  # wild plans that break rules
+    arrays = example_scene_arrays(3, seed=2)
+    guide = policy._guide(arrays, policy.cfg.num_candidates)
+
+    def robustness(guided: bool) -> float:
+        policy.cfg.guidance = guided
+        policy.reset(seed=0)
+        policy.plan_batch(arrays)
+        cands = torch.as_tensor(policy.last_candidates, dtype=torch.float32).reshape(-1, policy.F, 3)
+        deltas = policy._deltas_t(cands)
+        return float(guide.exact(policy.norm.normalize(deltas.reshape(len(cands), -1)).reshape(-1, policy.F, 3)).mean())
+
+    assert robustness(True) > robustness(False)

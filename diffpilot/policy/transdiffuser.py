@@ -16,7 +16,10 @@ scorer (``selection``): ``score`` (a learned head that predicts each
 candidate's PDM sub-scores, trained on candidates scored by the simulator on
 training scenes: :func:`diffpilot.sim.driving.candidates.scored_candidates`),
 ``medoid`` (the candidate nearest all others), ``mode`` (the densest
-candidate), or ``first``. The generative process is DDPM (epsilon or x0,
+candidate), or ``first``. With ``guidance`` the STL rule robustness of each
+candidate (our rule set, default parameters, the command's lane mode) steers
+the last sampler step through the sampler's step hook and refines the final
+samples, as for the STL flow planner. The generative process is DDPM (epsilon or x0,
 sampled with DDIM), flow matching (few Euler steps) or MeanFlow (one step);
 ``warm_start`` replans from the previous plan shifted by the elapsed time.
 
@@ -88,6 +91,9 @@ class TransDiffuserConfig:
     warm_start: bool = False
     warm_start_t: float = 0.4
     warm_start_steps: int = 2
+    guidance: bool = False  # STL robustness guidance of plan()/plan_batch through the sampler hook
+    guidance_scale: float = 1.5
+    guidance_refine: int = 3
     seed: int = 0
 
 
@@ -145,6 +151,28 @@ class MapElementEncoder(nn.Module):
         return tokens * valid[..., None].to(dtype), ~valid
 
 
+class Attention(nn.Module):
+    """Multi-head attention written out (masked softmax), so forward-mode AD (MeanFlow's jvp) runs through it."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.dk = heads, d_model // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
+
+    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x`` (B, n, d) attends to ``ctx`` (B, m, d); ``mask`` (B, m) True = ignore."""
+        B, n, _ = x.shape
+        m = ctx.shape[1]
+        q = self.q(x).reshape(B, n, self.heads, self.dk).transpose(1, 2)
+        k = self.k(ctx).reshape(B, m, self.heads, self.dk).transpose(1, 2)
+        v = self.v(ctx).reshape(B, m, self.heads, self.dk).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / self.dk**0.5
+        if mask is not None:
+            scores = scores.masked_fill(mask[:, None, None, :], -1e9)
+        out = torch.softmax(scores, dim=-1) @ v
+        return self.o(out.transpose(1, 2).reshape(B, n, -1))
+
+
 class FusionLayer(nn.Module):
     """Self-attention over waypoints, one cross-attention per modality in order, FFN, then a FiLM of the time."""
 
@@ -152,9 +180,9 @@ class FusionLayer(nn.Module):
         super().__init__()
         self.order = tuple(order)
         self.self_norm = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.self_attn = Attention(d_model, heads)
         self.cross_norm = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in self.order})
-        self.cross = nn.ModuleDict({m: nn.MultiheadAttention(d_model, heads, batch_first=True) for m in self.order})
+        self.cross = nn.ModuleDict({m: Attention(d_model, heads) for m in self.order})
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
         self.film = nn.Linear(d_model, 2 * d_model)
@@ -163,10 +191,10 @@ class FusionLayer(nn.Module):
 
     def forward(self, h: Tensor, temb: Tensor, groups: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
         q = self.self_norm(h)
-        h = h + self.self_attn(q, q, q, need_weights=False)[0]
+        h = h + self.self_attn(q, q)
         for m in self.order:
             tokens, mask = groups[m]
-            h = h + self.cross[m](self.cross_norm[m](h), tokens, tokens, key_padding_mask=mask, need_weights=False)[0]
+            h = h + self.cross[m](self.cross_norm[m](h), tokens, mask)
         h = h + self.ffn(self.ffn_norm(h))
         scale, shift = self.film(temb).chunk(2, dim=-1)
         return h * (1.0 + scale[:, None]) + shift[:, None]
@@ -276,6 +304,24 @@ def candidate_diversity(poses: Tensor) -> Tensor:
     return dist.sum((1, 2)) / (C * (C - 1))
 
 
+class _PoseDecoder:
+    """What :class:`~diffpilot.policy.stl_flow.RobustnessGuide` needs of a planner, for normalized plan deltas:
+    the rule set, the horizon and a differentiable decoding to states ``(x, y, theta, v)``."""
+
+    def __init__(self, planner: "TransDiffuser") -> None:
+        from diffpilot.policy.stl_flow import DEFAULT_RULES
+        from diffpilot.stl.rules import RuleSet
+
+        self.planner, self.horizon, self.rules = planner, planner.F, RuleSet(list(DEFAULT_RULES))
+
+    def decode(self, x_norm: Tensor, v0: Tensor) -> Tensor:
+        p = self.planner
+        deltas = p.norm.unnormalize(x_norm.reshape(x_norm.shape[0], -1)).reshape(-1, p.F, 3)
+        poses = poses_from_deltas(deltas)
+        speed = (deltas[..., 0].pow(2) + deltas[..., 1].pow(2) + 1e-6).sqrt() / DT
+        return torch.cat([poses, speed[..., None]], dim=-1)
+
+
 @register_policy("transdiffuser")
 class TransDiffuser(PolicyBase):
     """Scene -> ``num_candidates`` sampled plans -> one kept plan ``(F, 3)`` (see the module docstring)."""
@@ -332,6 +378,8 @@ class TransDiffuser(PolicyBase):
             raise ValueError(f"these options are too small: {low} (minimums {ints})")
         if cfg.decorrelation_weight < 0 or cfg.score_weight < 0:
             raise ValueError("decorrelation_weight and score_weight must be >= 0")
+        if cfg.guidance_scale <= 0 or cfg.guidance_refine < 0:
+            raise ValueError(f"guidance_scale must be > 0 and guidance_refine >= 0, got {cfg.guidance_scale}, {cfg.guidance_refine}")
         if not 0.0 < cfg.warm_start_t < 1.0:
             raise ValueError(f"warm_start_t must be in (0, 1), got {cfg.warm_start_t}")
 
@@ -490,20 +538,41 @@ class TransDiffuser(PolicyBase):
     def noise_shape(self, batch_size: int) -> tuple[int, ...]:
         return (batch_size, self.cfg.num_candidates, self.F, 3)
 
-    def _candidates(self, cond: TokenSets, noise: Tensor, previous: Tensor | None = None) -> tuple[Tensor, int]:
-        """Candidate poses ``(B, C, F, 3)`` from noise ``(B, C, F, 3)``; ``previous`` (B, F, 3) poses warm-start them."""
+    def _guide(self, arrays: Mapping[str, np.ndarray], C: int) -> Any:
+        """The STL robustness guide of one planning call (default rule parameters, the command's mode)."""
+        from diffpilot.data.scenario import mode_from_command
+        from diffpilot.policy.stl_flow import GuidanceConfig, RobustnessGuide
+
+        decoder = _PoseDecoder(self)
+        modes = mode_from_command(np.asarray(arrays["command"]))
+        cfg = GuidanceConfig(scale=self.cfg.guidance_scale, refine=self.cfg.guidance_refine, steps=(-1,))
+        return RobustnessGuide(decoder, arrays, np.arange(len(modes)), decoder.rules.defaults(), modes, C, cfg)
+
+    def _candidates(self, cond: TokenSets, noise: Tensor, previous: Tensor | None = None,
+                    guide: Any = None) -> tuple[Tensor, int]:
+        """Candidate poses ``(B, C, F, 3)`` from noise ``(B, C, F, 3)``; ``previous`` (B, F, 3) poses warm-start them;
+        ``guide`` steers the last sampler step and refines the final samples (no extra network evaluations)."""
+        from diffpilot.policy.stl_flow import GuidanceHook
+
         B, C = noise.shape[:2]
         rep = cond_repeat_interleave(cond, C)
         flat = noise.reshape(B * C, self.F, 3).to(self.norm.scale.dtype)
+        hook = None
+        if guide is not None:
+            hook = GuidanceHook(guide, self.sampler.num_steps, guide.config.steps,
+                                move_sample=not isinstance(self.objective, DDPM))
         if previous is None:
-            res = self.sampler.sample(self.net, flat, rep)
+            res = self.sampler.sample(self.net, flat, rep, hook=hook)
         else:
             guess = self.norm.normalize(self._deltas_t(previous).reshape(B, -1)).reshape(B, 1, self.F, 3)
             guess = guess.expand(B, C, self.F, 3).reshape(B * C, self.F, 3)
             starter = WarmStarter(self.objective, self.sampler,
                                   WarmStartConfig(self.cfg.warm_start_t, True, self.cfg.warm_start_steps))
-            res = starter.sample(self.net, guess, 0, flat, rep)
-        deltas = self.norm.unnormalize(res.sample.reshape(B * C, -1)).reshape(B, C, self.F, 3)
+            res = starter.sample(self.net, guess, 0, flat, rep, hook=hook)
+        sample = res.sample
+        if guide is not None:
+            sample = guide.refine(sample)[0]
+        deltas = self.norm.unnormalize(sample.reshape(B * C, -1)).reshape(B, C, self.F, 3)
         return poses_from_deltas(deltas), res.nfe
 
     @staticmethod
@@ -512,12 +581,12 @@ class TransDiffuser(PolicyBase):
         d = poses - prev
         return torch.cat([d[..., :2], torch.atan2(torch.sin(d[..., 2:]), torch.cos(d[..., 2:]))], dim=-1)
 
-    def plan_candidates(self, batch: Mapping[str, Tensor], noise: Tensor,
-                        previous: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def plan_candidates(self, batch: Mapping[str, Tensor], noise: Tensor, previous: Tensor | None = None,
+                        guide: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(candidates (B, C, F, 3), kept index (B,), predicted PDMS (B, C) or None)`` for a scene batch."""
         self._check_batch(batch, noise)
         cond = self.net.encode(batch)
-        cands, nfe = self._candidates(cond, noise, previous)
+        cands, nfe = self._candidates(cond, noise, previous, guide)
         self.last_nfe = nfe
         pdms = None
         if self.cfg.selection == "score":
@@ -557,7 +626,8 @@ class TransDiffuser(PolicyBase):
         batch = self.scene_batch(arrays)
         B = len(batch["command"])
         noise = torch.randn(self.noise_shape(B), generator=self._gen) if noise is None else noise
-        cands, idx, _ = self.plan_candidates(batch, noise)
+        guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
+        cands, idx, _ = self.plan_candidates(batch, noise, guide=guide)
         self.last_candidates = cands.double().numpy()
         out = cands[torch.arange(B), idx].double().numpy()
         out[..., 2] = wrap_angle(out[..., 2])
@@ -572,7 +642,8 @@ class TransDiffuser(PolicyBase):
         batch = self.scene_batch(arrays)
         noise = torch.randn(self.noise_shape(1), generator=self._gen)
         previous = self._shifted_previous(sample) if self.cfg.warm_start else None
-        cands, idx, _ = self.plan_candidates(batch, noise, previous)
+        guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
+        cands, idx, _ = self.plan_candidates(batch, noise, previous, guide)
         self.last_candidates = cands[0].double().numpy()
         out = cands[0, int(idx[0])].double().numpy()
         out[:, 2] = wrap_angle(out[:, 2])
