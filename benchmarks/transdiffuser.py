@@ -1,0 +1,278 @@
+"""TransDiffuser against every planner we have, closed loop on the embedded driving set.
+
+Trains (resumably, through ``diffpilot train``) on the train split of the
+embedded set (``--scenes`` scenes, 20 % held out as val): TransDiffuser with
+its learned selection head over ``--seeds`` seeds, the same without the
+decorrelation loss, on logs + STL trajectory-optimization augmentation, and as
+one-step MeanFlow; the DiffusionDrive-style truncated anchor peer (anchors from
+``diffpilot driving anchors``); the STL flow planner (its plan keeps the most rule-robust of 16 samples). Then runs the driving
+evaluation of the CLI on the val split: closed loop non-reactive and reactive,
+open loop (L2, collision at 1/2/3 s) and NAVSIM-style one-shot PDMS, with the
+log replay, constant velocity, ego-status MLP and lane-follower baselines, the
+warm-started and the STL-guided TransDiffuser (the seed-0 weights), and the
+oracle best-of-N (the candidate the scorer likes best; one-shot only, an upper
+bound, never a planner). Per TransDiffuser variant: mean and std over seeds,
+candidate diversity, plan latency p50 in torch and in onnxruntime (batch 1, 1
+thread), train s per 1k steps.
+
+Run: python benchmarks/transdiffuser.py [--scenes 200] [--steps 3000] [--seeds 0 1] [--phase all|train|eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from results_io import write_results
+
+from diffpilot.cli import load_config
+from diffpilot.data.nuscenes import NuScenesReader, load_scene_samples
+from diffpilot.data.scenario import SampleSpec
+from diffpilot.driving_jobs import driving_anchors_job, driving_data_job, driving_eval_job
+from diffpilot.jobs import train_job
+from diffpilot.policy.registry import load_policy
+from diffpilot.policy.transdiffuser import candidate_diversity
+
+NAME = "transdiffuser"
+VARIANTS = {
+    "transdiffuser": [],
+    "transdiffuser (no decorrelation)": ["policy.decorrelation_weight=0.0"],
+    "transdiffuser (logs + STL augmentation)": ["AUG"],
+    "transdiffuser (MeanFlow 1 step)": ["policy.objective=meanflow", "policy.sampler=meanflow", "policy.sampler_steps=1"],
+}
+SUB = ("pdms", "nc", "dac", "ttc", "ep", "comfort")
+OPEN = ("l2_1s", "l2_2s", "l2_3s", "collision_1s", "collision_2s", "collision_3s")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").replace("__", "_")
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    return ["data=driving", f"data.num_scenes={args.scenes}", f"data.workers={args.workers}",
+            f"data.score_every={args.score_every}", "progress=false"]
+
+
+def train_one(out: Path, overrides: list[str]) -> dict[str, Any]:
+    """Train (or resume) one run; the wall time per 1k steps is recorded when it trains from scratch here."""
+    meta = out / "bench_train.json"
+    fresh = not (out / "state").exists()
+    tic = time.perf_counter()
+    cfg = load_config("train", [*overrides, f"out={out}"])
+    train_job(cfg)
+    wall = time.perf_counter() - tic
+    if fresh or not meta.exists():
+        steps = int(cfg["train"]["steps"])
+        meta.write_text(json.dumps({"train_s_per_1k_steps": 1e3 * wall / steps if fresh else None, "steps": steps}))
+    return json.loads(meta.read_text())
+
+
+def augmentation(args: argparse.Namespace, root: Path, out: Path) -> Path:
+    """STL trajectory-optimization trajectories for every ``--aug-every``-th train window (resumable)."""
+    from diffpilot.planning.augment import augment
+
+    arrays = load_scene_samples(root, "v1.0-diffpilot", "train", SampleSpec(), progress=False)
+    complete = np.flatnonzero(np.asarray(arrays["ego_future_valid"], bool).all(1))
+    return augment(arrays, out, samples_per_window=args.aug_samples, windows=complete[:: args.aug_every],
+                   workers=args.workers, progress=True, steps=100, seed=0, version="v1.0-diffpilot", split="train")
+
+
+def train_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]:
+    """Every trained planner: name -> {"dirs": [policy folders per seed], "train_s_per_1k_steps": [...]}"""
+    out = Path(args.out)
+    runs: dict[str, dict[str, Any]] = {}
+    aug = augmentation(args, root, out / "augmented")
+    for name, extra in VARIANTS.items():
+        extra = [f"data.augmented={aug}" if e == "AUG" else e for e in extra]
+        for seed in args.seeds:
+            run = out / f"{slug(name)}_s{seed}"
+            info = train_one(run, ["policy=transdiffuser", *data_overrides(args), f"train.steps={args.steps}",
+                                   f"train.batch_size={args.batch}", f"seed={seed}", f"policy.seed={seed}", *extra])
+            r = runs.setdefault(name, {"dirs": [], "train_s_per_1k_steps": []})
+            r["dirs"].append(str(run / "policy"))
+            r["train_s_per_1k_steps"].append(info["train_s_per_1k_steps"])
+    anchors = driving_anchors_job({"data": {"num_scenes": args.scenes, "workers": args.workers}, "k": 20,
+                                   "out": str(out / "anchors"), "progress": False})
+    for name, kind, extra in (("diffusiondrive-style peer", "diffusiondrive_planner", [f"policy.anchors={anchors}"]),
+                              ("stl flow planner", "stl_flow_planner", [])):
+        run = out / slug(name)
+        info = train_one(run, [f"policy={kind}", *data_overrides(args), f"train.steps={args.steps}",
+                               f"train.batch_size={args.batch}", *extra])
+        runs[name] = {"dirs": [str(run / "policy")], "train_s_per_1k_steps": [info["train_s_per_1k_steps"]]}
+    return runs
+
+
+def variant_copy(src: str, dst: Path, **changes: Any) -> str:
+    """The seed-0 TransDiffuser with changed plan-time options (warm start, guidance), saved as its own folder."""
+    policy = load_policy(src)
+    for k, v in changes.items():
+        setattr(policy.cfg, k, v)
+        policy.config[k] = v
+    if dst.exists():
+        shutil.rmtree(dst)
+    policy.save(dst)
+    return str(dst)
+
+
+def latency_and_diversity(policy_dir: str, arrays: dict[str, np.ndarray], tmp: Path, n: int = 40,
+                          onnx: bool = True) -> dict[str, float]:
+    """Plan p50 (ms) in torch and in onnxruntime at batch 1 on 1 thread, and candidate diversity on val windows."""
+    from diffpilot.data.scene_sample import scene_samples_from_arrays
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+
+    torch.set_num_threads(1)
+    policy = load_policy(policy_dir)
+    idx = np.linspace(0, len(arrays["command"]) - 1, n).astype(int)
+    samples = [scene_samples_from_arrays(arrays, int(i)) for i in idx]
+    policy.reset(seed=0)
+    times, div = [], []
+    for s in samples:
+        t0 = time.perf_counter()
+        policy.plan(s)
+        times.append(1e3 * (time.perf_counter() - t0))
+        if getattr(policy, "last_candidates", None) is not None:
+            div.append(float(candidate_diversity(torch.as_tensor(policy.last_candidates)[None])[0]))
+    out = {"plan_ms_p50_torch": float(np.median(times[3:])), "diversity_m": float(np.mean(div)) if div else None}
+    cfg = getattr(policy, "cfg", None)
+    if not onnx or getattr(cfg, "warm_start", False) or getattr(cfg, "guidance", False):
+        return out  # plan-time options that stay in torch
+    path = tmp / (Path(policy_dir).parent.name + ".onnx")
+    export_by_kind(policy, path)
+    rt = load_runtime(path, threads=1)
+    ort = []
+    for s in samples:
+        t0 = time.perf_counter()
+        rt.plan(s)
+        ort.append(1e3 * (time.perf_counter() - t0))
+    out["plan_ms_p50_onnxruntime"] = float(np.median(ort[3:]))
+    return out
+
+
+def oracle_navsim(policy_dir: str, root: Path, frames: int) -> dict[str, float]:
+    """One-shot best-of-N with the ground-truth scorer: the upper bound of any selection rule."""
+    from diffpilot.data.scene_sample import build_scene_sample
+    from diffpilot.sim.driving.candidates import SUBSCORES, score_candidates
+
+    policy = load_policy(policy_dir)
+    reader = NuScenesReader(root, "v1.0-diffpilot")
+    logs = reader.scenario_logs("val")
+    rows = []
+    policy.reset(seed=0)
+    for log in logs:
+        T = log.num_frames
+        for f in np.linspace(policy.cfg.past_steps, T - 2, frames).astype(int):
+            sample = build_scene_sample(log, int(f), SampleSpec())
+            policy.plan(sample)
+            scores = score_candidates(log, int(f), policy.last_candidates)
+            rows.append(scores[int(np.argmax(scores[:, SUBSCORES.index("pdms")]))])
+    m = np.mean(rows, axis=0)
+    return {k: float(m[i]) for i, k in enumerate(SUBSCORES)} | {"samples": len(rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--score-every", type=int, default=4, help="score candidates of every n-th train window")
+    ap.add_argument("--aug-every", type=int, default=8, help="augment every n-th complete train window")
+    ap.add_argument("--aug-samples", type=int, default=4, help="parameter samples per window and mode")
+    ap.add_argument("--navsim-frames", type=int, default=4)
+    ap.add_argument("--max-val", type=int, default=None)
+    ap.add_argument("--phase", choices=("all", "train", "eval"), default="all")
+    ap.add_argument("--out", default="runs/bench/transdiffuser")
+    args = ap.parse_args()
+    out = Path(args.out)
+    root = driving_data_job({"num_scenes": args.scenes, "seed": 0, "workers": args.workers})
+    runs = train_all(args, root)
+    (out / "runs.json").write_text(json.dumps(runs, indent=2))
+    if args.phase == "train":
+        return
+
+    main_dir = runs["transdiffuser"]["dirs"][0]
+    runs["transdiffuser + warm start"] = {"dirs": [variant_copy(main_dir, out / "warm" / "policy", warm_start=True)],
+                                         "train_s_per_1k_steps": [None]}
+    runs["transdiffuser + STL guidance"] = {"dirs": [variant_copy(main_dir, out / "guided" / "policy", guidance=True)],
+                                            "train_s_per_1k_steps": [None]}
+    labels: dict[str, tuple[str, int]] = {}
+    planners = ["log_replay", "constant_velocity", "ego_mlp", "lane_follower"]
+    for name, r in runs.items():
+        for i, d in enumerate(r["dirs"]):
+            planners.append(d)
+            labels[d] = (name, i)
+    ev = out / "eval"
+    done = json.loads((ev / "bench_planners.json").read_text()) if (ev / "bench_planners.json").exists() else None
+    if done != planners:  # an evaluation of exactly these planners is reused (the benchmark resumes after it)
+        driving_eval_job({"data": {"num_scenes": args.scenes, "workers": args.workers}, "planners": planners,
+                          "max_scenes": args.max_val, "navsim": {"frames_per_scene": args.navsim_frames},
+                          "workers": args.workers, "out": str(ev), "progress": True, "figures": {"scenes": 1}})
+        (ev / "bench_planners.json").write_text(json.dumps(planners))
+    res = json.loads((ev / "results.json").read_text())
+    val = load_scene_samples(root, "v1.0-diffpilot", "val", SampleSpec(), progress=False)
+    tmp = out / "onnx"
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    def method_of(label: str) -> tuple[str, int]:
+        for d, v in labels.items():
+            if label.endswith(":" + Path(d).parent.name):
+                return v
+        return label, 0
+
+    rows: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in res["summary"]:
+        name, _ = method_of(row["method"])
+        groups.setdefault((name, row["mode"]), []).append(row)
+    for row in res.get("navsim", []):
+        name, _ = method_of(row["method"])
+        groups.setdefault((name, "navsim one-shot"), []).append(row)
+    extra: dict[str, dict[str, Any]] = {}
+    for name, r in runs.items():
+        if not Path(r["dirs"][0]).exists():
+            continue
+        stats = [latency_and_diversity(d, val, tmp, onnx=i == 0) for i, d in enumerate(r["dirs"])]
+        extra[name] = {k: float(np.mean([s[k] for s in stats if s.get(k) is not None]))
+                       for k in stats[0] if any(s.get(k) is not None for s in stats)}
+        times = [t for t in r["train_s_per_1k_steps"] if t is not None]
+        if times:
+            extra[name]["train_s_per_1k_steps"] = float(np.mean(times))
+    for (name, mode), rs in groups.items():
+        row = {"method": name, "mode": mode, "seeds": len(rs)}
+        for k in (*SUB, "progress_m", "collision", *OPEN):
+            vals = [float(x[k]) for x in rs if x.get(k) is not None]
+            if vals:
+                row[k] = float(np.mean(vals))
+                if len(vals) > 1 and k in ("pdms", "collision"):
+                    row[f"{k}_std"] = float(np.std(vals, ddof=1))
+        row.update(extra.get(name, {}))
+        rows.append(row)
+    orc = oracle_navsim(main_dir, root, args.navsim_frames)
+    rows.append({"method": "oracle best-of-N (ground-truth scorer; upper bound, not a planner)", "mode": "navsim one-shot",
+                 "seeds": 1, **{k: orc[k] for k in SUB}})
+    cmd = "python benchmarks/transdiffuser.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if v is not None and k not in ("phase", "out"))
+    notes = (f"{args.scenes} embedded scenes ({len(res.get('scenes', [])) or 'all'} val scenes evaluated), "
+             f"{args.steps} steps x batch {args.batch} per learned planner; TransDiffuser rows: mean over seeds "
+             f"{args.seeds} (`pdms_std`, `collision_std`: std over seeds). Closed loop: PDMS of the whole drive, EP relative "
+             "to the lane follower's closed-loop progress. NAVSIM one-shot: plans from the logged state at "
+             f"{args.navsim_frames} keyframes per scene, tracked and scored with the agents replaying the log. "
+             "`diversity_m`: mean pairwise distance of the candidates (m, mean over waypoints). `plan_ms_p50_*`: one plan "
+             "of the policy at batch 1, 1 thread, median over 40 val scenes (warm start and guidance run in torch only). "
+             "The oracle row picks, among the seed-0 TransDiffuser's candidates, the one the ground-truth scorer rates "
+             "best: it is an upper bound for the selection rule, not a planner.")
+    write_results(NAME, cmd, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
