@@ -147,9 +147,10 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     from diffpilot.driving_jobs import driving_data_job
 
     data_cfg = cfg["data"]
-    root = driving_data_job({k: data_cfg[k] for k in DRIVING_DATA_KEYS})
     torch.manual_seed(tcfg.seed)
     policy = build_policy({"name": kind, **options})
+    _check_driving_extras(policy, data_cfg)
+    root = driving_data_job({k: data_cfg[k] for k in DRIVING_DATA_KEYS})
     spec = SampleSpec(past_steps=int(policy.config.get("past_steps", SampleSpec.past_steps)),
                       future_steps=int(policy.config.get("future_steps", policy.config.get("horizon", SampleSpec.future_steps))))
     version, split = str(data_cfg["version"]), str(data_cfg["train_split"])
@@ -165,17 +166,27 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     return out / "policy"
 
 
+def _check_driving_extras(policy: Any, data_cfg: dict[str, Any]) -> None:
+    """Refuse, before any work, a data option the policy cannot use or a path that is not there."""
+    import inspect
+
+    aug = data_cfg.get("augmented")
+    if aug:
+        if "augmented" not in inspect.signature(policy.training_rows).parameters:
+            raise ValueError(f"data.augmented does not apply to a {policy.KIND!r} policy (it trains on the logs only); drop it")
+        if not (Path(str(aug)).expanduser() / "augment.json").is_file():
+            raise DatasetError(f"data.augmented={aug} is no augmentation output (no augment.json); pass the folder "
+                               "diffpilot.planning.augment wrote for this data set's train split")
+    if int(data_cfg.get("score_every", 1)) < 1 or int(data_cfg.get("score_candidates", 8)) < 1:
+        raise ValueError("data.score_every and data.score_candidates must be >= 1")
+
+
 def _driving_extras(policy: Any, data_cfg: dict[str, Any], root: Path, version: str, split: str,
                     arrays: dict[str, Any], tcfg: TrainerConfig) -> dict[str, Any]:
     """What a driving kind's ``training_rows`` takes beside the logs: augmented trajectories
     (``data.augmented=<dir>``) and simulator-scored candidates for a learned selection head."""
-    import inspect
-
     extras: dict[str, Any] = {}
-    takes = inspect.signature(policy.training_rows).parameters
     if data_cfg.get("augmented"):
-        if "augmented" not in takes:
-            raise ValueError(f"data.augmented does not apply to a {policy.KIND!r} policy (it trains on the logs only); drop it")
         from diffpilot.planning.augment import read_augmented
 
         extras["augmented"] = read_augmented(Path(str(data_cfg["augmented"])).expanduser())
@@ -183,8 +194,6 @@ def _driving_extras(policy: Any, data_cfg: dict[str, Any], root: Path, version: 
         from diffpilot.sim.driving.candidates import scored_candidates
 
         every = int(data_cfg.get("score_every", 1))
-        if every < 1:
-            raise ValueError(f"data.score_every must be >= 1 (score every n-th training window), got {every}")
         W = len(arrays["command"])
         rows = np.arange(0, W, every)
         bank = scored_candidates(root, version, split, {k: np.asarray(v)[rows] for k, v in arrays.items()},

@@ -125,3 +125,34 @@ def test_a_driving_kind_trains_resumes_and_evaluates_through_the_cli(tmp_path, c
     assert main(["eval", f"checkpoint={out / 'policy'}", "progress=false"]) == 0
     report = (out / "eval" / "report.md").read_text()
     assert "ego_status_mlp:ego" in report and "lane_follower" in report
+
+
+def test_transdiffuser_trains_with_its_score_head_evaluates_and_exports_through_the_cli(tmp_path, capsys, monkeypatch):
+    """The issue's path on a fresh data set: train (scored candidates built by the job), drive, export, runtime."""
+    import numpy as np
+
+    from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
+    from diffpilot.export.runtime import OnnxPlanner, load_runtime
+
+    monkeypatch.setenv("DIFFPILOT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "td"
+    args = ["train", "policy=transdiffuser", "data=driving", "data.num_scenes=6", "data.score_every=10",
+            "train.steps=12", "train.batch_size=16", "policy.d_model=16", "policy.hidden=16", "policy.heads=2",
+            "policy.layers=1", "policy.num_candidates=3", "policy.sampler_steps=2", f"out={out}", "progress=false"]
+    assert main(args) == 0
+    header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert {"denoise", "decorrelation", "score_bce"} <= set(header)
+    drive = tmp_path / "drive"
+    assert main(["driving", "eval", f"planners=[{out / 'policy'}]", "data.num_scenes=6", "max_scenes=1",
+                 "modes=[non_reactive]", "navsim.frames_per_scene=1", "figures.scenes=0", f"out={drive}",
+                 "progress=false"]) == 0
+    assert "transdiffuser:td" in (drive / "report.md").read_text()
+    assert main(["export", f"checkpoint={out / 'policy'}", f"out={tmp_path / 'td.onnx'}"]) == 0
+    runtime = load_runtime(tmp_path / "td.onnx")
+    assert isinstance(runtime, OnnxPlanner) and runtime.noise_shape == (3, 8, 3)
+    plan = runtime.plan(scene_samples_from_arrays(example_scene_arrays(1), 0))
+    assert plan.shape == (8, 3) and bool(np.isfinite(plan).all())
+    capsys.readouterr()
+    msg = _one_line_exit_2(capsys, ["train", "policy=ego_status_mlp", "data=driving", "data.num_scenes=6",
+                                    f"data.augmented={tmp_path}", f"out={tmp_path / 'mlp'}", "progress=false"])
+    assert "data.augmented does not apply to a 'ego_status_mlp' policy" in msg
