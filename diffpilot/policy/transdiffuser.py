@@ -549,24 +549,25 @@ class TransDiffuser(PolicyBase):
         return RobustnessGuide(decoder, arrays, np.arange(len(modes)), decoder.rules.defaults(), modes, C, cfg)
 
     def _candidates(self, cond: TokenSets, noise: Tensor, previous: Tensor | None = None,
-                    guide: Any = None) -> tuple[Tensor, int]:
+                    guide: Any = None, sampler: Sampler | None = None) -> tuple[Tensor, int]:
         """Candidate poses ``(B, C, F, 3)`` from noise ``(B, C, F, 3)``; ``previous`` (B, F, 3) poses warm-start them;
         ``guide`` steers the last sampler step and refines the final samples (no extra network evaluations)."""
         from diffpilot.policy.stl_flow import GuidanceHook
 
         B, C = noise.shape[:2]
+        sampler = self.sampler if sampler is None else sampler
         rep = cond_repeat_interleave(cond, C)
         flat = noise.reshape(B * C, self.F, 3).to(self.norm.scale.dtype)
         hook = None
         if guide is not None:
-            hook = GuidanceHook(guide, self.sampler.num_steps, guide.config.steps,
+            hook = GuidanceHook(guide, sampler.num_steps, guide.config.steps,
                                 move_sample=not isinstance(self.objective, DDPM))
         if previous is None:
-            res = self.sampler.sample(self.net, flat, rep, hook=hook)
+            res = sampler.sample(self.net, flat, rep, hook=hook)
         else:
             guess = self.norm.normalize(self._deltas_t(previous).reshape(B, -1)).reshape(B, 1, self.F, 3)
             guess = guess.expand(B, C, self.F, 3).reshape(B * C, self.F, 3)
-            starter = WarmStarter(self.objective, self.sampler,
+            starter = WarmStarter(self.objective, sampler,
                                   WarmStartConfig(self.cfg.warm_start_t, True, self.cfg.warm_start_steps))
             res = starter.sample(self.net, guess, 0, flat, rep, hook=hook)
         sample = res.sample
@@ -713,7 +714,7 @@ class TransDiffuser(PolicyBase):
         graph = _PosesGraph(self, built)
         with torch.no_grad():
             probe = feeds(1, torch.Generator().manual_seed(0))
-            graph(**probe)
+            graph(**probe)  # sets graph.nfe
         meta = {
             "kind": RUNTIME_PLANNER,
             "form": "poses",
@@ -735,7 +736,7 @@ class TransDiffuser(PolicyBase):
             "num_agents": str(K), "num_lanes": str(L), "lane_points": str(N), "raster_size": str(R),
             "sampler": json.dumps({"name": type(built).__name__, "num_steps": built.num_steps}),
         }
-        return ExportSpec(graph=graph, feeds=feeds, outputs=("poses",), metadata=meta, nfe=self.last_nfe)
+        return ExportSpec(graph=graph, feeds=feeds, outputs=("poses",), metadata=meta, nfe=graph.nfe)
 
 
 class _PosesGraph(nn.Module):
@@ -743,7 +744,7 @@ class _PosesGraph(nn.Module):
 
     def __init__(self, planner: TransDiffuser, sampler: Sampler) -> None:
         super().__init__()
-        self.planner, self.sampler = planner, sampler
+        self.planner, self.sampler, self.nfe = planner, sampler, 0
 
     def forward(self, *, ego_status: Tensor, command: Tensor, ego_past: Tensor, agents_pose: Tensor,
                 agents_valid: Tensor, agents_size: Tensor, agents_category: Tensor, lanes: Tensor, lanes_valid: Tensor,
@@ -757,12 +758,7 @@ class _PosesGraph(nn.Module):
         inputs.update({k: v for k, v in extra.items() if v is not None})
         p = self.planner
         cond = p.net.encode(inputs)
-        own, p.sampler = p.sampler, self.sampler
-        try:
-            cands, nfe = p._candidates(cond, noise)
-        finally:
-            p.sampler = own
-        p.last_nfe = nfe
+        cands, self.nfe = p._candidates(cond, noise, sampler=self.sampler)
         pdms = None
         if p.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(p.net.scores(p.net.context(cond), cands)))
