@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.data.scenario import COMMANDS, DT, SampleSpec, SceneSample
+from diffpilot.data.scenario import SampleSpec, SceneSample
 from diffpilot.policy.base import OptimGroup, PolicyBase
-from diffpilot.policy.export_spec import RUNTIME_PLANNER, ExportSpec
+from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes
 from diffpilot.policy.generative import build_objective
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks.scene_encoder import SCENE_KEYS, SceneEncoder, batch_from_arrays
@@ -595,13 +595,7 @@ class DiffusionDrivePlanner(PolicyBase):
         if sampler:
             raise ValueError(f"sampler= does not apply to a {self.KIND!r} planner (truncated DDIM from its anchors: "
                              "set policy.trunc_step / policy.sampler_steps at training); drop it")
-        spec = SampleSpec()
-        K = spec.num_agents if num_agents is None else int(num_agents)
-        L = spec.num_lanes if num_lanes is None else int(num_lanes)
-        N = spec.lane_points if lane_points is None else int(lane_points)
-        R = (spec.raster_size if raster_size is None else int(raster_size)) if self.cfg.use_raster else 0
-        if min(K, L, N) < 1 or (self.cfg.use_raster and R < 1):
-            raise ValueError(f"export sizes must be >= 1, got num_agents={K}, num_lanes={L}, lane_points={N}, raster_size={R}")
+        K, L, N, R = scene_export_sizes(num_agents, num_lanes, lane_points, raster_size, self.cfg.use_raster)
         H = self.cfg.past_steps + 1
 
         def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:
@@ -609,27 +603,10 @@ class DiffusionDrivePlanner(PolicyBase):
             out["noise"] = torch.randn(b, self.M, self.F, 2, generator=g)
             return out
 
-        meta = {
-            "kind": RUNTIME_PLANNER,
-            "form": "poses",
-            "policy_kind": self.KIND,
-            "rules": "[]",
-            "param_names": "[]",
-            "plan_params": "{}",
-            "relative_params": "[]",
-            "plan_mode": "null",
-            "modes": "[]",
-            "command_modes": json.dumps([0] * len(COMMANDS)),
-            "noise_shape": json.dumps([self.M, self.F, 2]),
-            "selection": "argmax_score",
-            "dt": str(DT),
-            "horizon": str(self.F),
-            "past_steps": str(self.cfg.past_steps),
-            "num_agents": str(K), "num_lanes": str(L), "lane_points": str(N), "raster_size": str(R),
-            "sampler": json.dumps({"name": "truncated_ddim", "trunc_step": self.cfg.trunc_step,
-                                   "num_steps": len(self.steps), "steps": self.steps}),
-            "network": json.dumps(self.config, sort_keys=True),
-        }
+        meta = poses_metadata(self.KIND, (self.M, self.F, 2), self.F, self.cfg.past_steps, (K, L, N, R),
+                              {"name": "truncated_ddim", "trunc_step": self.cfg.trunc_step,
+                               "num_steps": len(self.steps), "steps": self.steps},
+                              selection="argmax_score", network=json.dumps(self.config, sort_keys=True))
         return ExportSpec(graph=_PlanGraph(self), feeds=feeds, outputs=("poses",), metadata=meta, nfe=len(self.steps))
 
 

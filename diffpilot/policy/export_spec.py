@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffpilot.data.scenario import COMMANDS, DT, SampleSpec
 from diffpilot.policy.generative import DDIMSampler, DDPMSampler
 
 __all__ = ["RUNTIME_CHUNK", "RUNTIME_DENOISER", "RUNTIME_PLANNER", "ExportSpec", "ExportSwitch", "chunk_metadata",
-           "stochastic_sampler"]
+           "poses_metadata", "scene_export_sizes", "stochastic_sampler"]
 
 RUNTIME_CHUNK = "chunk_policy"
 """Metadata ``kind`` of a chunk policy (obs + noise -> actions), run by ``OnnxChunkPolicy``; also single-step actors."""
@@ -97,6 +98,36 @@ class ExportSpec:
 def stochastic_sampler(sampler: Any) -> bool:
     """Samplers that draw fresh noise at each step (DDPM ancestral, DDIM with eta > 0)."""
     return isinstance(sampler, DDPMSampler) or (isinstance(sampler, DDIMSampler) and sampler.eta > 0)
+
+
+def scene_export_sizes(num_agents: int | None, num_lanes: int | None, lane_points: int | None,
+                       raster_size: int | None, use_raster: bool) -> tuple[int, int, int, int]:
+    """The padded scene sizes ``(K, L, N, R)`` a planner graph takes (``SampleSpec`` defaults; ``R = 0`` without a raster)."""
+    spec = SampleSpec()
+    K = spec.num_agents if num_agents is None else int(num_agents)
+    L = spec.num_lanes if num_lanes is None else int(num_lanes)
+    N = spec.lane_points if lane_points is None else int(lane_points)
+    R = (spec.raster_size if raster_size is None else int(raster_size)) if use_raster else 0
+    if min(K, L, N) < 1 or (use_raster and R < 1):
+        raise ValueError(f"export sizes must be >= 1, got num_agents={K}, num_lanes={L}, lane_points={N}, raster_size={R}")
+    return K, L, N, R
+
+
+def poses_metadata(kind: str, noise_shape: tuple[int, ...], horizon: int, past_steps: int,
+                   sizes: tuple[int, int, int, int], sampler: Mapping[str, Any], **extra: str) -> dict[str, str]:
+    """What the runtime reads of a planner export of form ``poses`` (scene [+ map elements] + noise -> kept plan).
+
+    The rule-parameter keys of the ``states`` form are written empty, so one planner runtime reads both forms.
+    """
+    K, L, N, R = sizes
+    return {
+        "kind": RUNTIME_PLANNER, "form": "poses", "policy_kind": kind,
+        "rules": "[]", "param_names": "[]", "plan_params": "{}", "relative_params": "[]", "plan_mode": "null",
+        "modes": "[]", "command_modes": json.dumps([0] * len(COMMANDS)),
+        "noise_shape": json.dumps(list(noise_shape)), "dt": str(DT), "horizon": str(horizon),
+        "past_steps": str(past_steps), "num_agents": str(K), "num_lanes": str(L), "lane_points": str(N),
+        "raster_size": str(R), "sampler": json.dumps(dict(sampler)), **extra,
+    }
 
 
 def chunk_metadata(kind: str, cfg: Mapping[str, Any], obs_horizon: int, action_horizon: int,

@@ -63,7 +63,7 @@ from diffpilot.data.scenario import (
 from diffpilot.data.scene_sample import stack_samples
 from diffpilot.planning.dynamics import DEFAULT_LIMITS, controls_from_poses, rollout
 from diffpilot.policy.base import OptimGroup, PolicyBase
-from diffpilot.policy.export_spec import RUNTIME_PLANNER, ExportSpec
+from diffpilot.policy.export_spec import RUNTIME_PLANNER, ExportSpec, scene_export_sizes
 from diffpilot.policy.generative import Sampler, StepInfo, build_objective, build_sampler
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks.embeddings import TimeEmbedding
@@ -928,13 +928,7 @@ class ParamConditionedPlanner(PolicyBase):
         graph is one unguided draw per row. ``sampler`` overrides the
         sampler (deterministic ones only).
         """
-        spec = SampleSpec()
-        K = spec.num_agents if num_agents is None else int(num_agents)
-        L = spec.num_lanes if num_lanes is None else int(num_lanes)
-        N = spec.lane_points if lane_points is None else int(lane_points)
-        R = (spec.raster_size if raster_size is None else int(raster_size)) if self.hparams["use_raster"] else 0
-        if K < 1 or L < 1 or N < 1 or (self.hparams["use_raster"] and R < 1):
-            raise ValueError(f"export sizes must be >= 1, got num_agents={K}, num_lanes={L}, lane_points={N}, raster_size={R}")
+        K, L, N, R = scene_export_sizes(num_agents, num_lanes, lane_points, raster_size, self.hparams["use_raster"])
         built, sampler_cfg = self._export_sampler(sampler)
         H, T = self.hparams["past_steps"] + 1, self.horizon
 

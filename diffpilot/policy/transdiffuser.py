@@ -29,7 +29,6 @@ poses to their past and present columns and nothing reads ``ego_future``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,9 +40,9 @@ from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.data.scenario import COMMANDS, DT, SampleSpec, SceneSample, to_ego_frame, wrap_angle
+from diffpilot.data.scenario import DT, SampleSpec, SceneSample, to_ego_frame, wrap_angle
 from diffpilot.policy.base import PolicyBase
-from diffpilot.policy.export_spec import RUNTIME_PLANNER, ExportSpec, stochastic_sampler
+from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import Sampler, TokenSets, build_objective, build_sampler, cond_repeat_interleave
 from diffpilot.policy.generative.diffusion import DDPM
 from diffpilot.policy.generative.meanflow import MeanFlow
@@ -683,12 +682,7 @@ class TransDiffuser(PolicyBase):
         from diffpilot.policy.stl_flow import _random_scene
 
         spec = SampleSpec()
-        K = spec.num_agents if num_agents is None else int(num_agents)
-        L = spec.num_lanes if num_lanes is None else int(num_lanes)
-        N = spec.lane_points if lane_points is None else int(lane_points)
-        R = (spec.raster_size if raster_size is None else int(raster_size)) if self.cfg.use_raster else 0
-        if min(K, L, N) < 1 or (self.cfg.use_raster and R < 1):
-            raise ValueError(f"export sizes must be >= 1, got num_agents={K}, num_lanes={L}, lane_points={N}, raster_size={R}")
+        K, L, N, R = scene_export_sizes(num_agents, num_lanes, lane_points, raster_size, self.cfg.use_raster)
         built = self.sampler
         if sampler:
             cfg = dict(sampler)
@@ -715,27 +709,10 @@ class TransDiffuser(PolicyBase):
         with torch.no_grad():
             probe = feeds(1, torch.Generator().manual_seed(0))
             graph(**probe)  # sets graph.nfe
-        meta = {
-            "kind": RUNTIME_PLANNER,
-            "form": "poses",
-            "policy_kind": self.KIND,
-            "rules": "[]",
-            "param_names": "[]",
-            "plan_params": "{}",
-            "relative_params": "[]",
-            "plan_mode": "null",
-            "modes": "[]",
-            "command_modes": json.dumps([0] * len(COMMANDS)),
-            "noise_shape": json.dumps([C, self.F, 3]),
-            "map_elements": "true" if maps else "false",
-            "num_stop_lines": str(S), "num_zones": str(Z), "zone_vertices": str(V),
-            "selection": self.cfg.selection,
-            "dt": str(DT),
-            "horizon": str(self.F),
-            "past_steps": str(self.cfg.past_steps),
-            "num_agents": str(K), "num_lanes": str(L), "lane_points": str(N), "raster_size": str(R),
-            "sampler": json.dumps({"name": type(built).__name__, "num_steps": built.num_steps}),
-        }
+        meta = poses_metadata(self.KIND, (C, self.F, 3), self.F, self.cfg.past_steps, (K, L, N, R),
+                              {"name": type(built).__name__, "num_steps": built.num_steps},
+                              map_elements="true" if maps else "false", num_stop_lines=str(S), num_zones=str(Z),
+                              zone_vertices=str(V), selection=self.cfg.selection)
         return ExportSpec(graph=graph, feeds=feeds, outputs=("poses",), metadata=meta, nfe=graph.nfe)
 
 
