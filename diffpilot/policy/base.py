@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from diffpilot.policy.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from diffpilot.policy.export_spec import ExportSpec
+from diffpilot.policy.generative import shard
 from diffpilot.policy.kinds import POLICIES
 
 __all__ = ["OptimGroup", "Policy", "PolicyBase"]
@@ -109,20 +110,28 @@ class PolicyBase(nn.Module):
             opt.zero_grad(set_to_none=True)
         loss.backward()
         for name, opt in optimizers.items():
-            clip = groups[name].grad_clip or 0.0
-            if clip > 0:
-                nn.utils.clip_grad_norm_(groups[name].params, clip)
-            opt.step()
+            self.optimizer_step(opt, groups[name])
         return metrics
 
     @staticmethod
-    def gradient_step(opt: torch.optim.Optimizer, loss: Tensor, group: OptimGroup) -> None:
-        """Zero, backpropagate ``loss``, clip to the group's norm and step ``opt``."""
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    def optimizer_step(opt: torch.optim.Optimizer, group: OptimGroup) -> None:
+        """Step ``opt`` on the gradients already in ``group``: averaged over the processes of a
+        data-parallel run (:mod:`~diffpilot.policy.generative.shard`), clipped to the group's norm.
+
+        Every optimizer step of every kind goes through here, so gradients are
+        synchronized however they were computed (``torch.func.jvp`` included).
+        """
+        shard.sync_gradients(group.params)
         if (group.grad_clip or 0.0) > 0:
             nn.utils.clip_grad_norm_(group.params, float(group.grad_clip))
         opt.step()
+
+    @staticmethod
+    def gradient_step(opt: torch.optim.Optimizer, loss: Tensor, group: OptimGroup) -> None:
+        """Zero, backpropagate ``loss``, then :meth:`optimizer_step`."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        PolicyBase.optimizer_step(opt, group)
 
     def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
         """A random training batch in this policy's input format (for tests, tracing and smoke runs)."""

@@ -31,6 +31,7 @@ from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.export_spec import RUNTIME_CHUNK, ExportSpec, chunk_metadata
 from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.generative.base import SampleResult
+from diffpilot.policy.generative import shard
 from diffpilot.policy.networks import MLPDenoiser
 from diffpilot.policy.kinds import register_policy
 
@@ -179,9 +180,9 @@ class SingleStepPolicy(PolicyBase):
         """
         b = cond.shape[0]
         if noise is None:
-            noise = torch.randn((b, self.action_dim), generator=generator).to(cond)
+            noise = shard.randn((b, self.action_dim), generator=generator).to(cond)
         shape = self.step_noise_shape(b)
-        step_noise = None if shape is None else torch.randn(shape, generator=generator).to(cond)
+        step_noise = None if shape is None else shard.randn(shape, generator=generator, batch_dim=1).to(cond)
         result = self.sampler.sample(model, noise, cond, step_noise=step_noise)
         return SampleResult(sample=result.sample.clamp(-1.0, 1.0), nfe=result.nfe)
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from diffpilot.policy.base import OptimGroup
 from diffpilot.policy.bc import BASE_DEFAULTS, SingleStepPolicy
 from diffpilot.policy.generative.base import SampleResult
+from diffpilot.policy.generative import shard
 
 __all__ = ["CRITIC_DEFAULTS", "ActorCriticPolicy", "QNetwork", "TwinCritic", "soft_update"]
 
@@ -163,7 +164,7 @@ class ActorCriticPolicy(SingleStepPolicy):
             q_sel, q_other = q1, q2
         else:
             q_sel, q_other = q2, q1
-        q_term = -q_sel.mean() / q_other.abs().mean().detach().clamp_min(1e-8)
+        q_term = -q_sel.mean() / shard.shard_mean(q_other.abs().mean()).clamp_min(1e-8)
         loss = bc + float(self.config["eta"]) * q_term
         metrics = {
             "actor_bc_loss": float(bc.detach()),

@@ -46,6 +46,7 @@ from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import SampleSpec, SceneSample
 from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes
+from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import build_objective
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks.scene_encoder import SCENE_KEYS, SceneEncoder, batch_from_arrays
@@ -495,14 +496,14 @@ class DiffusionDrivePlanner(PolicyBase):
         B = gt.shape[0]
         scene = self._encode(batch)
         target = self.nearest_anchor(gt, valid)
-        k = torch.randint(0, self.cfg.train_max_step, (B,), generator=gen)
-        noise = torch.randn((B, self.M, self.F, 2), generator=gen)
+        k = shard.randint(0, self.cfg.train_max_step, (B,), generator=gen)
+        noise = shard.randn((B, self.M, self.F, 2), generator=gen)
         x0, ref_h = self._anchor_start(B, gt)
         x_k = self.ddpm.add_noise(x0, noise, k)
         outs = self._decode(scene, self.traj_norm.unnormalize(x_k.clamp(-1.0, 1.0)), ref_h, k.float())
         onehot = F.one_hot(target, self.M).to(gt.dtype)
         rows = torch.arange(B)
-        n_valid = valid.sum().clamp_min(1.0)
+        n_valid = shard.shard_mean(valid.sum()).clamp_min(1.0)
         loss = gt.new_zeros(())
         metrics: dict[str, float] = {}
         for i, (xy, h, logits) in enumerate(outs):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from diffpilot.data.scenario import FUTURE_STEPS
 from diffpilot.policy.export_spec import stochastic_sampler
+from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import Sampler, build_objective, build_sampler
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.stl_flow import (
@@ -168,7 +169,7 @@ class ConditionalVAEPlanner(ParamConditionedPlanner):
         x = x0.flatten(1)
         mu, logvar = self.net.vae_enc(torch.cat([x, cond], dim=-1)).chunk(2, dim=-1)
         logvar = logvar.clamp(-8.0, 4.0)
-        eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype)
+        eps = shard.randn(mu.shape, generator=gen, dtype=mu.dtype)
         z = mu + (0.5 * logvar).exp() * eps
         recon = self.net.vae_dec(torch.cat([z, cond], dim=-1))
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()

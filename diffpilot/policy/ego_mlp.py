@@ -20,6 +20,7 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import COMMANDS, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import OptimGroup, PolicyBase
+from diffpilot.policy.generative import shard
 from diffpilot.policy.kinds import register_policy
 
 __all__ = ["EgoStatusMLPConfig", "EgoStatusMLPPlanner"]
@@ -151,7 +152,7 @@ class EgoStatusMLPPlanner(PolicyBase):
         """Masked squared error in the standardized output space."""
         pred = self.net(self.in_norm.normalize(batch["x"]))
         err = (pred - self.out_norm.normalize(batch["y"])) ** 2 * batch["mask"]
-        loss = err.sum() / batch["mask"].sum().clamp_min(1.0)
+        loss = err.sum() / shard.shard_mean(batch["mask"].sum()).clamp_min(1.0)
         return loss, {"loss": float(loss.detach())}
 
     def optim_groups(self) -> dict[str, OptimGroup]:

@@ -64,6 +64,7 @@ from diffpilot.data.scene_sample import stack_samples
 from diffpilot.planning.dynamics import DEFAULT_LIMITS, controls_from_poses, rollout
 from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.export_spec import RUNTIME_PLANNER, ExportSpec, scene_export_sizes
+from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import Sampler, StepInfo, build_objective, build_sampler
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks.embeddings import TimeEmbedding
@@ -797,7 +798,7 @@ class ParamConditionedPlanner(PolicyBase):
         gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
         scene = {k: batch[k] for k in self._scene_keys()}
         n = batch["controls"].shape[0]
-        drop = torch.rand(n, generator=gen) < self.param_dropout if self.param_dropout > 0 else None
+        drop = shard.rand(n, generator=gen) < self.param_dropout if self.param_dropout > 0 else None
         cond, mask = self.net.condition(scene, self.net.param_norm.normalize(batch["params"]), batch["modes"], drop)
         loss = self._loss(self.net.control_norm.normalize(batch["controls"]), cond, mask, gen)
         return loss, {"loss": float(loss.detach())}

@@ -43,6 +43,7 @@ from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, to_ego_frame, wrap_angle
 from diffpilot.policy.base import PolicyBase
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
+from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import Sampler, TokenSets, build_objective, build_sampler, cond_repeat_interleave
 from diffpilot.policy.generative.diffusion import DDPM
 from diffpilot.policy.generative.meanflow import MeanFlow
@@ -501,8 +502,8 @@ class TransDiffuser(PolicyBase):
         x0 = self.norm.normalize(batch["deltas"]).reshape(-1, self.F, 3)
         if isinstance(self.objective, MeanFlow):  # the loss runs the network under jvp: take the features of a plain pass
             gen_loss = self.objective.loss(self.net, x0, cond, generator=generator)
-            t = torch.rand(x0.shape[0], generator=generator)
-            fused = self.net.decode(x0 + t[:, None, None] * torch.randn(x0.shape, generator=generator), t, cond)[1]
+            t = shard.rand(x0.shape[0], generator=generator)
+            fused = self.net.decode(x0 + t[:, None, None] * shard.randn(x0.shape, generator=generator), t, cond)[1]
         else:
             capture = _FusedCapture(self.net)
             gen_loss = self.objective.loss(capture, x0, cond, generator=generator)
@@ -514,7 +515,7 @@ class TransDiffuser(PolicyBase):
             logits = self.net.scores(self.net.context(cond), batch["cand_poses"])
             per_row = F.binary_cross_entropy_with_logits(logits, batch["cand_scores"], reduction="none").mean((1, 2))
             w = batch["cand_valid"] if "cand_valid" in batch else torch.ones_like(per_row)
-            score_loss = (per_row * w).sum() / w.sum().clamp_min(1.0)
+            score_loss = (per_row * w).sum() / shard.shard_mean(w.sum()).clamp_min(1.0)
             loss = loss + self.cfg.score_weight * score_loss
             metrics["score_bce"] = float(score_loss.detach())
         metrics["loss"] = float(loss.detach())

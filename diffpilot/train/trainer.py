@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from diffpilot.policy.base import OptimGroup, PolicyBase
 from diffpilot.policy.checkpoint import CheckpointError
+from diffpilot.train import distributed
 from diffpilot.train.log import plot_log, write_log
 from diffpilot.train.state import restore_state, save_state
 
@@ -168,8 +169,11 @@ class Trainer:
         self.out = Path(out) if out is not None else None  # None: in memory only (no checkpoints, not resumable)
         self.evaluator, self.select_metric, self.on_step = evaluator, select_metric, on_step
         self.fingerprint = {"kind": policy.KIND, **(fingerprint or {})}
-        self.device = torch.device(config.device)
+        self.dist = distributed.setup(config.device)  # one process, or this process's place in a torchrun run
+        self.local_batch = self.dist.local_batch(int(config.batch_size))
+        self.device = self.dist.device
         policy.to(self.device).train()
+        self.dist.broadcast_module(policy)
         self.groups = self._resolve_groups(policy.optim_groups())
         self.optimizers = {
             name: torch.optim.AdamW(g.params, lr=float(g.lr), weight_decay=float(g.weight_decay))
@@ -230,13 +234,13 @@ class Trainer:
         return {"policy": self.policy, **({"ema": self.ema} if self.ema is not None else {})}
 
     def _checkpoint(self) -> None:
-        if self.out is None:
+        if self.out is None or not self.dist.main:  # rank 0 alone writes
             return
         meta = {
             "step": self.step, "numpy_rng": self.rng.bit_generator.state, "log": self.log, "best": self.best,
             "accumulators": self._acc, "train_s": self.train_s, "fingerprint": self.fingerprint,
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "train": asdict(self.cfg),
+            "train": asdict(self.cfg), "world_size": self.dist.world,
         }
         save_state(self.out / "state", self._modules(), self.optimizers, {"train": self.generator}, meta)
         self.acting.save(self.out / "policy")
@@ -262,8 +266,20 @@ class Trainer:
             sched.load_state_dict(meta["schedulers"][name])
 
     # ------------------------------------------------------------------- loop
+    def _global_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A step's metrics averaged over the processes (the global batch's, for per-sample means)."""
+        if not self.dist.active or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        self.dist.average_(values)
+        return dict(zip(keys, values.tolist()))
+
     def _batch(self) -> dict[str, Tensor]:
+        # Every process draws the same global rows and keeps its shard: N processes see the batches of one.
         rows = self.rng.integers(0, len(self.data), size=self.cfg.batch_size)
+        if self.dist.active:
+            rows = rows[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
         return {k: torch.as_tensor(v).to(self.device) for k, v in self.data.batch(rows).items()}
 
     def _evaluate(self) -> dict[str, float]:
@@ -278,21 +294,34 @@ class Trainer:
         return summary
 
     def run(self, resume: bool = True) -> TrainResult:
-        """Train to ``config.steps``; with ``resume`` continue from ``out/state`` when it exists."""
-        if self.out is not None:
+        """Train to ``config.steps``; with ``resume`` continue from ``out/state`` when it exists.
+
+        Under torchrun every process runs this; rank 0 alone writes and evaluates.
+        A checkpoint resumes under any number of processes.
+        """
+        main = self.dist.main
+        if self.out is not None and main:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.out is not None and (self.out / "state").exists():
             self._resume()
         cfg = self.cfg
         final_eval: dict[str, float] | None = None
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.policy.KIND}", disable=not cfg.progress,
+        if main and (cfg.progress or self.dist.active):
+            lrs = ", ".join(f"{name} {g.lr:g}" for name, g in self.groups.items())
+            tqdm.write(f"train {self.policy.KIND}: global batch {cfg.batch_size} = {self.dist.world} process(es) x "
+                       f"{self.local_batch} on {self.device}; lr {lrs}; from step {self.step} of {cfg.steps}")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.policy.KIND}", disable=not (cfg.progress and main),
                    dynamic_ncols=True)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
-            metrics = self.policy.train_step(self._batch(), self.optimizers, self.groups, self.step, self.generator)
+            with self.dist.shard():
+                metrics = self.policy.train_step(self._batch(), self.optimizers, self.groups, self.step, self.generator)
             for sched in self.schedulers.values():
                 sched.step()
             self.train_s += time.perf_counter() - t0
+            metrics = self._global_metrics(metrics)
+            if self.dist.active and self.step == 0:
+                self.dist.check_in_sync(self.policy, f"policy {self.policy.KIND!r} after its first step")
             bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
             if bad:
                 raise FloatingPointError(
@@ -313,6 +342,8 @@ class Trainer:
                 lrs = {name: s.get_last_lr()[0] for name, s in self.schedulers.items()}
                 row.update({"lr": next(iter(lrs.values()))} if len(lrs) == 1 else {f"lr_{k}": v for k, v in lrs.items()})
                 self._acc = {}
+                if due_eval and not main:  # rank 0 evaluates; the others go on (the next collective waits for it)
+                    due_eval = False
                 if due_eval:
                     final_eval = self._evaluate()
                     score = float(final_eval.get(self.select_metric, final_eval.get("return_mean", float("nan"))))
@@ -331,8 +362,9 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or due_eval:
                 self._checkpoint()
         bar.close()
-        if self.out is not None and not (self.out / "policy").exists():
+        if self.out is not None and main and not (self.out / "policy").exists():
             self._checkpoint()
+        self.dist.barrier()  # the outputs are complete before any process returns
         return TrainResult(
             policy=self.acting, steps=self.step, out=self.out, best_score=self.best["score"], best_step=self.best["step"],
             final_eval=final_eval, train_s_per_1k_steps=1000.0 * self.train_s / max(self.step, 1),

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffpilot.policy.generative import shard
 from diffpilot.policy.generative.base import Denoiser, SampleResult, StepHook, StepInfo, call_hook
 from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.schedules import make_schedule
@@ -86,8 +87,8 @@ class DDPM:
     ) -> Tensor:
         """Mean squared error of the prediction at a uniformly drawn step."""
         b = x0.shape[0]
-        k = torch.randint(0, self.num_train_steps, (b,), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        k = shard.randint(0, self.num_train_steps, (b,), generator=generator, device=x0.device)
+        noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_k = self.add_noise(x0, noise, k)
         pred = model(x_k, self.time_of(k).to(x0.dtype), cond)
         return F.mse_loss(pred, self.target(x0, noise, k))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffpilot.policy.generative import shard
 from diffpilot.policy.generative.base import Denoiser, SampleResult, StepHook, StepInfo, call_hook
 from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.diffusion import resolve_start
@@ -35,9 +36,9 @@ def sample_time(
     where the velocity is hardest to predict.
     """
     if sampling == "uniform":
-        return torch.rand(n, generator=generator, device=device)
+        return shard.rand(n, generator=generator, device=device)
     if sampling == "logit_normal":
-        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+        return torch.sigmoid(mean + std * shard.randn(n, generator=generator, device=device))
     raise ValueError(f"unknown time sampling {sampling!r}; choose one of {list(TIME_SAMPLINGS)}")
 
 
@@ -70,7 +71,7 @@ class FlowMatching:
         t = sample_time(
             x0.shape[0], self.time_sampling, mean=self.logit_mean, std=self.logit_std, generator=generator, device=x0.device
         ).to(x0.dtype)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         pred = model(self.interpolate(x0, noise, t), t, cond)
         return F.mse_loss(pred, noise - x0)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffpilot.policy.generative import shard
 from diffpilot.policy.generative.base import Denoiser, SampleResult, StepHook, call_hook
 from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.diffusion import resolve_start
@@ -57,12 +58,19 @@ class MeanFlow:
     def sample_times(
         self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Draws ``(r, t)`` of shape ``(n,)`` with ``r <= t``; the first share of rows has ``r = t``."""
+        """Draws ``(r, t)`` of shape ``(n,)`` with ``r <= t``; the first share of rows has ``r = t``.
+
+        Under a sharded batch (:mod:`.shard`) the draw is made for the global
+        batch, whose first share has ``r = t``, and this process keeps its rows.
+        """
+        local, n = n, shard.global_rows(n)
         a = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, device=device))
         b = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, device=device))
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         n_equal = int(round(self.ratio_r_equals_t * n))
         r = torch.where(torch.arange(n, device=r.device) < n_equal, t, r)
+        if local != n:
+            r, t = shard.local_rows(r), shard.local_rows(t)
         return r, t
 
     def target(self, model: Denoiser, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
@@ -89,7 +97,7 @@ class MeanFlow:
     ) -> Tensor:
         r, t = self.sample_times(x0.shape[0], generator=generator, device=x0.device)
         r, t = r.to(x0.dtype), t.to(x0.dtype)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         z = FlowMatching.interpolate(x0, noise, t)
         u, u_tgt = self.target(model, z, r, t, noise - x0, cond)
         sq = (u - u_tgt).pow(2).flatten(1).sum(dim=1)
