@@ -50,6 +50,8 @@ def dataset_path(data: dict[str, Any]) -> Path:
 
 def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
     """Generate the data set ``data`` describes, unless it is already on disk."""
+    if data["kind"] == "mt10":
+        return mt10_data_job(data, progress)
     if data["kind"] == "locomotion" and not data.get("path"):
         from diffpilot.data.locomotion import build_locomotion_dataset  # SAC and stable-baselines3 only when needed
 
@@ -75,6 +77,23 @@ def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
         reference_episodes=int(data["reference_episodes"]),
     )
     return path
+
+
+MT10_DATA_KEYS = ("episodes_per_task", "image_size", "camera", "obs_every", "max_steps", "seed", "tasks",
+                  "instructions", "workers", "ray_address")
+
+
+def mt10_data_job(data: dict[str, Any], progress: bool = True) -> Path:
+    """Meta-World MT10 demonstrations (``data=mt10``): ``data.path`` when given, else generated (cached, resumable)."""
+    if data.get("path"):
+        path = Path(data["path"]).expanduser()
+        if not path.is_file():
+            raise DatasetError(f"data.path={data['path']} does not exist or is not a file; pass an MT10 demonstration "
+                               "file, or drop data.path to generate one with `diffpilot data mt10`")
+        return path
+    from diffpilot.data.mt10 import generate_mt10  # Meta-World and the renderer only when needed
+
+    return generate_mt10(None, progress=progress, **{k: data[k] for k in MT10_DATA_KEYS})
 
 
 def trainer_config(cfg: dict[str, Any]) -> TrainerConfig:
