@@ -370,12 +370,20 @@ def _random_feeds(session: ort.InferenceSession, batch: int, rng: np.random.Gene
 
 
 def _export_model(graph: nn.Module, example: dict[str, Tensor], outputs: list[str] | tuple[str, ...],
-                  batch_axes: dict[str, int] | None = None) -> onnx.ModelProto:
+                  batch_axes: dict[str, int | None] | None = None,
+                  extra_axes: dict[str, dict[int, str]] | None = None) -> onnx.ModelProto:
     """torch.onnx.export (dynamo, dynamic batch axis) of ``graph`` called with ``example`` as keywords."""
     names = list(example)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     axes = dict(batch_axes or {})
-    dynamic = {n: {axes.get(n, 0): batch} for n in names}
+    dims: dict[str, Any] = {}
+    dynamic: dict[str, Any] = {}
+    for n in names:
+        axis = axes.get(n, 0)
+        spec = {} if axis is None else {axis: batch}
+        for extra_axis, dim_name in (extra_axes or {}).get(n, {}).items():
+            spec[extra_axis] = dims.setdefault(dim_name, torch.export.Dim(dim_name, min=2, max=4096))
+        dynamic[n] = spec or None
     with tempfile.TemporaryDirectory(prefix="diffpilot-export-") as work:
         raw = Path(work) / "graph.onnx"
         with torch.no_grad():
@@ -423,6 +431,12 @@ def _if_model(cold: onnx.ModelProto, warm: onnx.ModelProto, flag_name: str = "wa
     return merged
 
 
+def companion_path(path: str | os.PathLike[str], name: str) -> Path:
+    """Where a companion graph of the export at ``path`` lives: ``<stem>.<name>.onnx`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{name}.onnx")
+
+
 def _export_verified(
     spec: ExportSpec,
     path: str | os.PathLike[str],
@@ -447,9 +461,13 @@ def _export_verified(
         example = spec.feeds(2, torch.Generator().manual_seed(seed))
         names = tuple(example) + ((switch.flag,) if switch is not None else ())
         meta = _stamp(spec, names)
+        for name, companion in spec.companions.items():
+            _export_verified(companion, companion_path(path, name), atol=atol, rtol=rtol, fp32_slack=fp32_slack,
+                             seed=seed)
         with atomic_path(path) as tmp:
             if switch is None:
-                model = _export_model(graph, example, spec.outputs, dict(spec.batch_axes))
+                model = _export_model(graph, example, spec.outputs, dict(spec.batch_axes),
+                                      {k: dict(v) for k, v in spec.extra_axes.items()})
             else:
                 off = _export_model(switch.off, {k: example[k] for k in switch.off_inputs}, spec.outputs,
                                     dict(spec.batch_axes))

@@ -67,7 +67,8 @@ EXPORT_FORMAT = 1
 KIND_POLICY = "chunk_policy"
 KIND_DENOISER = "denoiser"
 KIND_PLANNER = "planner"
-KINDS = (KIND_POLICY, KIND_PLANNER, KIND_DENOISER)
+KIND_VLA = "vla_policy"
+KINDS = (KIND_POLICY, KIND_PLANNER, KIND_DENOISER, KIND_VLA)
 POLICY_FORMS = ("multi_step", "one_step", "warm_start")
 """Forms this runtime can drive closed loop."""
 PLANNER_FORMS = ("states", "poses")
@@ -87,6 +88,7 @@ _REQUIRED = {
     KIND_POLICY: ("t_start", *_CHUNK_INTS),
     KIND_DENOISER: ("t_start", *_CHUNK_INTS),
     KIND_PLANNER: ("dt", *_PLANNER_INTS, *_PLANNER_JSON),
+    KIND_VLA: ("vocab", "tasks", "vla", "prefix_len", "low_dim_size"),
 }
 _OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -152,6 +154,10 @@ def parse_metadata(props: dict[str, str], source: str = "model") -> ModelInfo:
                 json.loads(props[k])
             float(props["dt"])
             extra: dict[str, Any] = {"sizes": {k: int(props[k]) for k in _PLANNER_INTS}}
+        elif kind == KIND_VLA:
+            for k in ("vocab", "tasks", "vla"):
+                json.loads(props[k])
+            extra = {"sizes": {k: int(props[k]) for k in ("prefix_len", "low_dim_size")}}
         else:
             extra = {k: int(props[k]) for k in _CHUNK_INTS} | {"t_start": float(props["t_start"])}
     except ValueError as err:
@@ -553,11 +559,12 @@ class OnnxPlanner:
 
 def load_runtime(
     path: str | os.PathLike[str], *, threads: int = 1, graph_optimization: str = "all", seed: int = 0
-) -> OnnxChunkPolicy | OnnxPlanner:
+) -> Any:
     """The runtime object for an exported file, by the ``kind`` in its metadata.
 
     ``chunk_policy`` (chunk policies, the warm-start form, single-step actors)
-    -> :class:`OnnxChunkPolicy`; ``planner`` -> :class:`OnnxPlanner`. A bare
+    -> :class:`OnnxChunkPolicy`; ``planner`` -> :class:`OnnxPlanner`; ``vla_policy``
+    -> :class:`~diffpilot.export.vla_runtime.OnnxVLAPolicy`. A bare
     ``denoiser`` has no closed loop to run and is refused.
     """
     opened = open_session(path, threads=threads, graph_optimization=graph_optimization)
@@ -566,6 +573,10 @@ def load_runtime(
         return OnnxChunkPolicy(path, seed=seed, _opened=opened)
     if kind == KIND_PLANNER:
         return OnnxPlanner(path, seed=seed, _opened=opened)
+    if kind == KIND_VLA:
+        from diffpilot.export.vla_runtime import OnnxVLAPolicy  # numpy + onnxruntime only, like this module
+
+        return OnnxVLAPolicy(path, threads=threads, seed=seed)
     raise ExportedModelError(
         f"{path} is a {kind!r} export (one network call); run it with onnxruntime directly "
         "(diffpilot.export.runtime.open_session) or export the whole policy with diffpilot export"

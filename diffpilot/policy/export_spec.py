@@ -74,6 +74,12 @@ class ExportSpec:
         nfe: network evaluations per call; the check tolerance scales with it.
         batch_axes: the batch axis of each input that does not have it first.
         switch: two graphs behind a bool input (e.g. cold vs warm-started plans).
+        extra_axes: further dynamic axes by input name, ``{axis: dim name}``
+            (a decoding cache's length); an input whose ``batch_axes`` entry
+            is ``None`` has no batch axis (a scalar position).
+        companions: more graphs the runtime needs beside this one, written
+            next to it as ``<stem>.<name>.onnx`` before it (so the main file's
+            presence means the set is complete).
     """
 
     graph: nn.Module
@@ -81,8 +87,10 @@ class ExportSpec:
     outputs: tuple[str, ...]
     metadata: dict[str, str]
     nfe: int
-    batch_axes: Mapping[str, int] = field(default_factory=dict)
+    batch_axes: Mapping[str, int | None] = field(default_factory=dict)
     switch: ExportSwitch | None = None
+    extra_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    companions: Mapping[str, "ExportSpec"] = field(default_factory=dict)
 
     def example_inputs(self, batch: int = 2, seed: int = 0) -> dict[str, Tensor]:
         """The inputs at ``batch`` (with a switch, without its flag)."""

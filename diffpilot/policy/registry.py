@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 # Every module that defines a kind is imported here, so the table is full once this module is loaded.
-from diffpilot.policy import bc, chunk_diffusion, diffusiondrive, dql, driving_generative, ego_mlp, ofql, stl_flow, transdiffuser  # noqa: F401
+from diffpilot.policy import bc, chunk_diffusion, diffusion_vla, diffusiondrive, dql, driving_generative, ego_mlp, ofql, stl_flow, transdiffuser  # noqa: F401
 from diffpilot.policy.checkpoint import CONFIG, CheckpointError
 from diffpilot.policy.kinds import POLICIES, register_policy
 
