@@ -67,6 +67,7 @@ from diffpilot.data.mt10_env import (  # first: sets MUJOCO_GL before anything i
     check_task,
     make_env,
     make_expert,
+    RENDER_SETTINGS,
     reset_episode,
 )
 
@@ -388,7 +389,7 @@ def _config(tasks: Sequence[str], episodes_per_task: int, image_size: int, camer
         "image_size": int(image_size), "camera": camera, "obs_every": int(obs_every), "seed": int(seed),
         "max_steps": int(max_steps), "shard_episodes": SHARD_EPISODES, "max_attempts": MAX_ATTEMPTS,
         "instructions": {t: instructions[t] for t in tasks},
-        "subgoals": {t: SUBGOALS[t] for t in tasks},
+        "subgoals": {t: SUBGOALS[t] for t in tasks}, "render": dict(RENDER_SETTINGS),
         "versions": {"metaworld": getattr(metaworld, "__version__", "3.1.1"), "mujoco": mujoco.__version__},
     }
 

@@ -44,6 +44,8 @@ ACTION_DIM = 4
 MAX_STEPS = 500
 """Meta-World's episode limit (``max_path_length``)."""
 DEFAULT_CAMERA = "corner4"
+RENDER_SETTINGS = {"offsamples": 0, "shadows": False, "reflections": False}
+"""How every frame is rendered (part of a demonstration file's cache key: training and evaluation frames must match)."""
 """The camera every task is recorded and evaluated with: table, objects and gripper in view for all ten."""
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 _UPSIDE_DOWN = ("corner", "corner2", "corner3", "corner4")
@@ -98,8 +100,14 @@ def reset_episode(env: Any, seed: int) -> np.ndarray:
 
 
 def _new_renderer(mujoco: Any, model: Any, size: int) -> Any:
-    """``mujoco.Renderer``; headless (no DISPLAY) with mujoco imported before MUJOCO_GL was set, through EGL."""
+    """``mujoco.Renderer``; headless (no DISPLAY) with mujoco imported before MUJOCO_GL was set, through EGL.
+
+    Multisampling is off (``offsamples = 0``): at 64 px it changes little and
+    costs 4x the frame time of a software renderer (about 30 -> 7 ms here).
+    """
     from mujoco import gl_context
+
+    model.vis.quality.offsamples = RENDER_SETTINGS["offsamples"]
 
     current = gl_context.GLContext
     if os.environ.get("DISPLAY") or current is None or not current.__module__.startswith("mujoco.glfw"):
