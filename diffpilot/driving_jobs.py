@@ -64,7 +64,8 @@ def driving_data_job(cfg: dict[str, Any]) -> Path:
     from diffpilot.data.traffic.generate import generate_driving_dataset
 
     return Path(generate_driving_dataset(path, num_scenes=int(data["num_scenes"]), seed=int(data["seed"]), version=version,
-                                         val_fraction=float(data["val_fraction"]), workers=int(data["workers"])))
+                                         val_fraction=float(data["val_fraction"]), workers=int(data["workers"]),
+                                         ray_address=data.get("ray_address")))
 
 
 def driving_anchors_job(cfg: dict[str, Any]) -> Path:

@@ -44,7 +44,8 @@ def dataset_path(data: dict[str, Any]) -> Path:
     if data["kind"] == "pick_place":
         name = f"{data['name']}-{data['episodes']}ep-noise{data['noise']}-s{data['seed']}.hdf5"
     else:
-        name = f"{data['name']}-{data['reward']}-{data['num_steps']}-s{data['seed']}.hdf5"
+        segments = int(data.get("segments", 1) or 1)
+        name = f"{data['name']}-{data['reward']}-{data['num_steps']}-s{data['seed']}{f'-seg{segments}' if segments > 1 else ''}.hdf5"
     return cache_dir() / "datasets" / name
 
 
@@ -74,7 +75,8 @@ def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
     generate_maze2d(
         data["maze"], int(data["num_steps"]), seed=int(data["seed"]), reward=data["reward"],
         episode_len=int(data["episode_len"]), path=path, progress=progress,
-        reference_episodes=int(data["reference_episodes"]),
+        reference_episodes=int(data["reference_episodes"]), segments=int(data.get("segments", 1) or 1),
+        workers=int(data.get("workers", 1) or 1), ray_address=data.get("ray_address"),
     )
     return path
 
@@ -156,7 +158,7 @@ def train_job(cfg: dict[str, Any]) -> Path:
     return out / "policy"
 
 
-DRIVING_DATA_KEYS = ("root", "version", "num_scenes", "seed", "val_fraction", "workers")
+DRIVING_DATA_KEYS = ("root", "version", "num_scenes", "seed", "val_fraction", "workers", "ray_address")
 
 
 def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg: TrainerConfig, out: Path) -> Path:
@@ -237,9 +239,11 @@ def reference_for(task: Task, data_path: str | Path | None, episodes: int = 100)
 
 
 def evaluate(
-    policy: Any, task: Task, episodes: int, seed: int, ref: tuple[float, float], progress: bool = True
+    policy: Any, task: Task, episodes: int, seed: int, ref: tuple[float, float], progress: bool = True,
+    workers: int = 1, ray_address: str | None = None,
 ) -> tuple[dict[str, Any], list[EpisodeRecord]]:
-    records = run_episodes(task.make_env, policy, episodes, seed=seed, ref_scores=ref, progress=progress)
+    records = run_episodes(task.make_env, policy, episodes, seed=seed, ref_scores=ref, progress=progress,
+                           workers=workers, ray_address=ray_address)
     return summarize(records), records
 
 
@@ -264,7 +268,8 @@ def eval_job(cfg: dict[str, Any]) -> Path:
     data_path = cfg.get("data_path") or (yaml.safe_load(run_yaml.read_text()).get("data_path") if run_yaml.exists() else None)
     task = get_task(cfg["sim"]["task"])
     ref, ref_source = reference_for(task, data_path)
-    summary, records = evaluate(policy, task, int(cfg["sim"]["episodes"]), int(cfg["sim"]["seed"]), ref, cfg.get("progress", True))
+    summary, records = evaluate(policy, task, int(cfg["sim"]["episodes"]), int(cfg["sim"]["seed"]), ref, cfg.get("progress", True),
+                                workers=int(cfg.get("workers", 1)), ray_address=cfg.get("ray_address"))
     _write_json(out / "eval.json", {"summary": summary, "reference": list(ref), "reference_source": ref_source,
                                    "episodes": [r.row() for r in records]})
     figure = _rollout_figure(task, records, out / "rollouts.png")

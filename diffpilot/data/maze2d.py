@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, Literal, Sequence
@@ -388,6 +387,9 @@ def generate_maze2d(
     path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     reference_episodes: int = 100,
+    segments: int = 1,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> OfflineDataset:
     """Collect a maze2d data set with D4RL's recipe; write it to ``path`` when given.
 
@@ -401,14 +403,80 @@ def generate_maze2d(
     script offers the same noise (std 0.5, its ``--noisy`` option), which keeps
     the data from being a single deterministic behaviour. ``reference_episodes=0``
     skips the reference returns.
+
+    ``segments > 1`` collects the rows as that many independent runs of whole
+    ``episode_len`` chunks, each seeded from ``(seed, segment)``, joined in
+    order: they run as Ray tasks on ``workers`` CPUs or a cluster at
+    ``ray_address`` (:func:`diffpilot.parallel.ordered_map`), and the file is
+    the same for any number of workers. ``segments=1`` is the single run.
     """
+    from diffpilot.parallel import ordered_map
+
     spec = _spec(maze)
     _check_reward(reward)
     if num_steps <= 0 or episode_len <= 0:
         raise DatasetError(f"num_steps and episode_len must be positive, got {num_steps} and {episode_len}")
     if action_noise_std < 0 or goal_tolerance <= 0:
         raise DatasetError("action_noise_std must be >= 0 and goal_tolerance > 0")
+    chunks = math.ceil(num_steps / episode_len)
+    if isinstance(segments, bool) or not isinstance(segments, (int, np.integer)) or not 1 <= segments <= chunks:
+        raise DatasetError(f"segments must be an integer in [1, {chunks}] (whole {episode_len}-step chunks of "
+                           f"{num_steps} steps), got {segments!r}")
+    per = [chunks // segments + (i < chunks % segments) for i in range(segments)]
+    lengths = [min(n * episode_len, num_steps - sum(per[:i]) * episode_len) for i, n in enumerate(per)]
+    seeds = [seed] if segments == 1 else [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(segments)]
+    jobs = [(maze, reward, n, s_, episode_len, action_noise_std, goal_tolerance, progress and segments == 1)
+            for n, s_ in zip(lengths, seeds)]
+    parts = ordered_map(_collect_segment, jobs, workers=int(workers), ray_address=ray_address,
+                        progress=progress and segments > 1, desc=f"maze2d-{maze} segments", unit="segment")
 
+    metadata: dict[str, Any] = {
+        "maze": maze,
+        "env_id": spec.env_id,
+        "reward_type": reward,
+        "seed": seed,
+        "episode_len": episode_len,
+        "eval_episode_limit": spec.episode_limit,
+        "eval_goal_cell": np.array(spec.eval_goal_cell),
+        "action_noise_std": action_noise_std,
+        "goal_tolerance": goal_tolerance,
+        "observation_layout": "x,y,vx,vy",
+        "recipe": (
+            "D4RL maze2d: grid value-iteration waypoints + PD a=clip(10*(wp-pos)-1*vel,-1,1), "
+            f"Gaussian action noise std {action_noise_std}, new random goal when within {goal_tolerance} "
+            f"and every {episode_len} steps; reward {reward} (radius {GOAL_RADIUS} / exp(-dist))"
+        ),
+        "goals_reached": int(sum(p["goals_reached"] for p in parts)),
+        "d4rl_ref_min_score": spec.d4rl_ref_scores[0],
+        "d4rl_ref_max_score": spec.d4rl_ref_scores[1],
+        "versions": {name: version(name) for name in ("gymnasium", "gymnasium-robotics", "mujoco")},
+        **({"segments": int(segments)} if segments > 1 else {}),
+    }
+    if reference_episodes > 0:
+        ref_min, ref_max = reference_scores(maze, reward, reference_episodes, seed)
+        metadata.update(ref_min_score=ref_min, ref_max_score=ref_max, ref_source="local", reference_episodes=reference_episodes)
+
+    def cat(key: str) -> np.ndarray:
+        return np.concatenate([p[key] for p in parts])
+
+    dataset = OfflineDataset(
+        observations=cat("observations"),
+        actions=cat("actions"),
+        rewards=cat("rewards"),
+        terminals=np.zeros(num_steps, dtype=bool),
+        timeouts=cat("timeouts"),
+        next_observations=cat("next_observations"),
+        infos={"goal": cat("goal"), "qpos": cat("qpos"), "qvel": cat("qvel")},
+        metadata=metadata,
+    )
+    if path is not None:
+        write_d4rl(path, dataset)
+    return dataset
+
+
+def _collect_segment(args: tuple) -> dict[str, Any]:
+    """One uninterrupted run of the expert: ``num_steps`` rows from one seed (a task of :func:`generate_maze2d`)."""
+    maze, reward, num_steps, seed, episode_len, action_noise_std, goal_tolerance, progress = args
     rng = np.random.default_rng(seed)
     env = make_maze2d_env(maze, reward=reward, goal_in_obs=False, eval_goal=False, max_episode_steps=num_steps + 1, seed=seed)
     controller = WaypointController(env.maze_map)
@@ -428,7 +496,6 @@ def generate_maze2d(
 
     noise = rng.normal(0.0, action_noise_std, size=(num_steps, 2)) if action_noise_std > 0 else None
     bar = _progress(num_steps, f"maze2d-{maze}", progress)
-    started = time.perf_counter()
     goals_reached = 0
     try:
         obs, _ = env.reset()
@@ -459,47 +526,8 @@ def generate_maze2d(
         if bar is not None:
             bar.close()
         env.close()
-    elapsed = time.perf_counter() - started
-
-    metadata: dict[str, Any] = {
-        "maze": maze,
-        "env_id": spec.env_id,
-        "reward_type": reward,
-        "seed": seed,
-        "episode_len": episode_len,
-        "eval_episode_limit": spec.episode_limit,
-        "eval_goal_cell": np.array(spec.eval_goal_cell),
-        "action_noise_std": action_noise_std,
-        "goal_tolerance": goal_tolerance,
-        "observation_layout": "x,y,vx,vy",
-        "recipe": (
-            "D4RL maze2d: grid value-iteration waypoints + PD a=clip(10*(wp-pos)-1*vel,-1,1), "
-            f"Gaussian action noise std {action_noise_std}, new random goal when within {goal_tolerance} "
-            f"and every {episode_len} steps; reward {reward} (radius {GOAL_RADIUS} / exp(-dist))"
-        ),
-        "goals_reached": int(goals_reached),
-        "generation_steps_per_s": float(num_steps / max(elapsed, 1e-9)),
-        "d4rl_ref_min_score": spec.d4rl_ref_scores[0],
-        "d4rl_ref_max_score": spec.d4rl_ref_scores[1],
-        "versions": {name: version(name) for name in ("gymnasium", "gymnasium-robotics", "mujoco")},
-    }
-    if reference_episodes > 0:
-        ref_min, ref_max = reference_scores(maze, reward, reference_episodes, seed)
-        metadata.update(ref_min_score=ref_min, ref_max_score=ref_max, ref_source="local", reference_episodes=reference_episodes)
-
-    dataset = OfflineDataset(
-        observations=obs_buf[:-1],
-        actions=actions,
-        rewards=rewards,
-        terminals=np.zeros(num_steps, dtype=bool),
-        timeouts=timeouts,
-        next_observations=obs_buf[1:],
-        infos={"goal": goals, "qpos": qpos, "qvel": qvel},
-        metadata=metadata,
-    )
-    if path is not None:
-        write_d4rl(path, dataset)
-    return dataset
+    return {"observations": obs_buf[:-1], "next_observations": obs_buf[1:], "actions": actions, "rewards": rewards,
+            "timeouts": timeouts, "goal": goals, "qpos": qpos, "qvel": qvel, "goals_reached": int(goals_reached)}
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -358,19 +358,11 @@ def augment(
 
 
 def _run_ray(todo, shards, paths, subset, config, config_hash, workers, ray_address, bar) -> None:  # noqa: ANN001
-    import logging
-
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
-        if ray_address:
-            ray.init(address=ray_address, **kw)
-        else:
-            ray.init(num_cpus=workers, **kw)
-        started = True
-    try:
+    from diffpilot.parallel import ray_session
+
+    with ray_session(workers, ray_address):
         remote = ray.remote(num_cpus=1)(run_shard)
         pending = {remote.remote(subset(shards[i]), shards[i], config, i): i for i in todo}
         waiting = list(pending)
@@ -380,9 +372,6 @@ def _run_ray(todo, shards, paths, subset, config, config_hash, workers, ray_addr
                 i = pending[ref]
                 _write_shard(paths[i], ray.get(ref), config_hash, i)
                 bar.update(1)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def read_augmented(out_dir: str | Path) -> dict[str, np.ndarray]:

@@ -53,50 +53,74 @@ def run_episodes(
     ref_scores: tuple[float, float] | None = None,
     keep_observations: bool = True,
     progress: bool = True,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> list[EpisodeRecord]:
-    """Run ``episodes`` episodes; episode ``i`` seeds both env and policy with ``seed + i``."""
+    """Run ``episodes`` episodes; episode ``i`` seeds both env and policy with ``seed + i``.
+
+    ``workers > 1`` or ``ray_address`` runs the episodes as Ray tasks (each
+    with its own environment and a copy of the policy,
+    :func:`diffpilot.parallel.ordered_map`); the records are the same as in one
+    process, in episode order, except for the measured latencies.
+    """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if workers != 1 or ray_address:
+        from diffpilot.parallel import ordered_map
+
+        jobs = [(make_env, policy, i, seed + i, ref_scores, keep_observations) for i in range(episodes)]
+        return ordered_map(_episode_task, jobs, workers=workers, ray_address=ray_address, progress=progress,
+                           desc="eval", unit="episode")
     env = make_env()
-    records = []
     try:
-        for i in tqdm(range(episodes), desc="eval", disable=not progress, dynamic_ncols=True):
-            ep_seed = seed + i
-            obs, info = env.reset(seed=ep_seed)
-            policy.reset(seed=ep_seed)
-            total, steps, success = 0.0, 0, False
-            latencies, observations = [], [obs]
-            done = False
-            while not done:
-                t0 = time.perf_counter()
-                action = policy.act(obs)
-                latencies.append((time.perf_counter() - t0) * 1e3)
-                obs, reward, terminated, truncated, info = env.step(action)
-                total += float(reward)
-                steps += 1
-                success = success or bool(info.get("success", False))
-                done = terminated or truncated
-                if keep_observations:
-                    observations.append(obs)
-            lat = np.asarray(latencies)
-            records.append(
-                EpisodeRecord(
-                    episode=i,
-                    seed=ep_seed,
-                    episode_return=total,
-                    length=steps,
-                    success=success,
-                    normalized_score=normalized_score(total, *ref_scores) if ref_scores else None,
-                    latency_ms_p50=float(np.percentile(lat, 50)),
-                    latency_ms_p99=float(np.percentile(lat, 99)),
-                    latency_ms_max=float(lat.max()),
-                    latency_ms_mean=float(lat.mean()),
-                    observations=np.asarray(observations) if keep_observations else None,
-                )
-            )
+        return [_episode(env, policy, i, seed + i, ref_scores, keep_observations)
+                for i in tqdm(range(episodes), desc="eval", disable=not progress, dynamic_ncols=True)]
     finally:
         env.close()
-    return records
+
+
+def _episode_task(args: tuple) -> EpisodeRecord:
+    """One episode in a fresh environment (a Ray task of :func:`run_episodes`)."""
+    make_env, policy, i, ep_seed, ref_scores, keep_observations = args
+    env = make_env()
+    try:
+        return _episode(env, policy, i, ep_seed, ref_scores, keep_observations)
+    finally:
+        env.close()
+
+
+def _episode(env: gym.Env, policy: Policy, i: int, ep_seed: int, ref_scores: tuple[float, float] | None,
+             keep_observations: bool) -> EpisodeRecord:
+    obs, info = env.reset(seed=ep_seed)
+    policy.reset(seed=ep_seed)
+    total, steps, success = 0.0, 0, False
+    latencies, observations = [], [obs]
+    done = False
+    while not done:
+        t0 = time.perf_counter()
+        action = policy.act(obs)
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        obs, reward, terminated, truncated, info = env.step(action)
+        total += float(reward)
+        steps += 1
+        success = success or bool(info.get("success", False))
+        done = terminated or truncated
+        if keep_observations:
+            observations.append(obs)
+    lat = np.asarray(latencies)
+    return EpisodeRecord(
+        episode=i,
+        seed=ep_seed,
+        episode_return=total,
+        length=steps,
+        success=success,
+        normalized_score=normalized_score(total, *ref_scores) if ref_scores else None,
+        latency_ms_p50=float(np.percentile(lat, 50)),
+        latency_ms_p99=float(np.percentile(lat, 99)),
+        latency_ms_max=float(lat.max()),
+        latency_ms_mean=float(lat.mean()),
+        observations=np.asarray(observations) if keep_observations else None,
+    )
 
 
 def summarize(records: list[EpisodeRecord]) -> dict[str, float]:

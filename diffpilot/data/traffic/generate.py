@@ -2,13 +2,13 @@
 
 Every scene has its own seed derived from (data-set seed, scene index), so a
 scene is the same whether it is simulated alone, in order, or on another
-worker process; ``workers=2`` gives exactly the logs of ``workers=1``.
+worker (a Ray task, :func:`diffpilot.parallel.ordered_map`); ``workers=2`` or a
+cluster (``ray_address``) gives exactly the logs, and the files, of ``workers=1``.
 The split into train / val is by scene, never by window.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import MapGeometry, ScenarioLog
 from diffpilot.data.traffic.roads import RoadNetwork, build_network
 from diffpilot.data.traffic.simulate import SceneStats, simulate_scene
+from diffpilot.parallel import ordered_map
 
 __all__ = [
     "LOCATION_WEIGHTS",
@@ -72,29 +73,13 @@ def _check(num_scenes: int, workers: int) -> None:
 
 
 def simulate_scenes_with_stats(
-    num_scenes: int, seed: int = 0, progress: bool = True, workers: int = 1
+    num_scenes: int, seed: int = 0, progress: bool = True, workers: int = 1, ray_address: str | None = None
 ) -> tuple[dict[str, MapGeometry], list[ScenarioLog], list[SceneStats]]:
     """Like :func:`simulate_scenes`, also returning what each ego did (:class:`SceneStats`)."""
     _check(num_scenes, workers)
     jobs = [(i, seed) for i in range(num_scenes)]
-    results: list[tuple[int, ScenarioLog, SceneStats]] = []
-    bar = tqdm(total=num_scenes, desc="simulating scenes", unit="scene", disable=not progress)
-    try:
-        if workers == 1:
-            for job in jobs:
-                results.append(_scene_job(job))
-                bar.update(1)
-        else:
-            # fork where the platform has it: works from scripts without a __main__ guard and
-            # starts in milliseconds; the workers only run numpy/shapely code
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with ctx.Pool(workers) as pool:
-                for res in pool.imap_unordered(_scene_job, jobs, chunksize=max(1, min(8, num_scenes // (4 * workers)))):
-                    results.append(res)
-                    bar.update(1)
-    finally:
-        bar.close()
+    results = ordered_map(_scene_job, jobs, workers=int(workers), ray_address=ray_address, progress=progress,
+                          desc="simulating scenes", unit="scene")
     results.sort(key=lambda r: r[0])
     maps: dict[str, MapGeometry] = {}
     logs, stats = [], []
@@ -108,10 +93,10 @@ def simulate_scenes_with_stats(
 
 
 def simulate_scenes(
-    num_scenes: int, seed: int = 0, progress: bool = True, workers: int = 1
+    num_scenes: int, seed: int = 0, progress: bool = True, workers: int = 1, ray_address: str | None = None
 ) -> tuple[dict[str, MapGeometry], list[ScenarioLog]]:
     """Simulate ``num_scenes`` scenes; returns one map per location used and the logs in scene order."""
-    maps, logs, _ = simulate_scenes_with_stats(num_scenes, seed, progress, workers)
+    maps, logs, _ = simulate_scenes_with_stats(num_scenes, seed, progress, workers, ray_address)
     return maps, logs
 
 
@@ -135,6 +120,7 @@ def generate_driving_dataset(
     version: str = "v1.0-diffpilot",
     val_fraction: float = 0.2,
     workers: int = 1,
+    ray_address: str | None = None,
 ) -> Path:
     """Simulate the default driving data set and write it as nuScenes at ``root``; returns ``root``.
 
@@ -146,7 +132,7 @@ def generate_driving_dataset(
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
     start = time.perf_counter()
-    maps, logs = simulate_scenes(num_scenes, seed, progress=True, workers=workers)
+    maps, logs = simulate_scenes(num_scenes, seed, progress=True, workers=workers, ray_address=ray_address)
     splits = split_scenes([log.scene_name for log in logs], val_fraction, seed)
     out = write_nuscenes(root, version, maps, logs, splits)
     tqdm.write(f"wrote {len(logs)} scenes ({len(splits['train'])} train / {len(splits['val'])} val) "

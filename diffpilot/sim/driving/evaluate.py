@@ -21,16 +21,15 @@ no at-fault collision and stays on the drivable area; where it fails, EP is
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffpilot.data.errors import DatasetError
+from diffpilot.parallel import ray_session
 from diffpilot.data.scenario import Planner, SampleSpec, ScenarioLog
 
 __all__ = [
@@ -126,39 +125,7 @@ def _scene_row(
     return row, ref_progress
 
 
-# --------------------------------------------------------------------------- Ray
-
-
-@contextlib.contextmanager
-def ray_session(workers: int = 1, ray_address: str | None = None) -> Iterator[bool]:
-    """Start Ray for the duration of the block when it is needed; yields whether Ray is in use.
-
-    ``workers > 1`` starts a local Ray with that many CPUs; ``ray_address``
-    joins a running cluster (``"auto"`` or ``"ray://host:10001"``). A Ray
-    that is already running is reused and left running; one started here is
-    shut down at the end. ``workers == 1`` without an address uses no Ray.
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers == 1 and not ray_address:
-        yield False
-        return
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False,
-                                  "configure_logging": True}
-        if ray_address:
-            ray.init(address=ray_address, **kwargs)
-        else:
-            ray.init(num_cpus=workers, **kwargs)
-        started = True
-    try:
-        yield True
-    finally:
-        if started:
-            ray.shutdown()
+# --------------------------------------------------------------------------- Ray (sessions: diffpilot.parallel)
 
 
 @functools.lru_cache(maxsize=1)
