@@ -20,7 +20,16 @@ Directions are the robot's view: the robot stands at y = 0 facing +y, so
 +x is *right*, +y *ahead*, +z *above*. A relation names the axis with the
 largest offset, and a second axis when its offset is at least half the
 largest; offsets under :data:`AT_DISTANCE` on every axis read *at the
-gripper*. *near* means closer than :data:`NEAR_DISTANCE`.
+gripper*. *near* means closer than :data:`NEAR_DISTANCE`. For the tasks
+whose object is held between the fingers (push, pick-place,
+peg-insert-side) "the gripper" is the point between the fingertips,
+:data:`FINGERTIP_DROP` below the hand position the state reports, so a
+grasped puck or peg reads *at the gripper*.
+
+The experts' phases follow their scripts: they move forward in the order of
+:data:`SUBGOALS`, except where a script itself steps back (the peg expert
+returns to "carry the peg to the hole" when the peg drifts off the hole's
+axis while it inserts).
 """
 
 from __future__ import annotations
@@ -29,13 +38,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AT_DISTANCE", "NEAR_DISTANCE", "OBJECTS", "SUBGOALS", "Annotation", "annotate", "describe_relation",
+__all__ = ["AT_DISTANCE", "FINGERTIP_DROP", "NEAR_DISTANCE", "OBJECTS", "SUBGOALS", "Annotation", "annotate", "describe_relation",
            "subgoal_index", "subgoal_of"]
 
 AT_DISTANCE = 0.02
 """Metres: an offset below this on every axis is *at the gripper*."""
 NEAR_DISTANCE = 0.05
 """Metres: closer than this is *near*, else *far*."""
+FINGERTIP_DROP = 0.03
+"""Metres from the reported hand position down to where a grasped object sits (measured: 2.4-3.9 cm)."""
+_HELD = ("push", "pick-place", "peg-insert-side")
 
 SUBGOALS: dict[str, list[str]] = {
     "reach": ["reach for the goal"],
@@ -152,7 +164,7 @@ def annotate(task: str, state: np.ndarray) -> Annotation:
         raise ValueError(f"an MT10 state has 39 numbers, got {s.shape[0]}")
     phase = _phase(task, s)
     subgoal = SUBGOALS[task][phase]
-    hand = s[0:3]
+    hand = s[0:3] - np.array([0.0, 0.0, FINGERTIP_DROP if task in _HELD else 0.0])
     obj = s[36:39] if task == "reach" else s[4:7]
     parts = [subgoal, _clause(OBJECTS[task], obj - hand)]
     if task in _GOAL_PHASES and phase >= _GOAL_PHASES[task][1]:
