@@ -22,6 +22,7 @@ from diffpilot.data.mt10 import (
     load_instructions,
     load_mt10,
     subgoal_of,
+    write_episodes,
 )
 from diffpilot.data.mt10_env import make_expert
 from diffpilot.data.mt10_reasoning import describe_relation
@@ -232,3 +233,20 @@ def test_two_ray_workers_write_the_same_bytes(demo_file: Path, tmp_path: Path):
     out = generate_mt10(tmp_path / "ray.hdf5", workers=2, **SMALL)
     assert out.read_bytes() == demo_file.read_bytes()
     assert os.stat(out).st_size > 10_000
+
+
+def test_own_recordings_fill_the_layout(demo_file: Path, tmp_path: Path):
+    d = load_mt10(demo_file)
+    eps = []
+    for i in (2, 0):
+        sl = d.episode_slice(i)
+        rows = d.image_index[sl]
+        eps.append({"task": d.tasks[d.episode_task[i]], "instruction": "my words", "seed": -1,
+                    "state": d.state[sl], "actions": d.actions[sl], "images": d.images[rows[rows >= 0]]})
+    mine = load_mt10(write_episodes(tmp_path / "mine.hdf5", eps, image_size=32, obs_every=8))
+    assert mine.tasks == ["pick-place", "drawer-close"] and list(mine.episode_task) == [1, 0]
+    sl = d.episode_slice(2)
+    np.testing.assert_array_equal(mine.state[: sl.stop - sl.start], d.state[sl])
+    assert mine.reasoning[: sl.stop - sl.start] == d.reasoning[sl] and mine.episode_instruction == ["my words"] * 2
+    with pytest.raises(ValueError, match=r"images uint8 \[\d+, 32, 32, 3\]"):
+        write_episodes(tmp_path / "bad.hdf5", [{**eps[0], "images": eps[0]["images"][:1]}], image_size=32, obs_every=8)

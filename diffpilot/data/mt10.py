@@ -22,7 +22,7 @@ with the same configuration returns the file untouched.
 
 The HDF5 layout (``format="diffpilot.mt10"``, ``version=1``; README section
 "MT10 demonstrations: the HDF5 layout"). Your own recorded demonstrations
-can fill it; :func:`load_mt10` checks it.
+can fill it (:func:`write_episodes`); :func:`load_mt10` checks it.
 
 Root attributes: ``format`` (``"diffpilot.mt10"``), ``version`` (1),
 ``image_size`` (H = W), ``camera`` (name), ``obs_every`` (frames exist at
@@ -94,7 +94,8 @@ from diffpilot.fileio import atomic_path, cache_dir  # noqa: E402
 __all__ = [
     "DEFAULT_CAMERA", "FORMAT", "FORMAT_VERSION", "HELDOUT_INSTRUCTIONS", "LAYOUT_SECTION", "MT10_TASKS",
     "SHARD_EPISODES", "SUBGOALS", "TRAIN_INSTRUCTIONS", "Annotation", "MT10Demos", "annotate", "default_path",
-    "episode_seed", "generate_mt10", "load_instructions", "load_mt10", "run_shard", "subgoal_of", "write_mt10",
+    "episode_seed", "generate_mt10", "load_instructions", "load_mt10", "run_shard", "subgoal_of", "write_episodes",
+    "write_mt10",
 ]
 
 FORMAT = "diffpilot.mt10"
@@ -309,7 +310,7 @@ def write_mt10(path: str | Path, shards: Sequence[Mapping[str, Any]], shard_task
     tasks = list(json.loads(attrs["tasks"]))
     cols: dict[str, list[Any]] = {k: [] for k in ("actions", "state", "episode", "task", "step", "image_index")}
     texts: dict[str, list[str]] = {"reasoning": [], "subgoal": []}
-    ep_cols: dict[str, list[Any]] = {"task": [], "seed": [], "start": [], "length": []}
+    ep_cols: dict[str, list[Any]] = {"task": [], "seed": [], "start": [], "length": [], "success": []}
     instructions: list[str] = []
     images: list[np.ndarray] = []
     rows = frames = episodes = 0
@@ -330,6 +331,7 @@ def write_mt10(path: str | Path, shards: Sequence[Mapping[str, Any]], shard_task
         ep_cols["length"].append(np.asarray(data["length"], np.int32))
         ep_cols["seed"].append(np.asarray(data["seed"], np.int64))
         ep_cols["task"].append(np.full(e, ti, np.int32))
+        ep_cols["success"].append(np.asarray(data.get("success", np.ones(e, bool)), bool).reshape(e))
         instructions += list(data["instruction"])
         images.append(data["images"])
         rows, frames, episodes = rows + n, frames + m, episodes + e
@@ -358,8 +360,52 @@ def write_mt10(path: str | Path, shards: Sequence[Mapping[str, Any]], shard_task
             g.create_dataset("seed", data=np.concatenate(ep_cols["seed"]).astype(np.int64))
             g.create_dataset("start", data=np.concatenate(ep_cols["start"]).astype(np.int64))
             g.create_dataset("length", data=np.concatenate(ep_cols["length"]).astype(np.int32))
-            g.create_dataset("success", data=np.ones(episodes, bool))
+            g.create_dataset("success", data=np.concatenate(ep_cols["success"]).astype(bool))
     return path
+
+
+def write_episodes(path: str | Path, episodes: Sequence[Mapping[str, Any]], image_size: int,
+                   camera: str = DEFAULT_CAMERA, obs_every: int = 4, tasks: Sequence[str] | None = None) -> Path:
+    """Write demonstrations you recorded yourself in the documented layout (atomically); returns ``path``.
+
+    Each episode is a mapping with ``task``, ``instruction``, ``seed`` (int,
+    -1 if unknown), ``state`` (L, 39), ``actions`` (L, 4) and ``images``
+    (uint8, one frame per step ``t % obs_every == 0``: ``ceil(L / obs_every)``
+    frames of ``image_size`` pixels); optional ``reasoning`` (L strings),
+    else :func:`annotate` writes it; optional ``success`` (default True). ``tasks`` (default: the MT10 tasks the
+    episodes use, in MT10 order) is the ``tasks`` attribute.
+    """
+    names = [check_task(ep["task"]) for ep in episodes]
+    tasks = [t for t in MT10_TASKS if t in names] if tasks is None else [check_task(t) for t in tasks]
+    shards = []
+    for ep, task in zip(episodes, names, strict=True):
+        if task not in tasks:
+            raise ValueError(f"episode task {task!r} is not in tasks={tasks}")
+        state = np.asarray(ep["state"], np.float32)
+        actions = np.asarray(ep["actions"], np.float32)
+        n = len(state)
+        if state.shape != (n, 39) or actions.shape != (n, 4) or n < 1:
+            raise ValueError(f"an episode needs state (L, 39) and actions (L, 4) with L >= 1, got "
+                             f"{list(state.shape)} and {list(actions.shape)}")
+        images = np.asarray(ep["images"])
+        frames = -(-n // int(obs_every))
+        if images.dtype != np.uint8 or images.shape != (frames, image_size, image_size, 3):
+            raise ValueError(f"an episode of {n} steps with obs_every={obs_every} needs images uint8 "
+                             f"[{frames}, {image_size}, {image_size}, 3], got {images.dtype} {list(images.shape)}")
+        texts = list(ep["reasoning"]) if ep.get("reasoning") is not None else [annotate(task, s).text for s in state]
+        if len(texts) != n:
+            raise ValueError(f"reasoning has {len(texts)} sentences for {n} steps")
+        idx = np.full(n, -1, np.int32)
+        idx[::int(obs_every)] = np.arange(frames, dtype=np.int32)
+        shards.append({
+            "actions": actions, "state": state, "step": np.arange(n, dtype=np.int32), "frame_index": idx,
+            "reasoning": texts, "subgoal": [subgoal_of(t) for t in texts], "seed": np.array([int(ep["seed"])]),
+            "length": np.array([n], np.int32), "instruction": [str(ep["instruction"])], "images": images,
+            "success": np.array([bool(ep.get("success", True))]),
+        })
+    attrs = {"format": FORMAT, "version": FORMAT_VERSION, "image_size": int(image_size), "camera": str(camera),
+             "obs_every": int(obs_every), "tasks": json.dumps(tasks)}
+    return write_mt10(path, shards, names, attrs)
 
 
 # --------------------------------------------------------------------------- the job
