@@ -66,19 +66,17 @@ from diffpilot.data.mt10_env import (  # first: sets MUJOCO_GL before anything i
     check_camera,
     check_task,
     make_env,
-    make_expert,
     RENDER_SETTINGS,
+    make_expert,
     reset_episode,
 )
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -90,6 +88,7 @@ import yaml  # noqa: E402
 from diffpilot.data.errors import DatasetError  # noqa: E402
 from diffpilot.data.mt10_reasoning import SUBGOALS, Annotation, annotate, subgoal_of  # noqa: E402
 from diffpilot.fileio import atomic_path, cache_dir  # noqa: E402
+from diffpilot.parallel import ray_session  # noqa: E402
 
 __all__ = [
     "DEFAULT_CAMERA", "FORMAT", "FORMAT_VERSION", "HELDOUT_INSTRUCTIONS", "LAYOUT_SECTION", "MT10_TASKS",
@@ -440,29 +439,6 @@ def _config(tasks: Sequence[str], episodes_per_task: int, image_size: int, camer
     }
 
 
-@contextmanager
-def _ray(workers: int, ray_address: str | None) -> Iterator[bool]:
-    """Ray for the duration of the block when ``workers > 1`` or ``ray_address`` is set (as the driving evaluation)."""
-    if workers == 1 and not ray_address:
-        yield False
-        return
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
-        if ray_address:
-            ray.init(address=ray_address, **kw)
-        else:
-            ray.init(num_cpus=workers, **kw)
-        started = True
-    try:
-        yield True
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def _file_hash(path: Path) -> str | None:
     try:
         with h5py.File(path, "r") as h5:
@@ -526,7 +502,7 @@ def generate_mt10(
     bar = tqdm(total=len(jobs) * min(SHARD_EPISODES, int(episodes_per_task)), desc="mt10 demos", unit="episode",
                disable=not progress, initial=(len(jobs) - len(todo)) * min(SHARD_EPISODES, int(episodes_per_task)))
     try:
-        with _ray(int(workers), ray_address) as use_ray:
+        with ray_session(int(workers), ray_address) as use_ray:
             if not use_ray:
                 for i in todo:
                     data = run_shard(config, *jobs[i])

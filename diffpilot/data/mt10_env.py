@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 # Meta-World's experts warn on every call that their gains exceed the action range (the env clips): expected here.
 warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
 
-__all__ = ["CAMERAS", "DEFAULT_CAMERA", "check_camera", "MAX_STEPS", "MT10_TASKS", "STATE_DIM", "ACTION_DIM", "FrameRenderer",
+__all__ = ["CAMERAS", "DEFAULT_CAMERA", "RENDER_SETTINGS", "check_camera", "MAX_STEPS", "MT10_TASKS", "STATE_DIM", "ACTION_DIM", "FrameRenderer",
            "check_task", "make_env", "make_expert", "reset_episode"]
 
 MT10_TASKS: tuple[str, ...] = (
@@ -44,9 +44,9 @@ ACTION_DIM = 4
 MAX_STEPS = 500
 """Meta-World's episode limit (``max_path_length``)."""
 DEFAULT_CAMERA = "corner4"
+"""The camera every task is recorded and evaluated with: table, objects and gripper in view for all ten."""
 RENDER_SETTINGS = {"offsamples": 0, "shadows": False, "reflections": False}
 """How every frame is rendered (part of a demonstration file's cache key: training and evaluation frames must match)."""
-"""The camera every task is recorded and evaluated with: table, objects and gripper in view for all ten."""
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 _UPSIDE_DOWN = ("corner", "corner2", "corner3", "corner4")
 
