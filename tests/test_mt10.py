@@ -250,3 +250,26 @@ def test_own_recordings_fill_the_layout(demo_file: Path, tmp_path: Path):
     assert mine.reasoning[: sl.stop - sl.start] == d.reasoning[sl] and mine.episode_instruction == ["my words"] * 2
     with pytest.raises(ValueError, match=r"images uint8 \[\d+, 32, 32, 3\]"):
         write_episodes(tmp_path / "bad.hdf5", [{**eps[0], "images": eps[0]["images"][:1]}], image_size=32, obs_every=8)
+
+
+def _expected_target(task: str, phase: int, s: np.ndarray) -> np.ndarray:
+    """The position the expert's script aims for in each branch (its own formulas)."""
+    hand, obj, goal = s[0:3], s[4:7], s[36:39]
+    if task == "pick-place":
+        puck = obj + np.array([-0.005, 0.0, 0.0])
+        return [puck + [0, 0, 0.1], puck + [0, 0, 0.03], hand, goal][phase]
+    drawer = obj + np.array([0.0, 0.0, -0.02])
+    return [np.array([hand[0], hand[1], drawer[2] + 0.5]), drawer + [0, -0.075, 0.23], drawer + [0, -0.075, 0.0],
+            drawer][phase]
+
+
+def test_annotated_phase_is_the_branch_the_expert_takes(demo_file: Path):
+    d = load_mt10(demo_file)
+    for task in TASKS:
+        expert = make_expert(task)
+        rows = np.flatnonzero(d.task == d.tasks.index(task))
+        for row in rows:
+            state = d.state[row].astype(np.float64)
+            aimed = type(expert)._desired_pos(expert._parse_obs(state.copy()))  # noqa: SLF001 - the script's branch
+            phase = SUBGOALS[task].index(d.subgoal[row])
+            np.testing.assert_allclose(aimed, _expected_target(task, phase, state), atol=1e-6, err_msg=f"{task} {row}")
