@@ -28,6 +28,7 @@ from diffpilot.sim.report import markdown_table, write_report
 from diffpilot.sim.runner import EpisodeRecord, run_episodes, summarize
 from diffpilot.sim.tasks import Task, dataset_reference, get_task
 from diffpilot.train.offline_rl import OFFLINE_RL_KINDS, train_offline_rl
+from diffpilot.train import distributed
 from diffpilot.train.trainer import TensorRows, Trainer, TrainerConfig, check_settings
 
 
@@ -118,6 +119,7 @@ def train_job(cfg: dict[str, Any]) -> Path:
     task_name = data_cfg["name"] if data_cfg["kind"] == "locomotion" else cfg["sim"]["task"]
     kind, options = policy_options(cfg["policy"], data_cfg["name"])
     tcfg = trainer_config(cfg)
+    dist = distributed.setup(tcfg.device)  # under torchrun: join the process group; else one process
     check_settings(policy_class(kind), tcfg)
     out = Path(cfg["out"])
     driving = hasattr(policy_class(kind), "plan")
@@ -153,7 +155,8 @@ def train_job(cfg: dict[str, Any]) -> Path:
     trainer = Trainer(policy, windows, tcfg, out, evaluator=evaluator,
                       fingerprint={"rows": len(ds), "obs_dim": int(obs.shape[1]), "act_dim": ds.act_dim})
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_path": str(data_path)}, sort_keys=False))
+    if dist.main:
+        atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_path": str(data_path)}, sort_keys=False))
     trainer.run(resume=resume)
     return out / "policy"
 
@@ -171,7 +174,8 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     torch.manual_seed(tcfg.seed)
     policy = build_policy({"name": kind, **options})
     _check_driving_extras(policy, data_cfg)
-    root = driving_data_job({k: data_cfg[k] for k in DRIVING_DATA_KEYS})
+    with distributed.rank_zero_first():
+        root = driving_data_job({k: data_cfg[k] for k in DRIVING_DATA_KEYS})
     spec = SampleSpec(past_steps=int(policy.config.get("past_steps", SampleSpec.past_steps)),
                       future_steps=int(policy.config.get("future_steps", policy.config.get("horizon", SampleSpec.future_steps))))
     version, split = str(data_cfg["version"]), str(data_cfg["train_split"])
@@ -182,7 +186,8 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     trainer = Trainer(policy, source, tcfg, out, fingerprint={"root": str(root), "split": str(data_cfg["train_split"]),
                                                               "rows": len(source)})
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_root": str(root)}, sort_keys=False))
+    if distributed.is_main():
+        atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_root": str(root)}, sort_keys=False))
     trainer.run(resume=bool(cfg.get("resume", True)))
     return out / "policy"
 
@@ -257,6 +262,10 @@ def eval_job(cfg: dict[str, Any]) -> Path:
     policy = load_policy(ckpt)
     if hasattr(policy, "plan"):
         return _eval_driving(cfg, ckpt)
+    if policy.KIND == "diffusion_vla":
+        from diffpilot.vla_jobs import eval_vla_job
+
+        return eval_vla_job(cfg, ckpt)
     if cfg.get("sampler"):
         if not hasattr(policy, "set_sampler"):
             raise ValueError(f"sampler= does not apply to a {policy.KIND!r} policy (its sampler is fixed at training); drop it")

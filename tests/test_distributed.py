@@ -173,3 +173,22 @@ def test_sharded_draws_are_the_global_draw_cut_in_rows():
     assert torch.equal(torch.cat(parts), full)
     assert shard.current() is None and torch.equal(shard.randn((6, 3), generator=torch.Generator().manual_seed(1)), full)
     assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
+
+
+def test_torchrun_trains_through_the_cli_with_rank_zero_writing(tmp_path):
+    """`torchrun --nproc_per_node=2 -m diffpilot.cli train ...`: one run folder, the global batch in the log line."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "DIFFPILOT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "diffpilot.cli",
+           "train", "data.num_steps=1200", "data.episode_len=300", "data.reference_episodes=0",
+           "policy.network.down_dims=[8,16]", "+policy.network.n_groups=4", "train.steps=3", "train.batch_size=8",
+           "train.ckpt_every=3", "train.log_every=1", f"out={out}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch 8 = 2 process(es) x 4" in proc.stdout + proc.stderr
+    assert (out / "policy" / "model.safetensors").is_file() and (out / "run.yaml").is_file()
+    assert len((out / "train_log.csv").read_text().strip().splitlines()) == 1 + 3
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.hdf5"))) == 1

@@ -19,6 +19,7 @@ evaluations.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -130,6 +131,7 @@ def setup(device: str | torch.device = "cpu") -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=30))
+        atexit.register(shutdown)  # leave the group cleanly when the command ends
     elif dist.get_world_size() != world:
         raise RuntimeError(f"a process group of {dist.get_world_size()} is running, WORLD_SIZE says {world}")
     _CURRENT = Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)

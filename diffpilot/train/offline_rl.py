@@ -27,6 +27,7 @@ from diffpilot.fileio import atomic_path
 from diffpilot.policy.registry import build_policy
 from diffpilot.sim.runner import run_episodes, summarize
 from diffpilot.sim.tasks import Task, dataset_reference, get_task, locomotion_task
+from diffpilot.train import distributed
 from diffpilot.train.trainer import TensorRows, Trainer, TrainerConfig
 
 __all__ = ["OFFLINE_RL_KINDS", "load_policy_yaml", "resolve_task", "train_offline_rl"]
@@ -197,8 +198,9 @@ def train_offline_rl(
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"policy_name": policy_name, "task": task.name, "trainer": asdict(cfg), "policy": policy.config,
                 "reference": list(ref), "reference_source": ref_source, "data": fingerprint}
-    with atomic_path(out / "run.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(run_info, sort_keys=False))
+    if distributed.is_main():  # under torchrun rank 0 alone writes
+        with atomic_path(out / "run.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(run_info, sort_keys=False))
     result = trainer.run(resume=resume)
     final = result.final_eval or {}
     return {
