@@ -130,7 +130,8 @@ def train_job(cfg: dict[str, Any]) -> Path:
         )
     if driving:
         return _train_driving(cfg, kind, options, tcfg, out)
-    data_path = generate_job(data_cfg, tcfg.progress)
+    with distributed.rank_zero_first():  # rank 0 generates (cached), the others read it
+        data_path = generate_job(data_cfg, tcfg.progress and dist.main)
     ds = read_d4rl(data_path)
     resume = bool(cfg.get("resume", True))
     if kind in OFFLINE_RL_KINDS:
