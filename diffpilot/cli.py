@@ -29,6 +29,7 @@ COMMANDS = {
     "driving": ("driving", "driving planners: `driving data` gets the nuScenes-format set, `driving eval` scores the baselines, "
                            "`driving anchors` clusters k anchor trajectories"),
     "stl": ("stl", "STL rules: `stl report source=data|planner|rollouts` writes a compliance report"),
+    "sweep": ("sweep", "grid or random search over train./policy. settings on Ray Tune with ASHA; results table + plot in out"),
 }
 DRIVING_ACTIONS = ("data", "anchors", "eval")
 SUB_ACTIONS = {"driving": DRIVING_ACTIONS, "stl": ("report",)}
@@ -107,6 +108,11 @@ def _run(command: str, action: str | None, cfg: dict[str, Any]) -> int:
             print(driving_jobs.driving_anchors_job(cfg))
         else:
             print(driving_jobs.driving_eval_job(cfg) / "report.md")
+        return 0
+    if command == "sweep":
+        from diffpilot.sweep import sweep_job
+
+        print(sweep_job(cfg) / "results.md")
         return 0
     if command == "stl":
         from diffpilot import stl_jobs

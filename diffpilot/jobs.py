@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +110,12 @@ def trainer_config(cfg: dict[str, Any]) -> TrainerConfig:
     return TrainerConfig(**train, seed=int(cfg["seed"]), progress=bool(cfg.get("progress", True)))
 
 
-def train_job(cfg: dict[str, Any]) -> Path:
+def train_job(cfg: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Train the configured policy kind on the configured data set; returns the saved policy folder.
 
     Every key reaches the code that uses it or is refused: the policy block
-    maps onto the kind's Config, the train block onto :class:`TrainerConfig`.
+    maps onto the kind's Config, the train block onto :class:`TrainerConfig`. ``on_log(row)`` sees every
+    row of the training log (a sweep reports them to Ray Tune).
     """
     data_cfg = cfg["data"]
     task_name = data_cfg["name"] if data_cfg["kind"] == "locomotion" else cfg["sim"]["task"]
@@ -129,7 +131,7 @@ def train_job(cfg: dict[str, Any]) -> Path:
             f"pick a matching data= option"
         )
     if driving:
-        return _train_driving(cfg, kind, options, tcfg, out)
+        return _train_driving(cfg, kind, options, tcfg, out, on_log)
     with distributed.rank_zero_first():  # rank 0 generates (cached), the others read it
         data_path = generate_job(data_cfg, tcfg.progress and dist.main)
     ds = read_d4rl(data_path)
@@ -137,7 +139,7 @@ def train_job(cfg: dict[str, Any]) -> Path:
     if kind in OFFLINE_RL_KINDS:
         summary = train_offline_rl(kind, ds, task_name, out, tcfg.steps, tcfg.eval_every, int(cfg["sim"]["episodes"]),
                                    tcfg.seed, config=tcfg, policy_config=options, eval_seed=int(cfg["sim"]["seed"]),
-                                   resume=resume)
+                                   resume=resume, on_log=on_log)
         return Path(summary["best"] or summary["last"])
     task = get_task(task_name, data_cfg.get("reward", "sparse"))
     obs = task.observations(ds)
@@ -154,7 +156,7 @@ def train_job(cfg: dict[str, Any]) -> Path:
             return summarize(run_episodes(task.make_env, acting, episodes, seed=seed, ref_scores=ref, progress=False))
 
     trainer = Trainer(policy, windows, tcfg, out, evaluator=evaluator,
-                      fingerprint={"rows": len(ds), "obs_dim": int(obs.shape[1]), "act_dim": ds.act_dim})
+                      fingerprint={"rows": len(ds), "obs_dim": int(obs.shape[1]), "act_dim": ds.act_dim}, on_log=on_log)
     out.mkdir(parents=True, exist_ok=True)
     if dist.main:
         atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_path": str(data_path)}, sort_keys=False))
@@ -165,7 +167,8 @@ def train_job(cfg: dict[str, Any]) -> Path:
 DRIVING_DATA_KEYS = ("root", "version", "num_scenes", "seed", "val_fraction", "workers", "ray_address")
 
 
-def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg: TrainerConfig, out: Path) -> Path:
+def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg: TrainerConfig, out: Path,
+                   on_log: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """A driving kind on the scene samples of the data set's train split, through the same trainer."""
     from diffpilot.data.nuscenes import load_scene_samples
     from diffpilot.data.scenario import SampleSpec
@@ -185,7 +188,7 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     policy.fit_to_batch(rows)
     source = TensorRows(rows) if isinstance(rows, dict) else rows
     trainer = Trainer(policy, source, tcfg, out, fingerprint={"root": str(root), "split": str(data_cfg["train_split"]),
-                                                              "rows": len(source)})
+                                                              "rows": len(source)}, on_log=on_log)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_root": str(root)}, sort_keys=False))

@@ -158,6 +158,7 @@ def train_offline_rl(
     reference_episodes: int = 100,
     resume: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``policy_name`` (dql, ofql, flow_bc, diffusion_bc) on ``dataset`` for ``task``; returns a summary.
 
@@ -168,7 +169,7 @@ def train_offline_rl(
     ``out_dir``: ``state/``, ``policy/`` (last), ``best/``, ``train_log.csv``,
     ``curves.png``, ``run.yaml``; load a policy with
     :func:`diffpilot.policy.registry.load_policy`. ``on_step(step, metrics)``
-    is called after every step. ``eval_episodes`` 0 skips evaluation.
+    is called after every step, ``on_log(row)`` after every log row. ``eval_episodes`` 0 skips evaluation.
     """
     if policy_name not in OFFLINE_RL_KINDS:
         raise ValueError(f"unknown offline-RL policy {policy_name!r}; choose one of {sorted(OFFLINE_RL_KINDS)}")
@@ -194,7 +195,7 @@ def train_offline_rl(
         return summarize(records)
 
     trainer = Trainer(policy, TensorRows(data), cfg, out, evaluator=evaluate if eval_episodes else None,
-                      fingerprint=fingerprint, on_step=on_step)
+                      fingerprint=fingerprint, on_step=on_step, on_log=on_log)
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"policy_name": policy_name, "task": task.name, "trainer": asdict(cfg), "policy": policy.config,
                 "reference": list(ref), "reference_source": ref_source, "data": fingerprint}

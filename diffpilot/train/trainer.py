@@ -161,13 +161,14 @@ class Trainer:
         select_metric: str = "normalized_score",
         fingerprint: dict[str, Any] | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         check_settings(type(policy), config)
         if len(data) < 1:
             raise ValueError("the training data has no rows")
         self.policy, self.data, self.cfg = policy, data, config
         self.out = Path(out) if out is not None else None  # None: in memory only (no checkpoints, not resumable)
-        self.evaluator, self.select_metric, self.on_step = evaluator, select_metric, on_step
+        self.evaluator, self.select_metric, self.on_step, self.on_log = evaluator, select_metric, on_step, on_log
         self.fingerprint = {"kind": policy.KIND, **(fingerprint or {})}
         self.dist = distributed.setup(config.device)  # one process, or this process's place in a torchrun run
         self.local_batch = self.dist.local_batch(int(config.batch_size))
@@ -361,6 +362,8 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or due_eval:
                 self._checkpoint()
+            if self.on_log is not None and self.log and self.log[-1]["step"] == self.step:
+                self.on_log(self.log[-1])  # each log row (mean metrics, lr, eval_*), after any checkpoint of its step
         bar.close()
         if self.out is not None and main and not (self.out / "policy").exists():
             self._checkpoint()
@@ -374,7 +377,7 @@ class Trainer:
 def train(
     policy: PolicyBase, data: BatchSource, config: TrainerConfig, out: str | Path | None, *, resume: bool = True, **kwargs: Any
 ) -> TrainResult:
-    """Build a :class:`Trainer` and run it (``kwargs``: evaluator, select_metric, fingerprint, on_step)."""
+    """Build a :class:`Trainer` and run it (``kwargs``: evaluator, select_metric, fingerprint, on_step, on_log)."""
     return Trainer(policy, data, config, out, **kwargs).run(resume=resume)
 
 
