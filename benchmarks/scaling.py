@@ -128,11 +128,13 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=4)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    load_before = os.getloadavg()[0]
     rows = training_rows(args.steps) + ray_rows(args.maze_steps, args.scenes, args.episodes)
+    load = f"1-minute load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end of the run. "
     notes = (
         "No GPU on this machine: training ran on CPU with gloo, one torch thread per process (NCCL on GPUs is the same "
         "code path, not measured here). The machine has 2 cores and was shared with other work during the run, so "
-        "timings are possibly contended; compare rows of one run only. Training samples/s use rank 0's training "
+        "timings are possibly contended; compare rows of one run only. " + load + "Training samples/s use rank 0's training "
         "clock (data loading + step + gradient all-reduce); Ray rows are wall seconds of the whole job with Ray "
         "already running. Outputs are identical for 1 and 2 workers (tests/test_distributed.py, tests/test_ray_scale.py)."
     )
