@@ -48,6 +48,18 @@ def load_config(name: str, overrides: list[str]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def implied_groups(command: str, overrides: list[str]) -> list[str]:
+    """Config groups a setting implies: ``policy=diffusion_vla`` trains on ``data=mt10``, and
+    ``sim.instructions=`` / ``sim.given_reasoning=`` evaluate on ``sim=mt10`` (unless given)."""
+    given = {o.split("=", 1)[0] for o in overrides if "=" in o}
+    extra = []
+    if command == "train" and "policy=diffusion_vla" in overrides:
+        extra += [g for g in ("data=mt10", "sim=mt10") if g.split("=")[0] not in given]
+    if command == "eval" and "sim" not in given and given & {"sim.instructions", "sim.given_reasoning", "sim.tasks"}:
+        extra.append("sim=mt10")
+    return extra + overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffpilot", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.command == "data" and overrides and "=" not in overrides[0]:
         overrides[0] = f"data={overrides[0]}"
+    overrides = implied_groups(args.command, overrides)
     action = None
     if args.command in SUB_ACTIONS:
         actions = SUB_ACTIONS[args.command]

@@ -132,6 +132,13 @@ def train_job(cfg: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | No
         )
     if driving:
         return _train_driving(cfg, kind, options, tcfg, out, on_log)
+    if (kind == "diffusion_vla") != (data_cfg["kind"] == "mt10"):
+        raise ValueError(f"policy {kind!r} and data={data_cfg['name']} do not fit: diffusion_vla trains on data=mt10 "
+                         "(language-instructed demonstrations) and only it does")
+    if kind == "diffusion_vla":
+        from diffpilot.vla_jobs import train_vla
+
+        return train_vla(cfg, generate_job(data_cfg, tcfg.progress), options, tcfg, out)
     with distributed.rank_zero_first():  # rank 0 generates (cached), the others read it
         data_path = generate_job(data_cfg, tcfg.progress and dist.main)
     ds = read_d4rl(data_path)

@@ -92,9 +92,15 @@ def test_save_load_by_stored_kind_is_bit_exact_and_acts_alike(kind, tmp_path):
             assert plan.ndim == 2 and plan.shape[1] == 3 and np.isfinite(plan).all()
             np.testing.assert_array_equal(plan, loaded.plan(make_sample(speed=speed)))
         return
-    obs = np.random.default_rng(0).normal(size=(6, OBS_DIM)).astype(np.float32)
+    if hasattr(policy, "example_observation"):  # language-instructed: an observation dict, its own action size
+        rng = np.random.default_rng(0)
+        obs = [policy.example_observation(rng) for _ in range(6)]
+        act_dim = policy.action_dim
+    else:
+        obs = list(np.random.default_rng(0).normal(size=(6, OBS_DIM)).astype(np.float32))
+        act_dim = ACT_DIM
     acts = np.stack([policy.act(o) for o in obs])
-    assert acts.shape == (6, ACT_DIM) and np.isfinite(acts).all()
+    assert acts.shape == (6, act_dim) and np.isfinite(acts).all()
     np.testing.assert_array_equal(acts, np.stack([loaded.act(o) for o in obs]))
     other = next(k for k in KINDS if k != kind)
     policy.reset(seed=1)
@@ -133,6 +139,17 @@ def test_export_round_trip_where_the_kind_is_exportable(kind, tmp_path):
             assert got.shape == (runtime.horizon, 3) and np.isfinite(got).all()
             np.testing.assert_allclose(got[:, :2], want[:, :2], atol=1e-4, rtol=1e-5)
             assert np.abs(np.angle(np.exp(1j * (got[:, 2] - want[:, 2])))).max() < 1e-4
+        return
+    if hasattr(policy, "example_observation"):  # the runtime's chunk is torch's for the same observation and noise
+        rng = np.random.default_rng(0)
+        for _ in range(2):
+            o = policy.example_observation(rng)
+            noise = rng.standard_normal(policy.noise_shape(1)).astype(np.float32)
+            policy.reset(seed=0)
+            runtime.reset(seed=0)
+            batch = policy.observation_batch(o)
+            want = policy.predict(batch, torch.from_numpy(noise))[0].numpy()
+            np.testing.assert_allclose(runtime.plan_chunk(o, noise=noise), want, atol=1e-4, rtol=1e-4)
         return
     assert isinstance(runtime, OnnxChunkPolicy)
     obs = np.random.default_rng(0).normal(size=(OBS_DIM,)).astype(np.float32)

@@ -52,9 +52,9 @@ __all__ = ["DiffusionVLAConfig", "DiffusionVLAPolicy", "ImageEncoder", "Reasonin
 
 RUNTIME_VLA = "vla_policy"
 LOW_DIM_SIZES = {"proprio": 7, "state": 39}  # hand xyz + gripper + goal xyz | the full Meta-World state
-DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [64, 128, 256], "kernel_size": 5}
+DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [32, 64, 128], "kernel_size": 5}
 DEFAULT_OBJECTIVE: dict[str, Any] = {"name": "ddpm", "num_train_steps": 100, "schedule": "squaredcos_cap_v2",
-                                     "prediction": "epsilon"}
+                                     "prediction": "epsilon", "clip_sample": 1.0}
 DEFAULT_SAMPLER: dict[str, Any] = {"name": "ddim", "num_steps": 10}
 # A vocabulary for builds without data (tests, smoke runs); a trained policy stores the one built from its data.
 FALLBACK_TEXT = ("pick place push reach open close the a to puck goal gripper ; , move above lower left right "
@@ -74,10 +74,10 @@ class DiffusionVLAConfig:
     reasoning: bool = True
     alpha: float = 1.0
     d_model: int = 128
-    n_layers: int = 3
+    n_layers: int = 2
     n_heads: int = 4
     max_instruction: int = 16
-    max_reasoning: int = 24
+    max_reasoning: int = 32
     action_dim: int = 4
     action_horizon: int = 16
     exec_horizon: int = 8
@@ -154,8 +154,8 @@ class DiffusionVLAPolicy(PolicyBase):
 
     def __init__(self, vocab: list[str] | None = None, tasks: list[str] | None = None, image_size: int = 64,
                  use_image: bool = True, low_dim: str = "proprio", instruction: str = "text", reasoning: bool = True,
-                 alpha: float = 1.0, d_model: int = 128, n_layers: int = 3, n_heads: int = 4,
-                 max_instruction: int = 16, max_reasoning: int = 24, action_dim: int = 4, action_horizon: int = 16,
+                 alpha: float = 1.0, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
+                 max_instruction: int = 16, max_reasoning: int = 32, action_dim: int = 4, action_horizon: int = 16,
                  exec_horizon: int = 8, reason_every: int = 8, image_shift: int = 4,
                  network: dict[str, Any] | None = None, objective: dict[str, Any] | None = None,
                  sampler: dict[str, Any] | None = None) -> None:
@@ -289,11 +289,12 @@ class DiffusionVLAPolicy(PolicyBase):
         if s <= 0:
             return image
         b, h, w, _ = image.shape
-        padded = F.pad(image.permute(0, 3, 1, 2).float(), (s, s, s, s), mode="replicate")
+        padded = F.pad(image.permute(0, 3, 1, 2).float(), (s, s, s, s), mode="replicate").permute(0, 2, 3, 1)
         dx = torch.randint(0, 2 * s + 1, (b,), generator=generator)
         dy = torch.randint(0, 2 * s + 1, (b,), generator=generator)
-        out = torch.stack([padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(b)])
-        return out.permute(0, 2, 3, 1)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]
+        return padded[torch.arange(b)[:, None, None], rows, cols]
 
     def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """Diffusion loss on the action chunk + ``alpha`` x next-token CE on the annotated reasoning."""

@@ -13,7 +13,7 @@ Three graphs, so the torch-free runtime runs the whole policy:
   (B, L) -> ``logits`` and ``next_keys``/``next_values`` (the cache grown by one).
 
 Greedy decoding is a short loop over ``step`` in the runtime
-(:mod:`diffpilot.export.vla_runtime`); the files sit next to each other as
+(:mod:`diffpilot.export.runtime`); the files sit next to each other as
 ``<stem>.onnx``, ``<stem>.prefill.onnx`` and ``<stem>.step.onnx``.
 """
 
@@ -31,7 +31,7 @@ from diffpilot.policy.generative import build_sampler
 __all__ = ["RUNTIME_VLA", "VLA_PARTS", "export_spec"]
 
 RUNTIME_VLA = "vla_policy"
-"""Metadata ``kind`` of every DiffusionVLA graph, run by ``diffpilot.export.vla_runtime.OnnxVLAPolicy``."""
+"""Metadata ``kind`` of every DiffusionVLA graph, run by ``diffpilot.export.runtime.OnnxVLAPolicy``."""
 VLA_PARTS = ("action", "prefill", "step")
 
 
