@@ -62,6 +62,8 @@ def generate_job(data: dict[str, Any], progress: bool = True) -> Path:
             data["env"], data["dataset"], None, data.get("sac_steps"), data.get("transitions"), int(data["seed"]),
             eval_interval=data.get("eval_interval"), eval_episodes=int(data["eval_episodes"]),
             reference_episodes=int(data["reference_episodes"]), progress=progress,
+            segments=int(data.get("segments", 1) or 1), workers=int(data.get("workers", 1) or 1),
+            ray_address=data.get("ray_address"),
         )
     path = dataset_path(data)
     if path.exists():

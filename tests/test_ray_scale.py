@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffpilot.data.d4rl import read_d4rl
+from diffpilot.data.locomotion import build_locomotion_dataset
 from diffpilot.data.maze2d import generate_maze2d
 from diffpilot.data.traffic.generate import generate_driving_dataset
 from diffpilot.parallel import ordered_map, ray_session
@@ -73,3 +75,20 @@ def test_episodes_on_2_workers_equal_1_worker():
     for r1, r2 in zip(one, two):
         assert (r1.seed, r1.episode_return, r1.length, r1.success) == (r2.seed, r2.episode_return, r2.length, r2.success)
         assert np.array_equal(r1.observations, r2.observations)
+
+
+def test_locomotion_rollouts_give_the_same_files_on_1_and_2_workers(tmp_path):
+    # the smallest SAC run the builder takes; the rollouts and reference episodes are what is sharded
+    kw = dict(sac_steps=200, transitions=120, seed=2, eval_interval=200, eval_episodes=1, reference_episodes=3,
+              progress=False, segments=2)
+    one = build_locomotion_dataset("hopper", "medium-expert", tmp_path / "one", workers=1, **kw)
+    two = build_locomotion_dataset("hopper", "medium-expert", tmp_path / "two", workers=2, **kw)
+    assert one.name == two.name == "hopper-medium-expert-120-sac200-s2-seg2.hdf5"
+    for name in ("hopper-medium-120-sac200-s2-seg2.hdf5", "hopper-expert-120-sac200-s2-seg2.hdf5", one.name,
+                 "hopper-sac200-s2/progress.yaml"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    ds = read_d4rl(one)
+    assert len(ds) == 240 and ds.metadata["rollout_segments"] == 2
+    assert (ds.terminals | ds.timeouts)[[59, 119, 179, 239]].all()  # every segment ends its last episode
+    # the segments are different runs (their own seeds), not one run copied
+    assert not np.allclose(ds.actions[:60], ds.actions[60:120])

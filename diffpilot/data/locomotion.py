@@ -19,9 +19,18 @@ D4RL's v2 ones):
    the medium policy was taken (everything the agent saw until it became
    "medium"); ``medium-expert`` = the medium rollouts followed by as many
    expert rollouts (``infos/expert`` says which half a row comes from).
-4. Reference scores the D4RL way: ``ref_min`` = uniform random policy over
-   ``reference_episodes`` episodes, ``ref_max`` = the expert over as many;
+4. Reference scores the D4RL way: ``ref_min`` = uniform random policy (its
+   action space seeded per episode) over ``reference_episodes`` episodes,
+   ``ref_max`` = the expert over as many;
    both stored in each file's metadata next to D4RL's published values.
+
+The SAC run is sequential; the rollouts and the reference episodes that
+follow it are split into items with their own seeds and run with
+:func:`diffpilot.parallel.ordered_map` (``workers=`` local Ray processes, or
+``ray_address=`` a cluster): ``segments`` independent rollout runs per policy
+(each seeded from the data set seed and its index, joined in order), and the
+reference episodes one seed each. The files do not depend on the number of
+workers; ``segments=1`` (the default) is the single run.
 
 Files live under ``diffpilot.fileio.cache_dir()/locomotion/``. The SAC run
 checkpoints after every evaluation (SB3's own zip for the agent; the replay
@@ -31,6 +40,8 @@ resumes; finished files are reused.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -119,6 +130,94 @@ def _sb3_policy(model: Any, deterministic: bool) -> Any:
     return lambda obs: model.predict(obs, deterministic=deterministic)[0]
 
 
+@contextlib.contextmanager
+def _torch_sandbox() -> Iterator[None]:
+    """The block runs on one torch thread and may reseed the global torch RNG; both are restored after.
+
+    SB3 samples stochastic actions from the global torch RNG, so each shard
+    seeds it itself (in a Ray worker or in this process alike) and leaves the
+    caller's stream as it was.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _load_sac(snapshot: str | None) -> Any:
+    if snapshot is None:
+        return None
+    from stable_baselines3 import SAC
+
+    return SAC.load(snapshot, device="cpu")
+
+
+def _rollout_segment(job: tuple[str, str, int, int, str, bool]) -> OfflineDataset:
+    """One rollout segment (an :func:`ordered_map` item): ``(snapshot, env_id, transitions, seed, desc, progress)``.
+
+    The policy acts stochastically, its action noise drawn from torch seeded with the segment's seed.
+    """
+    import torch
+
+    snapshot, env_id, transitions, seed, desc, progress = job
+    with _torch_sandbox():
+        model = _load_sac(snapshot)
+        torch.manual_seed(seed)  # after loading: building the networks draws from the RNG too
+        return _rollout(_sb3_policy(model, False), env_id, transitions, seed, desc, progress)
+
+
+def _episode_rewards(job: tuple[str | None, str, Sequence[int]]) -> list[list[float]]:
+    """The rewards of whole episodes, one per seed (an :func:`ordered_map` item): ``(snapshot, env_id, seeds)``.
+
+    ``snapshot`` None is the uniform random policy, its action space seeded per
+    episode; otherwise the snapshot acts deterministically. Each return depends
+    only on its seed, so the episodes may be split across workers in any way.
+    """
+    snapshot, env_id, seeds = job
+    out: list[list[float]] = []
+    with _torch_sandbox():
+        model = _load_sac(snapshot)
+        policy = None if model is None else _sb3_policy(model, True)
+        env = gym.make(env_id)
+        try:
+            for s in seeds:
+                env.action_space.seed(int(s))
+                obs, _ = env.reset(seed=int(s))
+                rewards: list[float] = []
+                done = False
+                while not done:
+                    act = env.action_space.sample() if policy is None else policy(obs)
+                    obs, rew, terminated, truncated, _ = env.step(act)
+                    rewards.append(float(rew))
+                    done = terminated or truncated
+                out.append(rewards)
+        finally:
+            env.close()
+    return out
+
+
+def _reference_return(snapshot: str | None, env_id: str, episodes: int, seed: int, workers: int,
+                      ray_address: str | None) -> float:
+    """Mean return over ``episodes`` episodes seeded ``seed + ep``, in ``max(workers, 1)`` shards of whole episodes."""
+    from diffpilot.parallel import ordered_map
+
+    seeds = [seed + ep for ep in range(episodes)]
+    shards = max(1, min(int(workers), episodes))
+    parts = [seeds[i::shards] for i in range(shards)]
+    rewards = ordered_map(_episode_rewards, [(snapshot, env_id, p) for p in parts], workers=workers, ray_address=ray_address)
+    by_seed = {s: r for p, rs in zip(parts, rewards) for s, r in zip(p, rs)}
+    total = 0.0
+    for s in seeds:  # one running sum in episode and step order, whatever the sharding
+        for r in by_seed[s]:
+            total += r
+    return total / episodes
+
+
 # ----------------------------------------------------------------------------- SAC run
 
 
@@ -162,7 +261,7 @@ def _load_buffer(model: Any, path: Path, rows: int) -> None:
 
 
 def _sac_run(env: str, folder: Path, sac_steps: int, seed: int, eval_interval: int, eval_episodes: int,
-             reference_episodes: int, progress: bool) -> _Run:
+             reference_episodes: int, progress: bool, workers: int = 1, ray_address: str | None = None) -> _Run:
     """Run (or resume, or reuse) the SAC run that yields the medium and expert policies."""
     from stable_baselines3 import SAC
 
@@ -194,10 +293,10 @@ def _sac_run(env: str, folder: Path, sac_steps: int, seed: int, eval_interval: i
         bar.set_postfix(ret=f"{ret:.0f}")
     bar.close()
     train_env.close()
-    # Reference returns the D4RL way, and the medium snapshot chosen against them.
-    expert = _sb3_policy(model, True)
-    prog["ref_min_score"] = _mean_return(None, env_id, reference_episodes, seed=20_000 + seed)
-    prog["ref_max_score"] = _mean_return(expert, env_id, reference_episodes, seed=20_000 + seed)
+    # Reference returns the D4RL way (episodes sharded over the workers), and the medium snapshot chosen against them.
+    expert = str(folder / "snapshots" / f"sac_{prog['step']}.zip")
+    prog["ref_min_score"] = _reference_return(None, env_id, reference_episodes, 20_000 + seed, workers, ray_address)
+    prog["ref_max_score"] = _reference_return(expert, env_id, reference_episodes, 20_000 + seed, workers, ray_address)
     prog["reference_episodes"] = reference_episodes
     lo, hi = prog["ref_min_score"], prog["ref_max_score"]
     threshold = lo + MEDIUM_FRACTION * (hi - lo)
@@ -212,7 +311,7 @@ def _sac_run(env: str, folder: Path, sac_steps: int, seed: int, eval_interval: i
 # ----------------------------------------------------------------------------- data sets
 
 
-def _metadata(env: str, kind: str, run: _Run, transitions: int) -> dict[str, Any]:
+def _metadata(env: str, kind: str, run: _Run, transitions: int, segments: int = 1) -> dict[str, Any]:
     p = run.progress
     d4rl_min, d4rl_max = D4RL_REF_SCORES[env]
     return {
@@ -241,6 +340,7 @@ def _metadata(env: str, kind: str, run: _Run, transitions: int) -> dict[str, Any
             "snapshot; medium-expert = medium rollouts + as many expert rollouts"
         ),
         "versions": {n: version(n) for n in ("gymnasium", "mujoco", "stable-baselines3")},
+        **({"rollout_segments": int(segments)} if segments > 1 else {}),
     }
 
 
@@ -261,14 +361,30 @@ def _replay_dataset(run: _Run) -> OfflineDataset:
         )
 
 
-def _policy_rollouts(run: _Run, which: str, transitions: int, seed: int, progress: bool) -> OfflineDataset:
-    from stable_baselines3 import SAC
+def _segment_seeds(rollout_seed: int, segments: int) -> list[int]:
+    """One seed per rollout segment; ``segments=1`` keeps the single run's seed."""
+    if segments == 1:
+        return [rollout_seed]
+    return [int(np.random.SeedSequence([rollout_seed, i]).generate_state(1)[0]) for i in range(segments)]
+
+
+def _policy_rollouts(run: _Run, which: str, transitions: int, seed: int, progress: bool, segments: int = 1,
+                     workers: int = 1, ray_address: str | None = None) -> OfflineDataset:
+    """``transitions`` rows of the medium or expert snapshot acting stochastically, as ``segments`` runs joined in order."""
+    from diffpilot.parallel import ordered_map
 
     step = run.progress["medium_step"] if which == "medium" else run.progress["expert_step"]
-    model = SAC.load(run.snapshot(int(step)), device="cpu")
+    snapshot = str(run.snapshot(int(step)))
     rollout_seed = seed * 1000 + (1 if which == "medium" else 2) * 100_000
-    model.set_random_seed(rollout_seed)  # SB3 samples stochastic actions from the global torch RNG
-    return _rollout(_sb3_policy(model, False), run.progress["env_id"], transitions, rollout_seed, f"{which} rollouts", progress)
+    lengths = [transitions // segments + (i < transitions % segments) for i in range(segments)]
+    jobs = [(snapshot, run.progress["env_id"], n, s, f"{which} rollouts", progress and segments == 1)
+            for n, s in zip(lengths, _segment_seeds(rollout_seed, segments))]
+    parts = ordered_map(_rollout_segment, jobs, workers=workers, ray_address=ray_address,
+                        progress=progress and segments > 1, desc=f"{which} rollout segments", unit="segment")
+    if len(parts) == 1:
+        return parts[0]
+    return OfflineDataset(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in
+                             ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")})
 
 
 def build_locomotion_dataset(
@@ -283,6 +399,9 @@ def build_locomotion_dataset(
     eval_episodes: int = 5,
     reference_episodes: int = 100,
     progress: bool = True,
+    segments: int = 1,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> Path:
     """Build (once) the D4RL-style ``<env>-<kind>`` data set and return its HDF5 path.
 
@@ -290,6 +409,14 @@ def build_locomotion_dataset(
     medium-expert (or expert). ``sac_steps`` (default 300k) is the SAC run's
     length, ``transitions`` (default 200k) the rollout size per policy.
     ``cache`` defaults to ``diffpilot.fileio.cache_dir()/locomotion``.
+
+    ``segments > 1`` collects each policy's rollouts as that many independent
+    runs (seeded from ``seed``, the policy and the segment index), joined in
+    order; the file name then ends in ``-seg<N>``. ``workers`` / ``ray_address``
+    run the segments and the reference episodes on Ray
+    (:func:`diffpilot.parallel.ordered_map`); the files are the same for any
+    number of workers, so neither is part of the name. The SAC run itself is
+    sequential, and workers beyond ``segments`` idle during the rollouts.
     """
     _check_env(env)
     if kind not in KINDS:
@@ -304,31 +431,40 @@ def build_locomotion_dataset(
     eval_interval = max(500, sac_steps // 30) if eval_interval is None else int(eval_interval)
     if eval_interval < 1:
         raise DatasetError(f"eval_interval must be >= 1, got {eval_interval}")
+    if isinstance(segments, bool) or not isinstance(segments, (int, np.integer)) or not 1 <= segments <= transitions:
+        raise DatasetError(f"segments must be an integer in [1, transitions={transitions}], got {segments!r}")
+    segments = int(segments) if kind != "medium-replay" else 1  # the replay buffer has no rollouts to split
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise DatasetError(f"workers must be a positive integer, got {workers!r}")
+    workers = int(workers)
     if cache is None:
         from diffpilot.fileio import cache_dir
 
         cache = cache_dir() / "locomotion"
     root = Path(cache)
-    path = root / f"{env}-{kind}-{transitions}-sac{sac_steps}-s{seed}.hdf5"
+    path = root / f"{env}-{kind}-{transitions}-sac{sac_steps}-s{seed}{f'-seg{segments}' if segments > 1 else ''}.hdf5"
     if path.exists():
         return path
-    run = _sac_run(env, root / f"{env}-sac{sac_steps}-s{seed}", sac_steps, seed, eval_interval, eval_episodes,
-                   reference_episodes, progress)
-    meta = _metadata(env, kind, run, transitions)
-    if kind == "medium-replay":
-        ds = _replay_dataset(run)
-    elif kind in ("medium", "expert"):
-        ds = _policy_rollouts(run, kind, transitions, seed, progress)
-    else:
-        medium = read_d4rl(build_locomotion_dataset(env, "medium", root, sac_steps, transitions, seed, eval_interval=eval_interval,
-                                                    eval_episodes=eval_episodes, reference_episodes=reference_episodes, progress=progress))
-        expert = read_d4rl(build_locomotion_dataset(env, "expert", root, sac_steps, transitions, seed, eval_interval=eval_interval,
-                                                    eval_episodes=eval_episodes, reference_episodes=reference_episodes, progress=progress))
-        parts = (medium, expert)
-        ds = OfflineDataset(
-            **{k: np.concatenate([getattr(p, k) for p in parts]) for k in
-               ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")},
-            infos={"expert": np.concatenate([np.zeros(len(medium), np.uint8), np.ones(len(expert), np.uint8)])},
-        )
-    ds.metadata = meta
-    return write_d4rl(path, ds)
+    from diffpilot.parallel import ray_session
+
+    with ray_session(workers, ray_address):  # one Ray for the reference episodes and all the rollouts
+        run = _sac_run(env, root / f"{env}-sac{sac_steps}-s{seed}", sac_steps, seed, eval_interval, eval_episodes,
+                       reference_episodes, progress, workers, ray_address)
+        meta = _metadata(env, kind, run, transitions, segments)
+        if kind == "medium-replay":
+            ds = _replay_dataset(run)
+        elif kind in ("medium", "expert"):
+            ds = _policy_rollouts(run, kind, transitions, seed, progress, segments, workers, ray_address)
+        else:
+            kw = dict(eval_interval=eval_interval, eval_episodes=eval_episodes, reference_episodes=reference_episodes,
+                      progress=progress, segments=segments, workers=workers, ray_address=ray_address)
+            medium = read_d4rl(build_locomotion_dataset(env, "medium", root, sac_steps, transitions, seed, **kw))
+            expert = read_d4rl(build_locomotion_dataset(env, "expert", root, sac_steps, transitions, seed, **kw))
+            parts = (medium, expert)
+            ds = OfflineDataset(
+                **{k: np.concatenate([getattr(p, k) for p in parts]) for k in
+                   ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")},
+                infos={"expert": np.concatenate([np.zeros(len(medium), np.uint8), np.ones(len(expert), np.uint8)])},
+            )
+        ds.metadata = meta
+        return write_d4rl(path, ds)
