@@ -21,7 +21,10 @@ from diffpilot.data.locomotion import build_locomotion_dataset
 from diffpilot.data.maze2d import generate_maze2d
 from diffpilot.data.traffic.generate import generate_driving_dataset
 from diffpilot.parallel import ordered_map, ray_session
-from diffpilot.policy.registry import build_policy
+from diffpilot.policy.diffusion_vla import DiffusionVLAPolicy
+from diffpilot.policy.registry import build_policy, load_policy
+from diffpilot.policy.text import WordVocab
+from diffpilot.sim.mt10_runner import run_mt10
 from diffpilot.sim.runner import run_episodes
 from diffpilot.sim.tasks import get_task
 
@@ -92,3 +95,29 @@ def test_locomotion_rollouts_give_the_same_files_on_1_and_2_workers(tmp_path):
     assert (ds.terminals | ds.timeouts)[[59, 119, 179, 239]].all()  # every segment ends its last episode
     # the segments are different runs (their own seeds), not one run copied
     assert not np.allclose(ds.actions[:60], ds.actions[60:120])
+
+
+def test_mt10_episodes_on_2_workers_equal_1_worker(tmp_path):
+    torch.manual_seed(0)
+    # a vocabulary of real words: the generated reasoning then follows the frames, so the records see the actions
+    vocab = WordVocab.build(["reach the goal move to target touch red point gripper open close above puck"]).tokens
+    policy = DiffusionVLAPolicy(**DiffusionVLAPolicy.TINY, tasks=["reach"], vocab=vocab)
+    policy.fit_to_batch(policy.example_batch(8, torch.Generator().manual_seed(0)))
+    folder = policy.save(tmp_path / "vla")
+    instructions = {"reach": ["reach the goal", "move to the target", "touch the red point"]}
+    kw = dict(episodes=2, seed=5, max_steps=16, exec_horizon=policy.exec_horizon, image_size=32, progress=False)
+    one = run_mt10(load_policy(folder), ["reach"], instructions, **kw)
+    two = run_mt10(folder, ["reach"], instructions, workers=2, **kw)  # each worker loads the folder
+    shipped = run_mt10(load_policy(folder), ["reach"], instructions, workers=2, **kw)  # a pickled copy
+    timing = ("reason_ms", "action_ms")
+    rows = [[{k: v for k, v in r.row().items() if k not in timing} for r in recs] for recs in (one, two, shipped)]
+    assert len(rows[0]) == 2 and rows[0][0]["seed"] != rows[0][1]["seed"]
+    assert rows[0][0]["steps"] == 16 and rows[0][0]["replans"] == 4 and rows[0][0]["reasoning_checked"] == 2
+    assert rows[1] == rows[0] and rows[2] == rows[0]
+
+    class Unpicklable:  # like an onnxruntime policy: its sessions do not pickle
+        def __reduce__(self):
+            raise TypeError("cannot pickle 'InferenceSession' object")
+
+    with pytest.raises(ValueError, match="pass policy_factory="):
+        run_mt10(Unpicklable(), ["reach"], instructions, workers=2, **kw)

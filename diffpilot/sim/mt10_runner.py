@@ -11,13 +11,27 @@ Meta-World's success flag. Episode seeds come from the evaluation seed
 from the phrasings passed in, so the same call with held-out phrasings
 measures language generalization. Where the policy writes reasoning, the
 generated sub-goal is compared with the expert annotation of that moment.
+
+``workers > 1`` (local Ray processes) or ``ray_address`` (a cluster) runs
+the (task, episode) pairs through :func:`diffpilot.parallel.ordered_map`.
+Each worker builds its own policy (once per worker process and call) from a
+checkpoint folder or a ``policy_factory``, or receives a pickled copy of a
+picklable policy object (a torch policy; not an onnxruntime one, whose
+sessions do not pickle), and keeps one environment per task. Every episode
+depends only on its seed, so the records equal the one-worker records in
+order, except the timing fields (``reason_ms``, ``action_ms``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+import os
+import pickle
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -62,15 +76,54 @@ def _pick(seed: int, task: str, episode: int, count: int) -> int:
     return int.from_bytes(digest[:4], "little") % count
 
 
-def run_mt10(policy: ReasoningPolicy, tasks: Sequence[str], instructions: Mapping[str, Sequence[str]],
-             episodes: int = 20, seed: int = 1000, max_steps: int = 200, exec_horizon: int = 8,
-             image_size: int = 64, camera: str | None = None, given_reasoning: bool = False,
-             progress: bool = True) -> list[MT10Episode]:
-    """``episodes`` closed-loop episodes per task; ``given_reasoning`` feeds the expert's annotation instead."""
+def run_mt10(policy: ReasoningPolicy | str | os.PathLike[str] | None, tasks: Sequence[str],
+             instructions: Mapping[str, Sequence[str]], episodes: int = 20, seed: int = 1000, max_steps: int = 200,
+             exec_horizon: int = 8, image_size: int = 64, camera: str | None = None, given_reasoning: bool = False,
+             progress: bool = True, *, workers: int = 1, ray_address: str | None = None,
+             policy_factory: Callable[[], ReasoningPolicy] | None = None) -> list[MT10Episode]:
+    """``episodes`` closed-loop episodes per task; ``given_reasoning`` feeds the expert's annotation instead.
+
+    ``policy``: a policy object, or a saved policy folder (loaded with
+    :func:`diffpilot.policy.registry.load_policy`); or None with
+    ``policy_factory``, a picklable zero-argument callable that builds one
+    (e.g. ``functools.partial(OnnxVLAPolicy, "model.onnx")``). ``workers`` /
+    ``ray_address`` run the episodes on Ray (see the module docstring); there
+    a folder or a factory is rebuilt once per worker, and a policy object must
+    pickle. ``workers=1`` without an address runs here, one policy for all episodes.
+    """
     missing = [t for t in tasks if not instructions.get(t)]
     if missing:
         raise ValueError(f"no instructions for task(s) {missing}; the instructions file must list phrasings for "
                          "every evaluated task")
+    if policy is None and policy_factory is None:
+        raise ValueError("pass a policy, a saved policy folder, or a policy_factory")
+    if policy is not None and policy_factory is not None:
+        raise ValueError("pass either a policy (object or folder) or a policy_factory, not both")
+    if isinstance(policy, (str, os.PathLike)):
+        from diffpilot.policy.registry import load_policy
+
+        policy_factory, policy = functools.partial(load_policy, Path(policy)), None
+    from diffpilot.parallel import ordered_map, ray_session
+
+    with ray_session(workers, ray_address) as use_ray:
+        if use_ray:
+            if policy is not None:
+                try:
+                    pickle.dumps(policy)
+                except Exception as exc:  # e.g. onnxruntime sessions
+                    raise ValueError(f"a {type(policy).__name__} cannot be sent to Ray workers ({exc}); pass "
+                                     "policy_factory= (or a saved policy folder) so each worker builds its own") from exc
+            jobs = []
+            for task in tasks:
+                phrasings = list(instructions[task])
+                for i in range(episodes):
+                    jobs.append((task, episode_seed(seed, task, i), phrasings[_pick(seed, task, i, len(phrasings))]))
+            spec = _WorkerSpec(uuid.uuid4().hex, policy, policy_factory, max_steps, image_size, camera, exec_horizon,
+                               given_reasoning)
+            return ordered_map(functools.partial(_worker_episode, spec), jobs, workers=workers,
+                               ray_address=ray_address, progress=progress, desc="MT10 episodes", unit="episode")
+    if policy is None:
+        policy = policy_factory()
     records: list[MT10Episode] = []
     bar = tqdm(total=len(tasks) * episodes, desc="MT10 episodes", disable=not progress, leave=False)
     for task in tasks:
@@ -86,6 +139,40 @@ def run_mt10(policy: ReasoningPolicy, tasks: Sequence[str], instructions: Mappin
             env.close()
     bar.close()
     return records
+
+
+@dataclass(frozen=True)
+class _WorkerSpec:
+    """What a Ray worker needs to run episodes of one :func:`run_mt10` call (``token`` names the call)."""
+
+    token: str
+    policy: Any
+    policy_factory: Callable[[], ReasoningPolicy] | None
+    max_steps: int
+    image_size: int
+    camera: str | None
+    exec_horizon: int
+    given_reasoning: bool
+
+
+_WORKER_STATE: dict[str, Any] = {}  # per worker process: the current call's policy and one environment per task
+
+
+def _worker_episode(spec: _WorkerSpec, job: tuple[str, int, str]) -> MT10Episode:
+    """One (task, seed, instruction) episode in a Ray worker (an :func:`ordered_map` item)."""
+    task, seed, instruction = job
+    state = _WORKER_STATE
+    if state.get("token") != spec.token:
+        for env in state.get("envs", {}).values():
+            env.close()
+        state.clear()
+        state.update(token=spec.token, envs={},
+                     policy=spec.policy if spec.policy is not None else spec.policy_factory())
+    envs = state["envs"]
+    if task not in envs:
+        envs[task] = MT10Env(task, image_size=spec.image_size, max_steps=spec.max_steps,
+                             **({"camera": spec.camera} if spec.camera else {}))
+    return _episode(state["policy"], envs[task], task, seed, instruction, spec.exec_horizon, spec.given_reasoning)
 
 
 def _episode(policy: ReasoningPolicy, env: MT10Env, task: str, seed: int, instruction: str, exec_horizon: int,
