@@ -14,7 +14,8 @@ decisions (replans) per second and time per replan split into reasoning and
 action, in onnxruntime (from the evaluation) and in torch (one episode per
 task). Results are written after every finished run; a rerun skips them.
 
-Run: python benchmarks/vla.py [--steps 1000] [--seeds 0 1] [--episodes 20]
+Run: python benchmarks/vla.py [--steps 1500] [--seeds 0 1] [--episodes 20] [--rows vla noreason ...]
+(two invocations with disjoint ``--rows`` run side by side on two cores; each writes the whole table).
 """
 
 from __future__ import annotations
@@ -51,15 +52,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overr
 GT_ROW = "ground-truth reasoning at test time (upper bound)"
 
 
-def train(slug: str, overrides: list[str], seed: int, steps: int) -> Path:
+def train(slug: str, overrides: list[str], seed: int, steps: int, threads: int) -> Path:
     out = ROOT / f"{slug}-s{seed}"
     if (out / "done").exists():
         return out / "policy"
     cfg = load_config("train", ["policy=diffusion_vla", "data=mt10", "sim=mt10", *overrides, f"seed={seed}",
-                                f"out={out}", f"train.steps={steps}", "train.batch_size=64", "train.lr=3e-4",
+                                f"out={out}", f"train.steps={steps}", "train.batch_size=64", "train.lr=1e-3",
                                 "train.log_every=50", "train.ckpt_every=200", "progress=false"])
     t0 = time.perf_counter()
-    torch.set_num_threads(2)  # training uses the machine; evaluation timings are at 1 thread
+    torch.set_num_threads(threads)  # evaluation timings are at 1 thread
     try:
         path = train_job(cfg)
     finally:
@@ -104,19 +105,24 @@ def cached(path: Path, fn: Any) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--train-threads", type=int, default=1, help="torch threads while training (run lanes side by side)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--rows", nargs="*", default=None, help="row slugs to run (default: all)")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the finished runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data_path = generate_job(load_config("train", ["policy=diffusion_vla", "data=mt10"])["data"])
+    if args.table_only:
+        write_table(args, data_path)
+        return
     ROOT.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # seed-major: every row gets its first seed before any gets its second
         for row, (slug, overrides) in VARIANTS.items():
             if args.rows and slug not in args.rows:
                 continue
-            policy_dir = train(slug, overrides, seed, args.steps)
+            policy_dir = train(slug, overrides, seed, args.steps, args.train_threads)
             for phrasing in ("train", "heldout"):
                 cached(ROOT / "results" / f"{slug}-s{seed}-{phrasing}.json",
                        lambda: evaluate(policy_dir, phrasing, args.episodes))
@@ -141,7 +147,7 @@ def write_table(args: argparse.Namespace, data_path: Path) -> None:
             continue
         train_slug = "vla" if slug == "gt" else slug
         done = [ROOT / f"{train_slug}-s{s}" / "done" for s in found]
-        train_s = [json.loads(d.read_text())["train_s"] for d in done if d.exists()]
+        train_s = [t for d in done if d.exists() and (t := json.loads(d.read_text()).get("train_s")) is not None]
 
         def stat(phrasing: str, key: str) -> tuple[float | None, float | None]:
             vals = [r[phrasing][key] for r in found.values() if r[phrasing].get(key) is not None]
@@ -173,7 +179,7 @@ def write_table(args: argparse.Namespace, data_path: Path) -> None:
         per_task_rows.append({"row": row, **{t: float(np.mean([r["train"]["per_task"][t] for r in found.values()]))
                                              for t in tasks}})
     notes = (f"Meta-World MT10 (metaworld 3.1.1, mujoco 3.3.0), demonstrations {data_path.name}; "
-             f"{args.steps} gradient steps at batch 64 per model; {args.episodes} episodes per task and phrasing set, "
+             f"{args.steps} gradient steps at batch 64, lr 1e-3 (cosine) per model; {args.episodes} episodes per task and phrasing set, "
              "evaluation seeds disjoint from the demonstrations', at most 200 steps per episode; one 64 px frame per "
              "replan (8 actions of each 16-action chunk executed); reasoning regenerated every 8 replans. "
              "Decisions/s = replans per second of policy time (rendering excluded), batch 1, 1 thread, on a "

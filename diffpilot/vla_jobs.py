@@ -95,10 +95,13 @@ def eval_vla_job(cfg: dict[str, Any], ckpt: Path) -> Path:
     if sim.get("given_reasoning") and not policy.config["reasoning"]:
         raise ValueError("sim.given_reasoning needs a policy that reads reasoning (reasoning=true)")
     out = Path(cfg["out"]) if cfg.get("out") else ckpt.parent / "eval"
-    records = run_mt10(policy, tasks, instructions, episodes=int(sim.get("episodes", 20)), seed=int(sim.get("seed", 1000)),
+    policy.given_reasoning = bool(sim.get("given_reasoning"))
+    workers, address = int(cfg.get("workers") or 1), cfg.get("ray_address")
+    records = run_mt10(ckpt if workers > 1 or address else policy, tasks, instructions,
+                       episodes=int(sim.get("episodes", 20)), seed=int(sim.get("seed", 1000)),
                        max_steps=int(sim.get("max_steps", 200)), exec_horizon=policy.exec_horizon,
-                       image_size=policy.config["image_size"], given_reasoning=bool(sim.get("given_reasoning")),
-                       progress=bool(cfg.get("progress", True)))
+                       image_size=policy.config["image_size"], given_reasoning=policy.given_reasoning,
+                       progress=bool(cfg.get("progress", True)), workers=workers, ray_address=address)
     summary = summarize_mt10(records)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps({"summary": summary, "instructions": str(source),

@@ -137,6 +137,12 @@ def test_eval_with_user_phrasings_and_the_exported_runtime(trained, tmp_path):
     assert set(result["summary"]["per_task"]) == set(TASKS)
     assert result["summary"]["reasoning_accuracy"] is not None and result["summary"]["decisions_per_s"] > 0
 
+    gt = tmp_path / "gt"
+    assert main(["eval", f"checkpoint={trained['out'] / 'policy'}", "sim.given_reasoning=true", "sim.tasks=[reach]",
+                 "sim.episodes=1", "sim.max_steps=8", f"out={gt}", "progress=false"]) == 0
+    episode = json.loads((gt / "eval.json").read_text())["episodes"][0]
+    assert episode["last_reasoning"].startswith("reach for the goal ;")  # the expert's annotation, read in
+
     onnx = tmp_path / "vla.onnx"
     assert main(["export", f"checkpoint={trained['out'] / 'policy'}", f"out={onnx}"]) == 0
     assert onnx.is_file() and (tmp_path / "vla.prefill.onnx").is_file() and (tmp_path / "vla.step.onnx").is_file()

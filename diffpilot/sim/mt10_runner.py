@@ -177,6 +177,10 @@ def _worker_episode(spec: _WorkerSpec, job: tuple[str, int, str]) -> MT10Episode
 
 def _episode(policy: ReasoningPolicy, env: MT10Env, task: str, seed: int, instruction: str, exec_horizon: int,
              given_reasoning: bool) -> MT10Episode:
+    if given_reasoning and not hasattr(policy, "given_reasoning"):
+        raise ValueError(f"a {type(policy).__name__} cannot read given reasoning; evaluate the torch policy")
+    if hasattr(policy, "given_reasoning"):
+        policy.given_reasoning = given_reasoning  # the runner's flag decides: read the annotation or generate
     policy.reset(seed=seed)
     obs = env.reset(seed, render=True)
     replans = checked = correct = 0
