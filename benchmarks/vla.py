@@ -38,6 +38,7 @@ from diffpilot.export.runtime import load_runtime
 from diffpilot.jobs import generate_job, train_job
 from diffpilot.policy.registry import load_policy
 from diffpilot.sim.mt10_runner import run_mt10, summarize_mt10
+from diffpilot.sim.report import markdown_table
 
 NAME = "vla"
 ROOT = Path("runs/bench/vla")
@@ -185,6 +186,8 @@ def write_table(args: argparse.Namespace, data_path: Path) -> None:
              "Decisions/s = replans per second of policy time (rendering excluded), batch 1, 1 thread, on a "
              "shared 2-core CPU (timings may be contended). Reasoning accuracy = generated sub-goal equals the "
              "expert annotation at that moment. Per-task success (training phrasings) is in per_task.")
+    if per_task_rows:
+        notes += "\n\nSuccess per task (training phrasings, mean over seeds):\n\n" + markdown_table(per_task_rows)
     write_results(NAME, "python benchmarks/vla.py " + " ".join(
         [f"--steps {args.steps}", "--seeds " + " ".join(map(str, args.seeds)), f"--episodes {args.episodes}"]),
         rows, notes=notes, per_task=per_task_rows)
