@@ -159,6 +159,10 @@ def test_eval_with_user_phrasings_and_the_exported_runtime(trained, tmp_path):
     got = runtime.plan_chunk(obs, noise=noise)
     want = policy.predict(policy.observation_batch(obs), torch.from_numpy(noise))[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"lacks \['image'\]"):
+        runtime.plan_chunk({**obs, "image": None})
+    with pytest.raises(ValueError, match=r"RGB image of shape \(32, 32, 3\)"):
+        runtime.plan_chunk({**obs, "image": np.zeros((32, 32, 4), np.uint8)})
     assert runtime.last_reasoning and runtime.last_reasoning == policy.vocab.decode(
         policy.generate(*policy.prefix(policy.observation_batch(obs)))[0, 1:].tolist())
 

@@ -662,6 +662,12 @@ class OnnxVLAPolicy:
     # ------------------------------------------------------------------ inputs
     def observation_feeds(self, observation: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The graph inputs of one observation dict (as the torch policy's ``observation_batch``)."""
+        needed = ["state"] if self.cfg["low_dim"] == "state" else ["proprio", "goal"]
+        needed += ["image"] * bool(self.cfg["use_image"]) + ["task" if self.cfg["instruction"] == "onehot" else "instruction"]
+        missing = [k for k in needed if observation.get(k) is None]
+        if missing:
+            raise ValueError(f"the observation lacks {missing}; pass a dict with image (HxWx3), proprio, goal, state, "
+                             "instruction and task")
         if self.cfg["low_dim"] == "state":
             low = np.asarray(observation["state"], np.float32).reshape(-1)
         else:
