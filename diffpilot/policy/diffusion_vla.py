@@ -28,7 +28,6 @@ from the training text and stored in the config; unknown words map to ``<unk>``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,11 +45,10 @@ from diffpilot.policy.generative import build_objective, build_sampler
 from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks import build_network
 from diffpilot.policy.networks.reasoner import CausalReasoner
-from diffpilot.policy.text import WordVocab, words
+from diffpilot.policy.text import WordVocab
 
 __all__ = ["DiffusionVLAConfig", "DiffusionVLAPolicy", "ImageEncoder", "ReasoningInjection"]
 
-RUNTIME_VLA = "vla_policy"
 LOW_DIM_SIZES = {"proprio": 7, "state": 39}  # hand xyz + gripper + goal xyz | the full Meta-World state
 DEFAULT_NETWORK: dict[str, Any] = {"name": "unet1d", "down_dims": [32, 64, 128], "kernel_size": 5}
 DEFAULT_OBJECTIVE: dict[str, Any] = {"name": "ddpm", "num_train_steps": 100, "schedule": "squaredcos_cap_v2",
@@ -484,18 +482,3 @@ class DiffusionVLAPolicy(PolicyBase):
                 "proprio": rng.normal(size=4).astype(np.float32), "goal": rng.normal(size=3).astype(np.float32),
                 "state": rng.normal(size=39).astype(np.float32), "instruction": "pick the puck",
                 "task": self.tasks[0]}
-
-
-def reasoning_subgoal(text: str) -> str:
-    """The sub-goal part of a reasoning text (the words before ``;``)."""
-    ws = words(text)
-    return " ".join(ws[: ws.index(";")] if ";" in ws else ws)
-
-
-def vocab_metadata(policy: DiffusionVLAPolicy) -> dict[str, str]:
-    """What a runtime needs to tokenize and decode: vocabulary, tasks and sizes (JSON strings)."""
-    cfg = policy.config
-    return {"vocab": json.dumps(cfg["vocab"]), "tasks": json.dumps(cfg["tasks"]),
-            "vla": json.dumps({k: cfg[k] for k in ("image_size", "use_image", "low_dim", "instruction", "reasoning",
-                                                   "max_instruction", "max_reasoning", "action_dim", "action_horizon",
-                                                   "exec_horizon", "reason_every")})}
