@@ -73,3 +73,21 @@ def publish_dir(tmp_dir: Path, directory: Path) -> None:
 def cache_dir() -> Path:
     """Where generated data sets and built artefacts live: ``$DIFFPILOT_CACHE`` or ``~/.cache/diffpilot``."""
     return Path(os.environ.get("DIFFPILOT_CACHE", Path.home() / ".cache" / "diffpilot"))
+
+
+def hdf5_shard_done(path: str | os.PathLike[str], config_hash: str) -> bool:
+    """Whether ``path`` is a finished HDF5 shard of the run keyed by ``config_hash``.
+
+    A shard writer sets the attributes ``config_hash`` and, last, ``complete``;
+    a missing, unreadable, unfinished or foreign shard is not done.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            return bool(h5.attrs.get("complete", False)) and h5.attrs.get("config_hash") == config_hash
+    except OSError:
+        return False

@@ -87,7 +87,7 @@ import yaml  # noqa: E402
 
 from diffpilot.data.errors import DatasetError  # noqa: E402
 from diffpilot.data.mt10_reasoning import SUBGOALS, Annotation, annotate, subgoal_of  # noqa: E402
-from diffpilot.fileio import atomic_path, cache_dir  # noqa: E402
+from diffpilot.fileio import atomic_path, cache_dir, hdf5_shard_done  # noqa: E402
 from diffpilot.parallel import ray_session  # noqa: E402
 
 __all__ = [
@@ -279,16 +279,6 @@ def _write_shard(path: Path, data: Mapping[str, Any], config_hash: str) -> None:
             h5.attrs["timing"] = json.dumps(data["timing"])
             h5.attrs["config_hash"] = config_hash
             h5.attrs["complete"] = True
-
-
-def _shard_done(path: Path, config_hash: str) -> bool:
-    if not path.exists():
-        return False
-    try:
-        with h5py.File(path, "r") as h5:
-            return bool(h5.attrs.get("complete", False)) and h5.attrs.get("config_hash") == config_hash
-    except OSError:
-        return False
 
 
 def _read_shard(path: Path) -> dict[str, Any]:
@@ -494,7 +484,7 @@ def generate_mt10(
     chunks = -(-int(episodes_per_task) // SHARD_EPISODES)
     jobs = [(t, c) for t in tasks for c in range(chunks)]
     paths = [shard_dir / f"{t}-{c:03d}.h5" for t, c in jobs]
-    todo = [i for i in range(len(jobs)) if not _shard_done(paths[i], config_hash)]
+    todo = [i for i in range(len(jobs)) if not hdf5_shard_done(paths[i], config_hash)]
 
     from tqdm.auto import tqdm
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.fileio import atomic_path, atomic_write_text
+from diffpilot.fileio import atomic_path, atomic_write_text, hdf5_shard_done
 from diffpilot.planning.gradient import MODES, _check_modes, active_rules, optimize_controls, rule_union
 from diffpilot.stl.calibration import calibrate
 from diffpilot.stl.rules import RuleSet
@@ -208,16 +208,6 @@ def _write_shard(path: Path, data: Mapping[str, np.ndarray], config_hash: str, s
             h5.attrs["complete"] = True
 
 
-def _shard_done(path: Path, config_hash: str) -> bool:
-    if not path.exists():
-        return False
-    try:
-        with h5py.File(path, "r") as h5:
-            return bool(h5.attrs.get("complete", False)) and h5.attrs.get("config_hash") == config_hash
-    except OSError:
-        return False
-
-
 def _load_arrays(arrays_or_root: Mapping[str, np.ndarray] | str | Path, version: str, split: str,
                  progress: bool) -> dict[str, np.ndarray]:
     if isinstance(arrays_or_root, Mapping):
@@ -334,7 +324,7 @@ def augment(
     atomic_write_text(manifest, json.dumps({"config_hash": config_hash, "config": config}, indent=2) + "\n")
     shards = [win[i:i + shard_size] for i in range(0, len(win), shard_size)]
     paths = [out / f"shard_{i:05d}.h5" for i in range(len(shards))]
-    todo = [i for i in range(len(shards)) if not (resume and _shard_done(paths[i], config_hash))]
+    todo = [i for i in range(len(shards)) if not (resume and hdf5_shard_done(paths[i], config_hash))]
     for stale in sorted(out.glob("shard_*.h5"))[len(shards):]:
         stale.unlink()
 
@@ -388,7 +378,7 @@ def read_augmented(out_dir: str | Path) -> dict[str, np.ndarray]:
     names: dict[str, np.ndarray] = {}
     for i in range(n_shards):
         path = out / f"shard_{i:05d}.h5"
-        if not _shard_done(path, meta["config_hash"]):
+        if not hdf5_shard_done(path, meta["config_hash"]):
             raise DatasetError(f"shard {path} is missing or incomplete; rerun augment with resume=True to finish it")
         with h5py.File(path, "r") as h5:
             for k in h5:
