@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.parallel import ray_session
+from diffpilot.parallel import ordered_map, ray_session
 from diffpilot.data.scenario import Planner, SampleSpec, ScenarioLog
 
 __all__ = [
@@ -128,50 +128,11 @@ def _scene_row(
 # --------------------------------------------------------------------------- Ray (sessions: diffpilot.parallel)
 
 
-@functools.lru_cache(maxsize=1)
-def _remote_scene_row() -> Any:
-    import ray
-
-    return ray.remote(num_cpus=1)(_scene_row)
-
-
-def _run_rows(
-    factory: PlannerFactory,
-    logs: list[ScenarioLog],
-    reactive: bool,
-    reference: str | None,
-    known: list[float | None],
-    spec: SampleSpec,
-    use_ray: bool,
-    progress: bool,
-    desc: str,
-) -> list[tuple[dict[str, Any], float | None]]:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(logs), desc=desc, unit="scene", disable=not progress)
-    try:
-        if not use_ray:
-            out = []
-            for log, ref in zip(logs, known):
-                out.append(_scene_row(factory, log, reactive, reference, ref, spec))
-                bar.update(1)
-            return out
-        import ray
-
-        remote = _remote_scene_row()
-        factory_ref = ray.put(factory)
-        pending = {remote.remote(factory_ref, ray.put(log), reactive, reference, ref, spec): i
-                   for i, (log, ref) in enumerate(zip(logs, known))}
-        results: list[Any] = [None] * len(logs)
-        waiting = list(pending)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            for obj in done:
-                results[pending[obj]] = ray.get(obj)
-                bar.update(1)
-        return results
-    finally:
-        bar.close()
+def _scene_row_item(factory: PlannerFactory, reactive: bool, reference: str | None, spec: SampleSpec,
+                    item: tuple[ScenarioLog, float | None]) -> tuple[dict[str, Any], float | None]:
+    """:func:`_scene_row` for one ``(log, known reference progress)`` item of :func:`ordered_map`."""
+    log, ref = item
+    return _scene_row(factory, log, reactive, reference, ref, spec)
 
 
 def _reader(root: str | Path, version: str) -> Any:
@@ -239,8 +200,9 @@ def evaluate_planner(
     cache = reference_cache if reference_cache is not None else {}
     known = [cache.get((lg.scene_token, bool(reactive), reference)) if reference is not None else None for lg in logs]
     mode = "reactive" if reactive else "non-reactive"
-    with ray_session(workers, ray_address) as use_ray:
-        out = _run_rows(planner_factory, logs, bool(reactive), reference, known, spec, use_ray, progress, f"closed loop ({mode})")
+    out = ordered_map(functools.partial(_scene_row_item, planner_factory, bool(reactive), reference, spec),
+                      list(zip(logs, known)), workers=workers, ray_address=ray_address, progress=progress,
+                      desc=f"closed loop ({mode})", unit="scene")
     rows = []
     for log, (row, ref) in zip(logs, out):
         if reference is not None and ref is not None:
