@@ -64,6 +64,7 @@ import numpy as np
 import onnxruntime as ort
 
 from diffpilot.policy.text import WordVocab  # the plain-Python word vocabulary (no torch)
+from diffpilot.policy.vla_observation import observation_arrays  # numpy only
 
 EXPORT_FORMAT = 1
 """Version of the metadata schema above; bump it when a reader of the old one would misread a new file."""
@@ -662,25 +663,12 @@ class OnnxVLAPolicy:
     # ------------------------------------------------------------------ inputs
     def observation_feeds(self, observation: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The graph inputs of one observation dict (as the torch policy's ``observation_batch``)."""
-        needed = ["state"] if self.cfg["low_dim"] == "state" else ["proprio", "goal"]
-        needed += ["image"] * bool(self.cfg["use_image"]) + ["task" if self.cfg["instruction"] == "onehot" else "instruction"]
-        missing = [k for k in needed if observation.get(k) is None]
-        if missing:
-            raise ValueError(f"the observation lacks {missing}; pass a dict with image (HxWx3), proprio, goal, state, "
-                             "instruction and task")
-        if self.cfg["low_dim"] == "state":
-            low = np.asarray(observation["state"], np.float32).reshape(-1)
-        else:
-            low = np.concatenate([np.asarray(observation["proprio"], np.float32).reshape(-1),
-                                  np.asarray(observation["goal"], np.float32).reshape(-1)])
-        if low.shape != (self.low_dim_size,) or not np.isfinite(low).all():
-            raise ValueError(f"the observation's {self.cfg['low_dim']} vector must be {self.low_dim_size} finite numbers")
+        low, image = observation_arrays(
+            observation, low_dim=self.cfg["low_dim"], low_dim_size=self.low_dim_size,
+            image_size=self.cfg["image_size"] if self.cfg["use_image"] else None,
+            onehot=self.cfg["instruction"] == "onehot")
         feeds: dict[str, np.ndarray] = {"low_dim": low[None]}
-        if self.cfg["use_image"]:
-            s = self.cfg["image_size"]
-            image = np.asarray(observation["image"])
-            if image.shape != (s, s, 3):
-                raise ValueError(f"expected an RGB image of shape ({s}, {s}, 3), got {image.shape}")
+        if image is not None:
             feeds["image"] = image.astype(np.float32)[None]
         if self.cfg["instruction"] == "onehot":
             task = str(observation["task"])

@@ -46,6 +46,7 @@ from diffpilot.policy.kinds import register_policy
 from diffpilot.policy.networks import build_network
 from diffpilot.policy.networks.reasoner import CausalReasoner
 from diffpilot.policy.text import WordVocab
+from diffpilot.policy.vla_observation import observation_arrays
 
 __all__ = ["DiffusionVLAConfig", "DiffusionVLAPolicy", "ImageEncoder", "ReasoningInjection"]
 
@@ -399,44 +400,16 @@ class DiffusionVLAPolicy(PolicyBase):
 
     def observation_batch(self, observation: Mapping[str, Any]) -> dict[str, Tensor]:
         """One observation dict (image, proprio, goal, state, instruction, task) -> a batch of one, checked."""
-        missing = [k for k in ("instruction", "proprio", "goal") if k not in observation]
-        if self.image is not None and observation.get("image") is None:
-            missing.append("image")
-        if self.config["low_dim"] == "state" and "state" not in observation:
-            missing.append("state")
-        if missing:
-            raise ValueError(f"the observation lacks {missing}; pass a dict with image (HxWx3), proprio, goal, "
-                             "state, instruction and task")
-        if self.config["low_dim"] == "state":
-            low = np.asarray(observation["state"], dtype=np.float32).reshape(-1)
-        else:
-            low = np.concatenate([np.asarray(observation["proprio"], np.float32).reshape(-1),
-                                  np.asarray(observation["goal"], np.float32).reshape(-1)])
-        if low.shape != (self.low_dim_size,) or not np.isfinite(low).all():
-            raise ValueError(f"the observation's {self.config['low_dim']} vector must be {self.low_dim_size} finite "
-                             f"numbers, got shape {low.shape}")
+        low, image = observation_arrays(
+            observation, low_dim=self.config["low_dim"], low_dim_size=self.low_dim_size,
+            image_size=self.config["image_size"] if self.image is not None else None, onehot=self.task_token is not None)
         task = observation.get("task")
-        if self.task_token is not None and task is None:
-            raise ValueError("this policy reads a task id (instruction=onehot); pass observation['task']")
-        batch = self.encode_batch([str(observation["instruction"])], None,
+        batch = self.encode_batch([str(observation.get("instruction", ""))], None,
                                   [str(task)] if self.task_token is not None else None)
         batch["low_dim"] = torch.from_numpy(low)[None]
         if self.image is not None:
-            batch["image"] = torch.from_numpy(self.check_image(observation["image"]))[None]
+            batch["image"] = torch.from_numpy(image)[None]
         return batch
-
-    def check_image(self, image: Any) -> np.ndarray:
-        """An (S, S, 3) uint8 image of the trained size, or a clear error."""
-        arr = np.asarray(image)
-        s = self.config["image_size"]
-        if arr.shape != (s, s, 3):
-            raise ValueError(f"expected an RGB image of shape ({s}, {s}, 3), got {arr.shape}; render at the size the "
-                             f"policy was trained on (image_size={s})")
-        if arr.dtype != np.uint8:
-            if not np.isfinite(arr).all():
-                raise ValueError("the image has non-finite values")
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(arr)
 
     @torch.no_grad()
     def act(self, observation: Mapping[str, Any]) -> np.ndarray:
