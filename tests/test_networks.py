@@ -333,3 +333,31 @@ def test_mish_matches_torch_in_value_gradient_and_forward_mode() -> None:
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dy, dy_ref)
     torch.testing.assert_close(m.eval()(x), torch.nn.Mish()(x))
+
+
+@pytest.mark.parametrize("use_r", [True, False])
+@pytest.mark.parametrize("activation", ["mish", "silu"])
+def test_concat_mlp_jvp_detached_equals_forward_mode_ad(use_r: bool, activation: str) -> None:
+    from diffpilot.policy.networks import ConcatMLP
+
+    torch.manual_seed(0)
+    net = ConcatMLP(3, cond_dim=5, hidden=32, depth=3, time_dim=16, use_r=use_r, activation=activation).double().train()
+    f64 = dict(dtype=torch.float64)
+    z, v, cond = torch.randn(7, 3, **f64), torch.randn(7, 3, **f64), torch.randn(7, 5, **f64)
+    t = torch.rand(7, **f64)
+    r = t * torch.rand(7, **f64)
+    dt, dr = torch.rand(7, **f64), torch.rand(7, **f64)  # any direction, not only MeanFlow's (v, 0, 1)
+    r_in, dr_in = (r, dr) if use_r else (None, None)
+    u_ref, du_ref = torch.func.jvp(lambda z_, r_, t_: net(z_, t_, cond, r_ if use_r else None), (z, r, t), (v, dr, dt))
+    u, du = net.jvp_detached(z, t, cond, r_in, v, dt, dr_in)
+    torch.testing.assert_close(u, u_ref)
+    torch.testing.assert_close(du, du_ref)
+    assert u.requires_grad and not du.requires_grad  # the output trains, the tangent is a stop-gradient target
+    assert du.abs().max() > 1e-3
+
+
+def test_fast_mish_value_matches_torch_in_float32_over_its_whole_range() -> None:
+    from diffpilot.policy.networks.mlp import Mish
+
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-1e4, 1e4, 0.0, 19.99, 20.01])])
+    torch.testing.assert_close(Mish().train()(x), torch.nn.functional.mish(x), rtol=2e-6, atol=1e-6)

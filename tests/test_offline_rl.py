@@ -172,6 +172,21 @@ def test_meanflow_jvp_target_matches_finite_difference():
     torch.testing.assert_close(u_tgt, expected, rtol=1e-3, atol=1e-4)
 
 
+def test_actor_loss_gives_the_critic_no_gradient_and_arch_is_checked():
+    torch.manual_seed(0)
+    for name, cls in (("dql", DQLPolicy), ("ofql", OFQLPolicy)):
+        policy = cls(4, 2, **_small(name))
+        batch = policy.normalize_batch(policy.example_batch(16, torch.Generator().manual_seed(0)))
+        loss, _ = policy.actor_loss(batch["obs"], batch["action"], torch.Generator().manual_seed(1))
+        loss.backward()
+        assert all(p.grad is None for p in policy.critic.parameters()), name  # the critic step owns the critic
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.actor.net.parameters()), name
+    residual = OFQLPolicy(4, 2, network={"arch": "residual", "hidden": 16, "depth": 1}, critic={"hidden": 16, "depth": 1})
+    assert type(residual.actor).__name__ == "MLPDenoiser"
+    with pytest.raises(ValueError, match="network.arch"):
+        OFQLPolicy(4, 2, network={"arch": "resnet"})
+
+
 def test_resume_equals_uninterrupted(maze_data, tmp_path):
     opts = {"network": {"hidden": 32, "depth": 1}, "critic": {"hidden": 32, "depth": 1}, "ema": {"start": 5, "every": 2},
             "action_selection": {"samples": 4, "mode": "softmax"}}

@@ -28,11 +28,9 @@ from diffpilot.policy.base import OptimGroup
 from diffpilot.policy.bc import BASE_DEFAULTS, SingleStepPolicy
 from diffpilot.policy.generative.base import SampleResult
 from diffpilot.policy.generative import shard
+from diffpilot.policy.networks.mlp import ACTIVATIONS
 
 __all__ = ["CRITIC_DEFAULTS", "ActorCriticPolicy", "QNetwork", "TwinCritic", "soft_update"]
-
-ACTIVATIONS = {"mish": nn.Mish, "relu": nn.ReLU, "silu": nn.SiLU}
-
 
 class QNetwork(nn.Module):
     """``Q(s, a)``: an MLP on the concatenated (normalized) observation and action."""
@@ -159,12 +157,15 @@ class ActorCriticPolicy(SingleStepPolicy):
         """
         bc = self.bc_loss(obs, action, generator)
         a_pi = self.policy_action(obs, generator)
-        q1, q2 = self.critic(obs, a_pi)
+        # The critic is a fixed function here: its weights get no gradient (the critic step owns them),
+        # which also spares the backward pass their weight gradients.
+        frozen = {name: p.detach() for name, p in self.critic.named_parameters()}
+        q1, q2 = torch.func.functional_call(self.critic, frozen, (obs, a_pi))
         if bool(torch.rand((), generator=generator) < 0.5):
             q_sel, q_other = q1, q2
         else:
             q_sel, q_other = q2, q1
-        q_term = -q_sel.mean() / shard.shard_mean(q_other.abs().mean()).clamp_min(1e-8)
+        q_term = -q_sel.mean() / shard.shard_mean(q_other.detach().abs().mean()).clamp_min(1e-8)
         loss = bc + float(self.config["eta"]) * q_term
         metrics = {
             "actor_bc_loss": float(bc.detach()),

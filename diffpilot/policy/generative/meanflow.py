@@ -77,13 +77,18 @@ class MeanFlow:
         """Returns ``(u, u_tgt)``: the network's average velocity and its detached target.
 
         One forward-mode pass gives both ``u`` and ``du/dt`` along ``(v, 0, 1)``;
-        ``cond`` is closed over, so it is held fixed.
+        ``cond`` is closed over, so it is held fixed. A network with a
+        ``jvp_detached(z, t, cond, r, dz, dt, dr)`` method (the plain MLP)
+        computes the pair itself, cheaper than generic forward-mode AD.
         """
-        u, dudt = torch.func.jvp(
-            lambda z_, r_, t_: model(z_, t_, cond, r_),
-            (z, r, t),
-            (v, torch.zeros_like(r), torch.ones_like(t)),
-        )
+        if hasattr(model, "jvp_detached"):
+            u, dudt = model.jvp_detached(z, t, cond, r, v, torch.ones_like(t), torch.zeros_like(r))
+        else:
+            u, dudt = torch.func.jvp(
+                lambda z_, r_, t_: model(z_, t_, cond, r_),
+                (z, r, t),
+                (v, torch.zeros_like(r), torch.ones_like(t)),
+            )
         u_tgt = v - _per_sample_time(t - r, z) * dudt
         return u, u_tgt.detach()
 

@@ -7,12 +7,13 @@ from typing import Any
 from torch import nn
 
 from .embeddings import FiLM, SinusoidalEmbedding, TimeEmbedding
-from .mlp import MLPDenoiser
+from .mlp import ConcatMLP, MLPDenoiser
 from .transformer import TransformerDenoiser
 from .unet1d import ConditionalUnet1D
 
 __all__ = [
     "NETWORKS",
+    "ConcatMLP",
     "ConditionalUnet1D",
     "FiLM",
     "MLPDenoiser",
