@@ -31,7 +31,7 @@ def write_log(path: Path, log: list[dict[str, Any]]) -> Path:
 
 def plot_log(log: list[dict[str, Any]], path: Path, max_panels: int = 6) -> Path | None:
     """One panel per logged quantity against the step (evaluation columns drawn with markers); None if nothing to plot."""
-    keys = [k for k in columns(log) if k not in ("step", "lr") and any(isinstance(r.get(k), (int, float)) for r in log)]
+    keys = [k for k in columns(log) if k not in ("step", "lr", "train_s") and any(isinstance(r.get(k), (int, float)) for r in log)]
     if not keys:
         return None
     keys = keys[:max_panels]

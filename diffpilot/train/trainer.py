@@ -341,6 +341,7 @@ class Trainer:
             )
             if self.step % cfg.log_every == 0 or self.step == cfg.steps or due_eval:
                 row: dict[str, Any] = {"step": self.step, **{k: float(np.mean(v)) for k, v in self._acc.items()}}
+                row["train_s"] = round(self.train_s, 3)  # training seconds so far (evaluation excluded; resumed runs add up)
                 lrs = {name: s.get_last_lr()[0] for name, s in self.schedulers.items()}
                 row.update({"lr": next(iter(lrs.values()))} if len(lrs) == 1 else {f"lr_{k}": v for k, v in lrs.items()})
                 self._acc = {}
