@@ -39,13 +39,25 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 
 
 def load_config(name: str, overrides: list[str]) -> dict[str, Any]:
-    """Compose ``conf/<name>.yaml`` with ``overrides``; unknown keys or missing values are errors."""
+    """Compose ``conf/<name>.yaml`` with ``overrides``; unknown keys or missing values are errors.
+
+    The policy's ``per_task`` entry for the data set is merged in here, below
+    the explicit ``policy.*`` overrides: what the user typed wins.
+    """
     with initialize_config_module(config_module="diffpilot.conf", version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"missing required setting(s) {missing}: pass them as key=value, e.g. {missing[0]}=...")
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    out: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    if isinstance(out.get("policy"), dict) and isinstance(out.get("data"), dict):
+        from diffpilot.policy.registry import apply_per_task
+
+        # The task's per_task values apply now, under the user's own policy.* overrides (which win).
+        keep = {o.split("=", 1)[0].lstrip("+~").removeprefix("policy.") for o in overrides
+                if o.lstrip("+~").startswith("policy.") and "=" in o}
+        out["policy"] = apply_per_task(out["policy"], out["data"].get("name"), keep)
+    return out
 
 
 def implied_groups(command: str, overrides: list[str]) -> list[str]:

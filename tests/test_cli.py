@@ -15,6 +15,16 @@ def test_groups_and_overrides_compose():
     assert cfg["data"]["maze"] == "medium" and cfg["train"]["steps"] == 7
 
 
+def test_a_tasks_per_task_values_apply_under_the_users_own_overrides():
+    base = load_config("train", ["policy=dql", "data=hopper-medium"])["policy"]
+    assert (base["eta"], base["actor_grad_clip"], base["critic"]["grad_clip"]) == (1.0, 9.0, 9.0)  # per_task applied
+    assert "per_task" not in base
+    mine = load_config("train", ["policy=dql", "data=hopper-medium", "policy.eta=0.3", "policy.critic.grad_clip=2.0"])["policy"]
+    assert (mine["eta"], mine["actor_grad_clip"], mine["critic"]["grad_clip"]) == (0.3, 9.0, 2.0)
+    assert mine["critic"]["lr"] == base["critic"]["lr"]  # the rest of the nested group stays
+    assert load_config("train", ["policy=ofql", "data=maze2d-umaze", "policy.eta=2.5"])["policy"]["eta"] == 2.5
+
+
 def test_bad_configuration_is_one_clear_message(capsys):
     assert main(["train", "train.stepz=5"]) == 2
     assert "Could not override 'train.stepz'" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +34,38 @@ def policy_class(kind: str) -> type:
     return POLICIES[kind]
 
 
+def apply_per_task(config: Mapping[str, Any], task: str | None, keep: Iterable[str] = ()) -> dict[str, Any]:
+    """The policy config with ``per_task[task]`` merged in (nested mappings one level deep) and ``per_task`` dropped.
+
+    ``keep`` are dotted keys relative to the policy (``eta``, ``critic.grad_clip``)
+    that the user set explicitly: a task's value never overrides them, so
+    ``policy.eta=0.3`` on the command line (or a sweep trial) means 0.3 on
+    every task.
+    """
+    cfg = dict(copy.deepcopy(config))
+    per_task = cfg.pop("per_task", None) or {}
+    keep = set(keep)
+    for key, value in ((per_task.get(task) or {}) if task is not None else {}).items():
+        if key in keep:
+            continue
+        if isinstance(value, Mapping) and isinstance(cfg.get(key), Mapping):
+            cfg[key] = {**cfg[key], **{k: v for k, v in value.items() if f"{key}.{k}" not in keep}}
+        else:
+            cfg[key] = value
+    return cfg
+
+
 def policy_options(config: Mapping[str, Any], task: str | None = None) -> tuple[str, dict[str, Any]]:
     """``(kind, constructor options)`` from a policy config mapping (a ``conf/policy`` YAML).
 
     ``per_task[<task>]`` is merged over the options (nested mappings one level
     deep). A key the kind's ``Config`` does not have is refused by name.
     """
-    cfg = dict(copy.deepcopy(config))
+    cfg = apply_per_task(config, task)
     kind = cfg.pop("name", None)
     if kind is None:
         raise ValueError("the policy config has no 'name'; set it to a registered kind, e.g. name: chunk_diffusion")
     cls = policy_class(str(kind))
-    per_task = cfg.pop("per_task", None) or {}
-    if task is not None and task in per_task:
-        for key, value in (per_task[task] or {}).items():
-            if isinstance(value, Mapping) and isinstance(cfg.get(key), Mapping):
-                cfg[key] = {**cfg[key], **value}
-            else:
-                cfg[key] = value
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(cfg) - fields - {"per_task"})
     if unknown:
