@@ -80,7 +80,12 @@ def read_store(path: Path) -> dict[str, Any]:
 
 
 def write_store(store: dict[str, Any], path: Path) -> None:
-    atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True) + "\n")
+    """Write ``store`` merged over what the file holds now (another sitting may have added runs meanwhile)."""
+    merged = read_store(path)
+    for part in ("runs", "timing"):
+        merged[part].update(store[part])
+    store.update(merged)
+    atomic_write_text(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
 def _curve(log_csv: Path) -> list[list[float]]:
