@@ -64,7 +64,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
     log = (tmp_path / "split" / "train_log.csv").read_text().splitlines()
-    assert log[0] == "step,loss,lr" and log[-1].startswith("24,")
+    assert log[0] == "step,loss,train_s,lr" and log[-1].startswith("24,")
     assert (tmp_path / "split" / "curves.png").is_file()
 
 
