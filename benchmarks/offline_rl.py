@@ -207,7 +207,8 @@ def build_table(store: dict[str, Any], tasks: list[str], steps: int) -> tuple[li
                 "task": task, "method": method,
                 "normalized_score": round(float(scores.mean()), 1),
                 "normalized_score_std": round(float(scores.std(ddof=1)) if len(scores) > 1 else 0.0, 1),
-                "seeds": len(recs), "steps": steps, "data": recs[0]["data"], "eta": recs[0].get("eta"),
+                "seeds": len(recs), "steps": steps, "eval_episodes": recs[0]["eval_episodes"],
+                "data": recs[0]["data"], "eta": recs[0].get("eta"),
                 "train_s_per_1k_steps": timing.get("train_s_per_1k_steps"), "decision_hz": timing.get("decision_hz"),
             }
             rows.append(row)
@@ -303,9 +304,8 @@ def main() -> None:
     rows, targets = build_table(store, args.tasks, args.steps)
     notes = (
         f"Budget: {args.steps} gradient steps per run (batch 256) for every method, on 2 CPU cores; the papers train "
-        "1M steps. normalized_score: mean over seeds of the final policy's score over "
-        f"{args.eval_episodes} episodes (the same environment seeds for every method), std over seeds (ddof 1); curves in "
-        f"{NAME}_curves.png (evaluated every {eval_every} steps). data: the data set file (locomotion: its SAC run "
+        "1M steps. normalized_score: mean over seeds of the final policy's score over eval_episodes episodes (the same "
+        f"environment seeds for every method), std over seeds (ddof 1); curves in {NAME}_curves.png. data: the data set file (locomotion: its SAC run "
         "length and rollout rows are in the name). eta: the task's chosen Q weight (conf/policy/<method>.yaml per_task). "
         f"train_s_per_1k_steps: {args.timing_steps} steps timed alone on one thread; decision_hz: act() at batch 1 on one "
         f"thread, {args.decision_calls} calls. time_to_dql_final_vs_dql: OFQL's training seconds until its mean score first "
