@@ -32,6 +32,7 @@ from diffpilot.policy.networks.mlp import ACTIVATIONS
 
 __all__ = ["CRITIC_DEFAULTS", "ActorCriticPolicy", "QNetwork", "TwinCritic", "soft_update"]
 
+
 class QNetwork(nn.Module):
     """``Q(s, a)``: an MLP on the concatenated (normalized) observation and action."""
 

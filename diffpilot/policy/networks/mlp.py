@@ -67,6 +67,20 @@ class Mish(nn.Module):
 ACTIVATIONS = {"mish": Mish, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
+def _checked_activation(x_dim: int, cond_dim: int, hidden: int, depth: int, time_dim: int, activation: str) -> type[nn.Module]:
+    """The activation class of an MLP denoiser, after refusing sizes or a name it cannot be built with."""
+    if x_dim < 1 or cond_dim < 0 or hidden < 1 or depth < 1:
+        raise ValueError(
+            f"need x_dim >= 1, cond_dim >= 0, hidden >= 1, depth >= 1; got x_dim={x_dim}, "
+            f"cond_dim={cond_dim}, hidden={hidden}, depth={depth}"
+        )
+    if time_dim < 2 or time_dim % 2:
+        raise ValueError(f"time_dim must be an even integer >= 2, got {time_dim}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
+
+
 class ResidualFiLMBlock(nn.Module):
     """``h + W2 act(FiLM(W1 norm(h), c))``: the block starts as the identity (FiLM is zero-initialized)."""
 
@@ -104,16 +118,7 @@ class MLPDenoiser(nn.Module):
         activation: str = "mish",
     ) -> None:
         super().__init__()
-        if x_dim < 1 or cond_dim < 0 or hidden < 1 or depth < 1:
-            raise ValueError(
-                f"need x_dim >= 1, cond_dim >= 0, hidden >= 1, depth >= 1; got x_dim={x_dim}, "
-                f"cond_dim={cond_dim}, hidden={hidden}, depth={depth}"
-            )
-        if time_dim < 2 or time_dim % 2:
-            raise ValueError(f"time_dim must be an even integer >= 2, got {time_dim}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        act = ACTIVATIONS[activation]
+        act = _checked_activation(x_dim, cond_dim, hidden, depth, time_dim, activation)
         self.x_dim, self.cond_dim, self.use_r = x_dim, cond_dim, use_r
         self.time_emb = TimeEmbedding(time_dim, use_r=use_r)
         self.inp = nn.Linear(x_dim, hidden)
@@ -172,16 +177,7 @@ class ConcatMLP(nn.Module):
         activation: str = "mish",
     ) -> None:
         super().__init__()
-        if x_dim < 1 or cond_dim < 0 or hidden < 1 or depth < 1:
-            raise ValueError(
-                f"need x_dim >= 1, cond_dim >= 0, hidden >= 1, depth >= 1; got x_dim={x_dim}, "
-                f"cond_dim={cond_dim}, hidden={hidden}, depth={depth}"
-            )
-        if time_dim < 2 or time_dim % 2:
-            raise ValueError(f"time_dim must be an even integer >= 2, got {time_dim}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        act = ACTIVATIONS[activation]
+        act = _checked_activation(x_dim, cond_dim, hidden, depth, time_dim, activation)
         self.x_dim, self.cond_dim, self.use_r = x_dim, cond_dim, use_r
         self.time_emb = TimeEmbedding(time_dim, use_r=use_r)
         layers: list[nn.Module] = []
