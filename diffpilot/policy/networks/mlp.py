@@ -81,6 +81,35 @@ def _checked_activation(x_dim: int, cond_dim: int, hidden: int, depth: int, time
     return ACTIVATIONS[activation]
 
 
+def _checked_inputs(
+    net: MLPDenoiser | ConcatMLP, x: Tensor, t: Tensor, cond: Tensor | None, r: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(t, r, cond)`` of an MLP denoiser's call: scalar times broadcast to the batch, the condition flattened
+    to ``(B, cond_dim)`` (None when the network is unconditional), or a clear error for a wrong shape or type."""
+    name = type(net).__name__
+    if x.dim() != 2 or x.shape[-1] != net.x_dim:
+        raise ValueError(f"x must have shape (B, {net.x_dim}), got {tuple(x.shape)}")
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    if r is not None and r.dim() == 0:
+        r = r.expand(x.shape[0])
+    if cond is not None and not isinstance(cond, Tensor):
+        raise ValueError(
+            f"{name} takes a condition tensor, got {type(cond).__name__}; "
+            "structured (TokenSets) conditions need the transformer denoiser"
+        )
+    if not net.cond_dim:
+        if cond is not None:
+            raise ValueError(f"this {name} was built with cond_dim=0 but got a cond; rebuild it with cond_dim set")
+        return t, r, None
+    if cond is None:
+        raise ValueError(f"this {name} was built with cond_dim={net.cond_dim}; pass cond of shape (B, {net.cond_dim})")
+    cond = cond.flatten(1)  # (B, N, C) condition tokens are concatenated
+    if cond.shape[-1] != net.cond_dim:
+        raise ValueError(f"cond must flatten to (B, {net.cond_dim}), got {tuple(cond.shape)}")
+    return t, r, cond
+
+
 class ResidualFiLMBlock(nn.Module):
     """``h + W2 act(FiLM(W1 norm(h), c))``: the block starts as the identity (FiLM is zero-initialized)."""
 
@@ -128,32 +157,14 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None) -> Tensor:
-        if x.dim() != 2 or x.shape[-1] != self.x_dim:
-            raise ValueError(f"x must have shape (B, {self.x_dim}), got {tuple(x.shape)}")
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if r is not None and r.dim() == 0:
-            r = r.expand(x.shape[0])
+        t, r, cond = _checked_inputs(self, x, t, cond, r)
         c = self.time_emb(t, r)
-        if cond is not None and not isinstance(cond, Tensor):
-            raise ValueError(
-                f"MLPDenoiser takes a condition tensor, got {type(cond).__name__}; "
-                "structured (TokenSets) conditions need the transformer denoiser"
-            )
-        if self.cond_dim:
-            if cond is None:
-                raise ValueError(f"this MLPDenoiser was built with cond_dim={self.cond_dim}; pass cond of shape (B, {self.cond_dim})")
-            cond = cond.flatten(1)  # (B, N, C) condition tokens are concatenated
-            if cond.shape[-1] != self.cond_dim:
-                raise ValueError(f"cond must flatten to (B, {self.cond_dim}), got {tuple(cond.shape)}")
+        if cond is not None:
             c = torch.cat([c, cond.to(c.dtype)], dim=-1)
-        elif cond is not None:
-            raise ValueError("this MLPDenoiser was built with cond_dim=0 but got a cond; rebuild it with cond_dim set")
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, c)
         return self.out(h)
-
 
 
 class ConcatMLP(nn.Module):
@@ -189,22 +200,8 @@ class ConcatMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None) -> Tensor:
-        if x.dim() != 2 or x.shape[-1] != self.x_dim:
-            raise ValueError(f"x must have shape (B, {self.x_dim}), got {tuple(x.shape)}")
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if r is not None and r.dim() == 0:
-            r = r.expand(x.shape[0])
-        parts = [x, self.time_emb(t, r).to(x.dtype)]
-        if self.cond_dim:
-            if cond is None or not isinstance(cond, Tensor):
-                raise ValueError(f"this ConcatMLP was built with cond_dim={self.cond_dim}; pass cond of shape (B, {self.cond_dim})")
-            cond = cond.flatten(1)
-            if cond.shape[-1] != self.cond_dim:
-                raise ValueError(f"cond must flatten to (B, {self.cond_dim}), got {tuple(cond.shape)}")
-            parts.append(cond.to(x.dtype))
-        elif cond is not None:
-            raise ValueError("this ConcatMLP was built with cond_dim=0 but got a cond; rebuild it with cond_dim set")
+        t, r, cond = _checked_inputs(self, x, t, cond, r)
+        parts = [x, self.time_emb(t, r).to(x.dtype)] + ([] if cond is None else [cond.to(x.dtype)])
         return self.net(torch.cat(parts, dim=-1))
 
     def jvp_detached(
@@ -217,18 +214,13 @@ class ConcatMLP(nn.Module):
         next to the forward pass under ``no_grad``, reusing each layer's
         pre-activation, instead of through forward-mode AD's generic rules.
         """
-        if t.dim() == 0:
-            t, dt = t.expand(x.shape[0]), dt.expand(x.shape[0])
-        if r is not None and r.dim() == 0:
-            r = r.expand(x.shape[0])
-        if dr is not None and dr.dim() == 0:
-            dr = dr.expand(x.shape[0])
+        t, r, cond = _checked_inputs(self, x, t, cond, r)
+        dt = dt.expand(x.shape[0]) if dt.dim() == 0 else dt
+        dr = dr.expand(x.shape[0]) if dr is not None and dr.dim() == 0 else dr
         emb, d_emb = _time_embedding_jvp(self.time_emb, t, r, dt, dr)
         parts, tangents = [x, emb.to(x.dtype)], [dx, d_emb.to(x.dtype)]
-        if self.cond_dim:
-            if cond is None or not isinstance(cond, Tensor) or cond.flatten(1).shape[-1] != self.cond_dim:
-                raise ValueError(f"this ConcatMLP was built with cond_dim={self.cond_dim}; pass cond of shape (B, {self.cond_dim})")
-            parts.append(cond.flatten(1).to(x.dtype))
+        if cond is not None:  # the condition is held fixed: zero tangent
+            parts.append(cond.to(x.dtype))
             tangents.append(torch.zeros_like(parts[-1]))
         return _sequential_jvp(self.net, torch.cat(parts, dim=-1), torch.cat(tangents, dim=-1))
 
@@ -254,10 +246,10 @@ def _time_embedding_jvp(emb: TimeEmbedding, t: Tensor, r: Tensor | None, dt: Ten
     """``TimeEmbedding`` and its tangent along ``(dt, dr)``: d sin(a) = cos(a) da, d cos(a) = -sin(a) da."""
 
     def sinusoid(s: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:
-        a = (s.float() * emb.sin.scale)[:, None] * emb.sin.freqs[None, :]
+        feats = emb.sin(s)  # [sin a, cos a] with a = s * scale * freqs
+        sin, cos = feats.chunk(2, dim=-1)
         da = (ds.float() * emb.sin.scale)[:, None] * emb.sin.freqs[None, :]
-        sin, cos = a.sin(), a.cos()
-        return torch.cat([sin, cos], dim=-1), torch.cat([cos * da, -sin * da], dim=-1)
+        return feats, torch.cat([cos * da, -sin * da], dim=-1)
 
     feats, d_feats = sinusoid(t, dt)
     if emb.use_r:
