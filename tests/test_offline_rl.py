@@ -181,6 +181,23 @@ def test_actor_loss_gives_the_critic_no_gradient_and_arch_is_checked():
         loss.backward()
         assert all(p.grad is None for p in policy.critic.parameters()), name  # the critic step owns the critic
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.actor.net.parameters()), name
+    # The actor's gradient is Diffusion-QL's BC - eta Q_sel / E|Q_other|.detach(): the same draws, replayed by hand,
+    # give the same gradient (a normaliser that let gradient through would not).
+    policy = DQLPolicy(4, 2, **{**_small("dql"), "eta": 50.0})  # a Q term that dominates the gradient
+    with torch.no_grad():
+        for p in policy.critic.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # a critic with a non-trivial dependence on the action
+    batch = policy.normalize_batch(policy.example_batch(16, torch.Generator().manual_seed(0)))
+    policy.actor_loss(batch["obs"], batch["action"], torch.Generator().manual_seed(2))[0].backward()
+    got = [p.grad.clone() for p in policy.actor.parameters()]
+    policy.actor.zero_grad()
+    g = torch.Generator().manual_seed(2)
+    bc = policy.bc_loss(batch["obs"], batch["action"], g)
+    q1, q2 = policy.critic(batch["obs"], policy.policy_action(batch["obs"], g))
+    q_sel, q_other = (q1, q2) if bool(torch.rand((), generator=g) < 0.5) else (q2, q1)
+    (bc - float(policy.config["eta"]) * q_sel.mean() / q_other.abs().mean().detach()).backward()
+    for a, b in zip(got, (p.grad for p in policy.actor.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     residual = OFQLPolicy(4, 2, network={"arch": "residual", "hidden": 16, "depth": 1}, critic={"hidden": 16, "depth": 1})
     assert type(residual.actor).__name__ == "MLPDenoiser"
     with pytest.raises(ValueError, match="network.arch"):

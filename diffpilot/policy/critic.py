@@ -166,7 +166,7 @@ class ActorCriticPolicy(SingleStepPolicy):
             q_sel, q_other = q1, q2
         else:
             q_sel, q_other = q2, q1
-        q_term = -q_sel.mean() / shard.shard_mean(q_other.detach().abs().mean()).clamp_min(1e-8)
+        q_term = -q_sel.mean() / shard.shard_mean(q_other.abs().mean()).clamp_min(1e-8)
         loss = bc + float(self.config["eta"]) * q_term
         metrics = {
             "actor_bc_loss": float(bc.detach()),
