@@ -193,7 +193,9 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
                       future_steps=int(policy.config.get("future_steps", policy.config.get("horizon", SampleSpec.future_steps))))
     version, split = str(data_cfg["version"]), str(data_cfg["train_split"])
     arrays = load_scene_samples(root, version, split, spec, progress=tcfg.progress)
-    rows = policy.training_rows(arrays, **_driving_extras(policy, data_cfg, root, version, split, arrays, tcfg))
+    extras = _driving_extras(policy, data_cfg, root, version, split, arrays, tcfg)
+    arrays, extras = _with_recovery(arrays, extras, data_cfg, root, version, split, spec, tcfg)
+    rows = policy.training_rows(arrays, **extras)
     policy.fit_to_batch(rows)
     source = TensorRows(rows) if isinstance(rows, dict) else rows
     trainer = Trainer(policy, source, tcfg, out, fingerprint={"root": str(root), "split": str(data_cfg["train_split"]),
@@ -218,6 +220,10 @@ def _check_driving_extras(policy: Any, data_cfg: dict[str, Any]) -> None:
                                "diffpilot.planning.augment wrote for this data set's train split")
     if int(data_cfg.get("score_every", 1)) < 1 or int(data_cfg.get("score_candidates", 8)) < 1:
         raise ValueError("data.score_every and data.score_candidates must be >= 1")
+    try:
+        recovery_spec(data_cfg)
+    except ValueError as e:
+        raise ValueError(f"data.recovery_*: {e}") from None
 
 
 def _driving_extras(policy: Any, data_cfg: dict[str, Any], root: Path, version: str, split: str,
@@ -245,6 +251,37 @@ def _driving_extras(policy: Any, data_cfg: dict[str, Any], root: Path, version: 
         full["valid"][rows] = True
         extras["candidates"] = full
     return extras
+
+
+def recovery_spec(data_cfg: dict[str, Any]) -> Any:
+    """The :class:`~diffpilot.data.recovery.RecoverySpec` of a driving data config (``recovery_*`` keys)."""
+    from diffpilot.data.recovery import RecoverySpec
+
+    return RecoverySpec(copies=int(data_cfg.get("recovery_copies", 0)), lateral_m=float(data_cfg.get("recovery_lateral_m", 1.5)),
+                        heading_deg=float(data_cfg.get("recovery_heading_deg", 6.0)),
+                        recover_s=float(data_cfg.get("recovery_s", 2.5)), seed=int(data_cfg.get("seed", 0)))
+
+
+def _with_recovery(arrays: dict[str, Any], extras: dict[str, Any], data_cfg: dict[str, Any], root: Path, version: str,
+                   split: str, spec: Any, tcfg: TrainerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The logged windows followed by ``data.recovery_copies`` recovery windows per keyframe (none: unchanged).
+
+    Augmented trajectories index the logged windows, which keep their
+    places; the scored candidates cover the logged windows only, so the
+    recovery rows are marked unscored.
+    """
+    recovery = recovery_spec(data_cfg)
+    if recovery.copies == 0:
+        return arrays, extras
+    from diffpilot.data.nuscenes import load_scene_samples
+
+    extra = load_scene_samples(root, version, split, spec, progress=tcfg.progress, recovery=recovery)
+    R = len(extra["command"])
+    merged = {k: np.concatenate([np.asarray(v), np.asarray(extra[k])]) for k, v in arrays.items()}
+    if "candidates" in extras:
+        extras = {**extras, "candidates": {k: np.concatenate([v, np.zeros((R, *v.shape[1:]), v.dtype)])
+                                           for k, v in extras["candidates"].items()}}
+    return merged, extras
 
 
 def reference_for(task: Task, data_path: str | Path | None, episodes: int = 100) -> tuple[tuple[float, float], str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from diffpilot.cli import load_config, main
 from diffpilot.data.d4rl import read_d4rl
@@ -152,6 +153,10 @@ def test_transdiffuser_trains_with_its_score_head_evaluates_and_exports_through_
     assert main(args) == 0
     header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {"denoise", "decorrelation", "score_bce"} <= set(header)
+    rows = yaml.safe_load((out / "state" / "config.yaml").read_text())["config"]["fingerprint"]["rows"]
+    assert main([*args[:-2], "train.steps=2", "data.recovery_copies=1", f"out={tmp_path / 'td_rec'}", "progress=false"]) == 0
+    with_recovery = yaml.safe_load((tmp_path / "td_rec" / "state" / "config.yaml").read_text())["config"]["fingerprint"]["rows"]
+    assert rows < with_recovery < 2 * rows + 1  # one recovery window per moving logged keyframe, beside the logged ones
     drive = tmp_path / "drive"
     assert main(["driving", "eval", f"planners=[{out / 'policy'}]", "data.num_scenes=6", "max_scenes=1",
                  "modes=[non_reactive]", "navsim.frames_per_scene=1", "figures.scenes=0", f"out={drive}",
@@ -166,3 +171,6 @@ def test_transdiffuser_trains_with_its_score_head_evaluates_and_exports_through_
     msg = _one_line_exit_2(capsys, ["train", "policy=ego_status_mlp", "data=driving", "data.num_scenes=6",
                                     f"data.augmented={tmp_path}", f"out={tmp_path / 'mlp'}", "progress=false"])
     assert "data.augmented does not apply to a 'ego_status_mlp' policy" in msg
+    msg = _one_line_exit_2(capsys, [*args[:4], "data.recovery_copies=-1", f"out={tmp_path / 'bad'}", "progress=false"])
+    assert "data.recovery_*" in msg and "copies=-1 (must be >= 0)" in msg
+    assert not (tmp_path / "bad").exists()

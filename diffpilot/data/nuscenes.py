@@ -24,6 +24,7 @@ import shapely
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.nuscenes_format import OFFICIAL_LOCATIONS, SPLITS_FILE, TABLES
 from diffpilot.data.scenario import CATEGORIES, EGO_SIZE, MapGeometry, SampleSpec, SceneSample, ScenarioLog
+from diffpilot.data.recovery import RecoverySpec, recovery_samples
 from diffpilot.data.scene_sample import build_scene_sample, scene_samples_from_arrays, stack_samples
 from diffpilot.fileio import atomic_path
 
@@ -414,10 +415,12 @@ def _fingerprint(root: Path, version: str) -> list[list[object]]:
     return out
 
 
-def _cache_file(root: Path, version: str, split: str, spec: SampleSpec, cache_dir: Path) -> Path:
-    key = json.dumps({
-        "format": CACHE_FORMAT, "root": str(root.resolve()), "version": version, "split": split, "spec": asdict(spec),
-    }, sort_keys=True)
+def _cache_file(root: Path, version: str, split: str, spec: SampleSpec, cache_dir: Path,
+                recovery: RecoverySpec | None = None) -> Path:
+    fields_ = {"format": CACHE_FORMAT, "root": str(root.resolve()), "version": version, "split": split, "spec": asdict(spec)}
+    if recovery is not None:
+        fields_["recovery"] = asdict(recovery)
+    key = json.dumps(fields_, sort_keys=True)
     return cache_dir / "nuscenes" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.h5"
 
 
@@ -469,11 +472,14 @@ def load_scene_samples(
     spec: SampleSpec = SampleSpec(),
     cache_dir: Path | None = None,
     progress: bool = True,
+    recovery: RecoverySpec | None = None,
 ) -> dict[str, np.ndarray]:
     """Stacked SceneSample arrays of every keyframe in ``split`` with ``spec.past_steps`` of history.
 
     Keyframes need at least one future keyframe (the rest of the future may
-    be missing: ``ego_future_valid``). The result is cached in one HDF5 file
+    be missing: ``ego_future_valid``). With ``recovery`` (``copies >= 1``) the
+    arrays hold that split's recovery windows instead
+    (:func:`diffpilot.data.recovery.recovery_samples`). The result is cached in one HDF5 file
     per (root, version, split, spec) under ``<cache_dir>/nuscenes/``; a later
     call reads it back unless the data set's files changed since (then it is
     rebuilt in place).
@@ -484,7 +490,9 @@ def load_scene_samples(
         from diffpilot.fileio import cache_dir as default_cache_dir
 
         cache_dir = default_cache_dir()
-    path = _cache_file(root, version, split, spec, Path(cache_dir))
+    if recovery is not None and recovery.copies < 1:
+        raise ValueError("recovery.copies must be >= 1 to load recovery windows; pass recovery=None for the logged ones")
+    path = _cache_file(root, version, split, spec, Path(cache_dir), recovery)
     fingerprint = json.dumps(_fingerprint(root, version))
     if _cache_is_current(path, fingerprint):
         return _read_cache(path)
@@ -493,8 +501,12 @@ def load_scene_samples(
 
     reader = NuScenesReader(root, version)
     samples: list[SceneSample] = []
-    for name in tqdm(reader.scene_names(split), desc=f"nuScenes {split}", disable=not progress, unit="scene"):
+    desc = f"nuScenes {split}" + (" recovery windows" if recovery is not None else "")
+    for name in tqdm(reader.scene_names(split), desc=desc, disable=not progress, unit="scene"):
         log = reader.scenario_log(name)
+        if recovery is not None:
+            samples.extend(recovery_samples([log], spec, recovery))
+            continue
         for frame in range(spec.past_steps, log.num_frames - 1):
             samples.append(build_scene_sample(log, frame, spec))
     if not samples:
@@ -503,6 +515,9 @@ def load_scene_samples(
             "and a future; use longer scenes or a smaller past_steps"
         )
     arrays = stack_samples(samples)
-    _write_cache(path, arrays, {"root": str(root.resolve()), "version": version, "split": split,
-                                "num_samples": len(samples), "source_files": fingerprint}, spec)
+    meta = {"root": str(root.resolve()), "version": version, "split": split, "num_samples": len(samples),
+            "source_files": fingerprint}
+    if recovery is not None:
+        meta["recovery"] = json.dumps(asdict(recovery))
+    _write_cache(path, arrays, meta, spec)
     return arrays
