@@ -191,3 +191,29 @@ def test_stl_guidance_raises_rule_robustness():
         return float(guide.exact(policy.norm.normalize(deltas.reshape(len(cands), -1)).reshape(-1, policy.F, 3)).mean())
 
     assert robustness(True) > robustness(False)
+
+
+def test_a_stop_plan_is_held_as_standstill_in_torch_and_onnxruntime(tmp_path: Path):
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+    from diffpilot.policy.transdiffuser import hold_standstill
+
+    F = 8
+    t = 0.5 * torch.arange(1, F + 1).float()
+    creep = torch.stack([0.25 * t, torch.zeros(F), torch.zeros(F)], -1)  # 1 m in 4 s: a sampled stop, scattered
+    start = torch.stack([0.1 * t * t, torch.zeros(F), torch.zeros(F)], -1)  # 0.2 m/s² from rest: 1.6 m in 4 s
+    held = hold_standstill(torch.stack([creep, start]), 1.5)
+    assert torch.equal(held[0], torch.zeros(F, 3)) and torch.equal(held[1], start)
+    assert torch.equal(hold_standstill(creep[None], 0.0)[0], creep)
+
+    arrays = example_scene_arrays(3, seed=2)
+    moving = _fitted(hold_below_m=0.0)
+    plans = moving.plan_batch(arrays)
+    assert np.all(np.linalg.norm(plans[:, -1, :2], axis=1) > 0)
+    always = _fitted(hold_below_m=1e3)  # every plan ends within 1 km: all held
+    np.testing.assert_array_equal(always.plan_batch(arrays), np.zeros_like(plans))
+    np.testing.assert_array_equal(always.plan(scene_samples_from_arrays(arrays, 0)), np.zeros((F, 3)))
+    runtime = load_runtime(export_by_kind(always, tmp_path / "held.onnx"))
+    np.testing.assert_array_equal(runtime.plan(scene_samples_from_arrays(arrays, 1)), np.zeros((F, 3)))
+    with pytest.raises(ValueError, match="hold_below_m must be >= 0"):
+        build_policy({"name": "transdiffuser", **TINY, "hold_below_m": -1.0})

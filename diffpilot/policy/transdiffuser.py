@@ -94,6 +94,7 @@ class TransDiffuserConfig:
     guidance: bool = False  # STL robustness guidance of plan()/plan_batch through the sampler hook
     guidance_scale: float = 1.5
     guidance_refine: int = 3
+    hold_below_m: float = 1.5  # a kept plan ending closer than this to the ego becomes standstill (0: off)
     seed: int = 0
 
 
@@ -295,6 +296,21 @@ def select_candidates(poses: Tensor, how: str, scores: Tensor | None = None) -> 
     raise ValueError(f"unknown selection {how!r}; choose one of {list(SELECTIONS)}")
 
 
+def hold_standstill(poses: Tensor, hold_below_m: float) -> Tensor:
+    """Plans ``(B, F, 3)`` whose last waypoint lies within ``hold_below_m`` of the ego, replaced by standstill (zeros).
+
+    A sampled stop is never exactly still: its waypoints scatter by a few
+    decimetres, which the tracker follows as a creep of 0.2-0.3 m/s that
+    closes the gap to a queue within seconds. A plan that moves less than
+    ``hold_below_m`` over the whole horizon means "stay", and is held.
+    Pulling away from standstill at 0.2 m/s² already moves 1.6 m in 4 s.
+    """
+    if hold_below_m <= 0:
+        return poses
+    moves = (poses[:, -1, :2].pow(2).sum(-1) >= hold_below_m * hold_below_m).to(poses.dtype)
+    return poses * moves[:, None, None]
+
+
 def candidate_diversity(poses: Tensor) -> Tensor:
     """Mean pairwise distance (m, mean over waypoints) between the candidates ``(B, C, F, 3)`` of each scene."""
     B, C = poses.shape[:2]
@@ -382,6 +398,8 @@ class TransDiffuser(PolicyBase):
             raise ValueError(f"guidance_scale must be > 0 and guidance_refine >= 0, got {cfg.guidance_scale}, {cfg.guidance_refine}")
         if not 0.0 < cfg.warm_start_t < 1.0:
             raise ValueError(f"warm_start_t must be in (0, 1), got {cfg.warm_start_t}")
+        if not cfg.hold_below_m >= 0:
+            raise ValueError(f"hold_below_m must be >= 0 (0 turns the standstill hold off), got {cfg.hold_below_m}")
 
     @staticmethod
     def _objective(cfg: TransDiffuserConfig) -> Any:
@@ -601,7 +619,12 @@ class TransDiffuser(PolicyBase):
         if noise is None:
             noise = torch.randn(self.noise_shape(B), generator=self._gen)
         cands, idx, _ = self.plan_candidates(batch, noise)
-        return cands[torch.arange(B), idx]
+        return self.kept(cands, idx)
+
+    def kept(self, cands: Tensor, idx: Tensor) -> Tensor:
+        """The plans ``(B, F, 3)`` kept from ``cands`` (B, C, F, 3) at ``idx`` (B,), after :func:`hold_standstill`."""
+        chosen = torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
+        return hold_standstill(chosen, float(self.cfg.hold_below_m))
 
     def _check_batch(self, batch: Mapping[str, Tensor], noise: Tensor) -> None:
         missing = [k for k in self._scene_keys() if k not in batch]
@@ -630,7 +653,7 @@ class TransDiffuser(PolicyBase):
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
         cands, idx, _ = self.plan_candidates(batch, noise, guide=guide)
         self.last_candidates = cands.double().numpy()
-        out = cands[torch.arange(B), idx].double().numpy()
+        out = self.kept(cands, idx).double().numpy()
         out[..., 2] = wrap_angle(out[..., 2])
         return out
 
@@ -646,7 +669,7 @@ class TransDiffuser(PolicyBase):
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
         cands, idx, _ = self.plan_candidates(batch, noise, previous, guide)
         self.last_candidates = cands[0].double().numpy()
-        out = cands[0, int(idx[0])].double().numpy()
+        out = self.kept(cands, idx)[0].double().numpy()
         out[:, 2] = wrap_angle(out[:, 2])
         if self.cfg.warm_start:
             from diffpilot.data.scenario import to_global_frame
@@ -740,5 +763,4 @@ class _PosesGraph(nn.Module):
         pdms = None
         if p.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(p.net.scores(p.net.context(cond), cands)))
-        idx = select_candidates(cands, p.cfg.selection, pdms)
-        return torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, p.F, 3))[:, 0]
+        return p.kept(cands, select_candidates(cands, p.cfg.selection, pdms))
