@@ -21,9 +21,12 @@ Run: python benchmarks/transdiffuser.py [--scenes 200] [--steps 3000] [--seeds 0
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ VARIANTS = {
     "transdiffuser (no decorrelation)": ["policy.decorrelation_weight=0.0"],
     "transdiffuser (logs + STL augmentation)": ["AUG"],
     "transdiffuser (MeanFlow 1 step)": ["policy.objective=meanflow", "policy.sampler=meanflow", "policy.sampler_steps=1"],
+    "transdiffuser (no recovery windows)": ["data.recovery_copies=0"],
 }
 SUB = ("pdms", "nc", "dac", "ttc", "ep", "comfort")
 OPEN = ("l2_1s", "l2_2s", "l2_3s", "collision_1s", "collision_2s", "collision_3s")
@@ -57,21 +61,27 @@ def slug(name: str) -> str:
 
 def data_overrides(args: argparse.Namespace) -> list[str]:
     return ["data=driving", f"data.num_scenes={args.scenes}", f"data.workers={args.workers}",
-            f"data.score_every={args.score_every}", "progress=false"]
+            f"data.score_every={args.score_every}", f"data.recovery_copies={args.recovery}", "progress=false"]
 
 
 def train_one(out: Path, overrides: list[str]) -> dict[str, Any]:
-    """Train (or resume) one run; the wall time per 1k steps is recorded when it trains from scratch here."""
-    meta = out / "bench_train.json"
-    fresh = not (out / "state").exists()
-    tic = time.perf_counter()
+    """Train (or resume) one run on one torch thread; its training seconds per 1k steps by the trainer's own clock
+    (``train_s`` of the last log row: optimisation only, resumed runs add up, the candidate bank's scoring excluded)."""
+    torch.set_num_threads(1)
     cfg = load_config("train", [*overrides, f"out={out}"])
     train_job(cfg)
-    wall = time.perf_counter() - tic
-    if fresh or not meta.exists():
-        steps = int(cfg["train"]["steps"])
-        meta.write_text(json.dumps({"train_s_per_1k_steps": 1e3 * wall / steps if fresh else None, "steps": steps}))
-    return json.loads(meta.read_text())
+    with open(out / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    return {"train_s_per_1k_steps": 1e3 * float(last["train_s"]) / max(int(last["step"]), 1), "steps": int(last["step"])}
+
+
+def train_runs(tasks: list[tuple[Path, list[str]]], jobs: int) -> list[dict[str, Any]]:
+    """:func:`train_one` over ``tasks``, ``jobs`` at a time in spawned processes (results in task order)."""
+    if jobs <= 1:
+        return [train_one(run, overrides) for run, overrides in tasks]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(train_one, *zip(*tasks)))
 
 
 def augmentation(args: argparse.Namespace, root: Path, out: Path) -> Path:
@@ -85,28 +95,30 @@ def augmentation(args: argparse.Namespace, root: Path, out: Path) -> Path:
 
 
 def train_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]:
-    """Every trained planner: name -> {"dirs": [policy folders per seed], "train_s_per_1k_steps": [...]}"""
+    """Every trained planner: name -> {"dirs": [policy folders per seed], "train_s_per_1k_steps": [...], "steps": n}"""
     out = Path(args.out)
-    runs: dict[str, dict[str, Any]] = {}
     aug = augmentation(args, root, out / "augmented")
-    for name, extra in VARIANTS.items():
-        extra = [f"data.augmented={aug}" if e == "AUG" else e for e in extra]
-        for seed in args.seeds:
-            run = out / f"{slug(name)}_s{seed}"
-            info = train_one(run, ["policy=transdiffuser", *data_overrides(args), f"train.steps={args.steps}",
-                                   f"train.batch_size={args.batch}", f"seed={seed}", f"policy.seed={seed}", *extra])
-            r = runs.setdefault(name, {"dirs": [], "train_s_per_1k_steps": []})
-            r["dirs"].append(str(run / "policy"))
-            r["train_s_per_1k_steps"].append(info["train_s_per_1k_steps"])
     anchors = driving_anchors_job({"data": {"num_scenes": args.scenes, "workers": args.workers}, "k": 20,
                                    "out": str(out / "anchors"), "progress": False})
+    tasks: list[tuple[str, Path, list[str]]] = []
     for name, kind, extra in (("diffusiondrive-style peer", "diffusiondrive_planner", [f"policy.anchors={anchors}"]),
                               ("stl flow planner", "stl_flow_planner", [])):
-        run = out / slug(name)
-        info = train_one(run, [f"policy={kind}", *data_overrides(args), f"train.steps={args.steps}",
-                               f"train.batch_size={args.batch}", *extra])
-        runs[name] = {"dirs": [str(run / "policy")], "train_s_per_1k_steps": [info["train_s_per_1k_steps"]]}
-    return runs
+        tasks.append((name, out / slug(name), [f"policy={kind}", *data_overrides(args), f"train.steps={args.steps}",
+                                               f"train.batch_size={args.batch}", *extra]))
+    for name, extra in VARIANTS.items():
+        extra = [f"data.augmented={aug}" if e == "AUG" else e for e in extra]
+        steps = args.meanflow_steps if "policy.objective=meanflow" in extra and args.meanflow_steps else args.steps
+        for seed in args.seeds:
+            tasks.append((name, out / f"{slug(name)}_s{seed}",
+                          ["policy=transdiffuser", *data_overrides(args), f"train.steps={steps}", f"train.batch_size={args.batch}",
+                           f"seed={seed}", f"policy.seed={seed}", *extra]))
+    infos = train_runs([(run, overrides) for _, run, overrides in tasks], args.jobs)
+    runs: dict[str, dict[str, Any]] = {}
+    for (name, run, _), info in zip(tasks, infos):
+        r = runs.setdefault(name, {"dirs": [], "train_s_per_1k_steps": [], "steps": info["steps"]})
+        r["dirs"].append(str(run / "policy"))
+        r["train_s_per_1k_steps"].append(info["train_s_per_1k_steps"])
+    return {name: runs[name] for name in [*VARIANTS, "diffusiondrive-style peer", "stl flow planner"]}
 
 
 def variant_copy(src: str, dst: Path, **changes: Any) -> str:
@@ -188,6 +200,9 @@ def main() -> None:
     ap.add_argument("--aug-every", type=int, default=8, help="augment every n-th complete train window")
     ap.add_argument("--aug-samples", type=int, default=4, help="parameter samples per window and mode")
     ap.add_argument("--navsim-frames", type=int, default=4)
+    ap.add_argument("--meanflow-steps", type=int, default=None, help="steps of the MeanFlow variant (default: --steps)")
+    ap.add_argument("--jobs", type=int, default=2, help="trainings at once, one torch thread each")
+    ap.add_argument("--recovery", type=int, default=1, help="recovery windows per logged keyframe for every learned planner")
     ap.add_argument("--max-val", type=int, default=None)
     ap.add_argument("--phase", choices=("all", "train", "eval"), default="all")
     ap.add_argument("--out", default="runs/bench/transdiffuser")
@@ -246,6 +261,8 @@ def main() -> None:
         times = [t for t in r["train_s_per_1k_steps"] if t is not None]
         if times:
             extra[name]["train_s_per_1k_steps"] = float(np.mean(times))
+        if r.get("steps"):
+            extra[name]["train_steps"] = int(r["steps"])
     for (name, mode), rs in groups.items():
         row = {"method": name, "mode": mode, "seeds": len(rs)}
         for k in (*SUB, "progress_m", "collision", *OPEN):
@@ -263,11 +280,14 @@ def main() -> None:
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if v is not None and k not in ("phase", "out"))
     notes = (f"{args.scenes} embedded scenes ({len(res.get('scenes', [])) or 'all'} val scenes evaluated), "
-             f"{args.steps} steps x batch {args.batch} per learned planner; TransDiffuser rows: mean over seeds "
+             f"{args.steps} steps x batch {args.batch} per learned planner (`train_steps` where a row differs), each on the "
+             f"logged windows plus {args.recovery} recovery window(s) per moving keyframe (data.recovery_copies; the "
+             "'no recovery windows' row: logs only); TransDiffuser rows: mean over seeds "
              f"{args.seeds} (`pdms_std`, `collision_std`: std over seeds). Closed loop: PDMS of the whole drive, EP relative "
              "to the lane follower's closed-loop progress. NAVSIM one-shot: plans from the logged state at "
              f"{args.navsim_frames} keyframes per scene, tracked and scored with the agents replaying the log. "
-             "`diversity_m`: mean pairwise distance of the candidates (m, mean over waypoints). `plan_ms_p50_*`: one plan "
+             "`diversity_m`: mean pairwise distance of the candidates (m, mean over waypoints). `train_s_per_1k_steps`: the "
+             "trainer's own clock, one torch thread, two trainings at once. `plan_ms_p50_*`: one plan "
              "of the policy at batch 1, 1 thread, median over 40 val scenes (warm start and guidance run in torch only). "
              "The oracle row picks, among the seed-0 TransDiffuser's candidates, the one the ground-truth scorer rates "
              "best: it is an upper bound for the selection rule, not a planner.")
