@@ -105,3 +105,20 @@ def test_load_scene_samples_caches_recovery_windows_apart_from_the_logged_ones(r
 def test_bad_recovery_settings_name_the_setting(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RecoverySpec(**kwargs)
+
+
+def test_a_window_whose_displaced_ego_would_overlap_an_agent_is_dropped(log) -> None:
+    from dataclasses import replace
+
+    from diffpilot.data.recovery import _clear_of_agents
+
+    f = _moving_frame(log)
+    moved = displaced_log(log, f, 1.0, 0.0)
+    ego = moved.ego_pose[f]
+    beside = ego + np.array([-np.sin(ego[2]), np.cos(ego[2]), 0.0]) * 1.0  # 1 m to the left: boxes overlap
+    far = ego + np.array([-np.sin(ego[2]), np.cos(ego[2]), 0.0]) * 4.0  # one lane over: clear
+    for pose, clear in ((beside, False), (far, True)):
+        agents_pose = np.repeat(pose[None, None], log.num_frames, axis=1)
+        crowded = replace(moved, agents_token=["a"], agents_category=np.array([0]), agents_size=np.array([[4.5, 1.9]]),
+                          agents_pose=agents_pose, agents_valid=np.ones((1, log.num_frames), bool))
+        assert _clear_of_agents(crowded, f) is clear

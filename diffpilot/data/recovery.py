@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from diffpilot.data.errors import DatasetError
+from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, ScenarioLog, wrap_angle
 from diffpilot.data.scene_sample import build_scene_sample, ego_status_from_log
 
@@ -117,16 +118,16 @@ def displaced_log(log: ScenarioLog, frame: int, lateral_m: float, heading_rad: f
 
 
 def _clear_of_agents(log: ScenarioLog, frame: int, margin_m: float = 0.3) -> bool:
-    """Whether the displaced ego's footprint circle keeps clear of every agent present at ``frame``."""
-    valid = np.asarray(log.agents_valid, dtype=bool)[:, frame] if len(log.agents_token) else np.zeros(0, bool)
+    """Whether the displaced ego's box, grown by ``margin_m`` on each side, overlaps no agent present at ``frame``."""
+    if not len(log.agents_token):
+        return True
+    valid = np.asarray(log.agents_valid, dtype=bool)[:, frame]
     if not valid.any():
         return True
-    ego = np.asarray(log.ego_pose, dtype=np.float64)[frame, :2]
-    agents = np.asarray(log.agents_pose, dtype=np.float64)[valid, frame, :2]
-    sizes = np.asarray(log.agents_size, dtype=np.float64)[valid]
-    ego_r = 0.5 * float(np.hypot(*log.ego_size))
-    reach = ego_r + 0.5 * np.hypot(sizes[:, 0], sizes[:, 1]) * 0.6 + margin_m
-    return bool(np.all(np.linalg.norm(agents - ego, axis=1) > reach))
+    ego = box_corners(np.asarray(log.ego_pose, dtype=np.float64)[frame], np.asarray(log.ego_size, dtype=np.float64) + 2 * margin_m)
+    agents = box_corners(np.asarray(log.agents_pose, dtype=np.float64)[valid, frame],
+                         np.asarray(log.agents_size, dtype=np.float64)[valid])
+    return not bool(boxes_overlap(ego[None], agents).any())
 
 
 def recovery_samples(logs: Iterable[ScenarioLog], spec: SampleSpec, recovery: RecoverySpec) -> list[SceneSample]:
