@@ -20,6 +20,8 @@ import yaml
 from diffpilot.data.d4rl import read_d4rl
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.maze2d import generate_maze2d
+from diffpilot.data.recovery import RecoverySpec
+from diffpilot.data.scenario import SampleSpec
 from diffpilot.data.pick_place import generate_pick_place
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.fileio import atomic_write_text, cache_dir
@@ -180,7 +182,6 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
                    on_log: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """A driving kind on the scene samples of the data set's train split, through the same trainer."""
     from diffpilot.data.nuscenes import load_scene_samples
-    from diffpilot.data.scenario import SampleSpec
     from diffpilot.driving_jobs import driving_data_job
 
     data_cfg = cfg["data"]
@@ -221,7 +222,7 @@ def _check_driving_extras(policy: Any, data_cfg: dict[str, Any]) -> None:
     if int(data_cfg.get("score_every", 1)) < 1 or int(data_cfg.get("score_candidates", 8)) < 1:
         raise ValueError("data.score_every and data.score_candidates must be >= 1")
     try:
-        recovery_spec(data_cfg)
+        _recovery_spec(data_cfg)
     except ValueError as e:
         raise ValueError(f"data.recovery_*: {e}") from None
 
@@ -253,24 +254,22 @@ def _driving_extras(policy: Any, data_cfg: dict[str, Any], root: Path, version: 
     return extras
 
 
-def recovery_spec(data_cfg: dict[str, Any]) -> Any:
+def _recovery_spec(data_cfg: dict[str, Any]) -> RecoverySpec:
     """The :class:`~diffpilot.data.recovery.RecoverySpec` of a driving data config (``recovery_*`` keys)."""
-    from diffpilot.data.recovery import RecoverySpec
-
     return RecoverySpec(copies=int(data_cfg.get("recovery_copies", 0)), lateral_m=float(data_cfg.get("recovery_lateral_m", 1.5)),
                         heading_deg=float(data_cfg.get("recovery_heading_deg", 6.0)),
                         recover_s=float(data_cfg.get("recovery_s", 2.5)), seed=int(data_cfg.get("seed", 0)))
 
 
 def _with_recovery(arrays: dict[str, Any], extras: dict[str, Any], data_cfg: dict[str, Any], root: Path, version: str,
-                   split: str, spec: Any, tcfg: TrainerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+                   split: str, spec: SampleSpec, tcfg: TrainerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The logged windows followed by ``data.recovery_copies`` recovery windows per keyframe (none: unchanged).
 
     Augmented trajectories index the logged windows, which keep their
     places; the scored candidates cover the logged windows only, so the
     recovery rows are marked unscored.
     """
-    recovery = recovery_spec(data_cfg)
+    recovery = _recovery_spec(data_cfg)
     if recovery.copies == 0:
         return arrays, extras
     from diffpilot.data.nuscenes import load_scene_samples

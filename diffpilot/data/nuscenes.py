@@ -24,7 +24,7 @@ import shapely
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.nuscenes_format import OFFICIAL_LOCATIONS, SPLITS_FILE, TABLES
 from diffpilot.data.scenario import CATEGORIES, EGO_SIZE, MapGeometry, SampleSpec, SceneSample, ScenarioLog
-from diffpilot.data.recovery import RecoverySpec, recovery_samples
+from diffpilot.data.recovery import RECOVERY_FORMAT, RecoverySpec, recovery_samples
 from diffpilot.data.scene_sample import build_scene_sample, scene_samples_from_arrays, stack_samples
 from diffpilot.fileio import atomic_path
 
@@ -419,7 +419,7 @@ def _cache_file(root: Path, version: str, split: str, spec: SampleSpec, cache_di
                 recovery: RecoverySpec | None = None) -> Path:
     fields_ = {"format": CACHE_FORMAT, "root": str(root.resolve()), "version": version, "split": split, "spec": asdict(spec)}
     if recovery is not None:
-        fields_["recovery"] = asdict(recovery)
+        fields_["recovery"] = {**asdict(recovery), "format": RECOVERY_FORMAT}
     key = json.dumps(fields_, sort_keys=True)
     return cache_dir / "nuscenes" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.h5"
 

@@ -26,7 +26,10 @@ from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, ScenarioLog, wrap_angle
 from diffpilot.data.scene_sample import build_scene_sample, ego_status_from_log
 
-__all__ = ["RecoverySpec", "displaced_log", "recovery_samples"]
+__all__ = ["RECOVERY_FORMAT", "RecoverySpec", "displaced_log", "lateral_offset", "recovery_samples"]
+
+RECOVERY_FORMAT = 2
+"""Bumped whenever the same settings make different windows (2: the box overlap test), so cached windows rebuild."""
 
 
 @dataclass(frozen=True)
