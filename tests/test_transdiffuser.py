@@ -217,3 +217,30 @@ def test_a_stop_plan_is_held_as_standstill_in_torch_and_onnxruntime(tmp_path: Pa
     np.testing.assert_array_equal(runtime.plan(scene_samples_from_arrays(arrays, 1)), np.zeros((F, 3)))
     with pytest.raises(ValueError, match="hold_below_m must be >= 0"):
         build_policy({"name": "transdiffuser", **TINY, "hold_below_m": -1.0})
+
+
+def test_consistency_keeps_the_candidate_nearest_the_previous_moving_plan():
+    policy = _fitted(consistency=True, hold_below_m=1.5)
+    F = policy.F
+    t = np.arange(1, F + 1, dtype=np.float64)
+    straight = np.stack([5.0 * t, np.zeros(F), np.zeros(F)], axis=1)
+    policy._previous = (straight.copy(), 10.0)  # the last plan, global frame = ego frame at frame 10
+    sample = dataclasses.replace(scene_samples_from_arrays(example_scene_arrays(1), 0), frame=11,
+                                 ego_pose_global=np.array([5.0, 0.0, 0.0]))
+    shifted = policy._shifted_previous(sample)
+    ramp = np.clip(t / 4.0, 0.0, 1.0) * 3.5
+    left = np.stack([5.0 * t, ramp, np.zeros(F)], axis=1)
+    right = np.stack([5.0 * t, -ramp, np.zeros(F)], axis=1)
+    stop = np.stack([0.1 * t, np.zeros(F), np.zeros(F)], axis=1)
+    cands = torch.as_tensor(np.stack([left, straight, right, stop])[None], dtype=torch.float32)
+    # The selection chose the lane change (index 0); the plan in progress goes straight on (index 1).
+    assert int(policy._nearest_to(cands, shifted, 1, torch.tensor([0]))) == 1
+    # A stop wins over the manoeuvre in progress.
+    assert int(policy._nearest_to(cands, shifted, 1, torch.tensor([3]))) == 3
+    # A previous standstill binds nothing: the car can pull away as the selection chose.
+    policy._previous = (np.zeros((F, 3)), 10.0)
+    assert int(policy._nearest_to(cands, shifted, 1, torch.tensor([0]))) == 0
+    # plan() keeps its previous plan with consistency on, and replans from it.
+    policy.reset(seed=0)
+    policy.plan(scene_samples_from_arrays(example_scene_arrays(1), 0))
+    assert policy._previous is not None

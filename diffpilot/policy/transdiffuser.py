@@ -95,6 +95,7 @@ class TransDiffuserConfig:
     guidance_scale: float = 1.5
     guidance_refine: int = 3
     hold_below_m: float = 1.5  # a kept plan ending closer than this to the ego becomes standstill (0: off)
+    consistency: bool = False  # plan(): keep the candidate nearest the previous moving plan, shifted (torch only)
     seed: int = 0
 
 
@@ -665,17 +666,36 @@ class TransDiffuser(PolicyBase):
         arrays = stack_samples([sample])
         batch = self.scene_batch(arrays)
         noise = torch.randn(self.noise_shape(1), generator=self._gen)
-        previous = self._shifted_previous(sample) if self.cfg.warm_start else None
+        shifted = self._shifted_previous(sample) if self.cfg.warm_start or self.cfg.consistency else None
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
-        cands, idx, _ = self.plan_candidates(batch, noise, previous, guide)
+        cands, idx, _ = self.plan_candidates(batch, noise, shifted if self.cfg.warm_start else None, guide)
+        if self.cfg.consistency and shifted is not None:
+            idx = self._nearest_to(cands, shifted, int(round(float(sample.frame) - self._previous[1])), idx)
         self.last_candidates = cands[0].double().numpy()
         out = self.kept(cands, idx)[0].double().numpy()
         out[:, 2] = wrap_angle(out[:, 2])
-        if self.cfg.warm_start:
+        if self.cfg.warm_start or self.cfg.consistency:
             from diffpilot.data.scenario import to_global_frame
 
             self._previous = (to_global_frame(out, np.asarray(sample.ego_pose_global, dtype=np.float64)), float(sample.frame))
         return out
+
+    def _nearest_to(self, cands: Tensor, shifted: Tensor, elapsed: int, idx: Tensor) -> Tensor:
+        """The candidate nearest the shifted previous plan over the waypoints it covered (mean xy distance).
+
+        Replanning picks anew among the candidates at every step, so a manoeuvre
+        (a lane change) can restart at every replan and never complete; this
+        keeps the one in progress. A stop wins: when the selection's own choice
+        is held as standstill, it stays; and a previous standstill plan does
+        not bind, so the car can pull away.
+        """
+        if self._previous is None or not np.any(self._previous[0][:, :2] != self._previous[0][:1, :2]):
+            return idx
+        if float(cands[0, int(idx[0]), -1, :2].norm()) < self.cfg.hold_below_m:
+            return idx
+        n = self.F - elapsed
+        d = (cands[0, :, :n, :2] - shifted[0, None, :n, :2]).norm(dim=-1).mean(-1)
+        return torch.argmin(d)[None]
 
     def _shifted_previous(self, sample: SceneSample) -> Tensor | None:
         """The last plan in the current ego frame, advanced by the elapsed time and extended by its last step."""
@@ -700,7 +720,7 @@ class TransDiffuser(PolicyBase):
 
         Inputs: the scene tensors (agents cut to the past and present), the map
         elements when the planner fuses them, and ``noise`` (B, C, F, 3);
-        output ``poses`` (B, F, 3). Warm start needs the previous plan and stays
+        output ``poses`` (B, F, 3). Warm start and consistency need the previous plan and stay
         in torch. ``sampler`` ({'name': ..., 'num_steps': ...}) overrides the sampler.
         """
         from diffpilot.policy.stl_flow import _random_scene
