@@ -308,8 +308,12 @@ def hold_standstill(poses: Tensor, hold_below_m: float) -> Tensor:
     """
     if hold_below_m <= 0:
         return poses
-    moves = (poses[:, -1, :2].pow(2).sum(-1) >= hold_below_m * hold_below_m).to(poses.dtype)
-    return poses * moves[:, None, None]
+    return poses * _moves(poses, hold_below_m).to(poses.dtype)[:, None, None]
+
+
+def _moves(poses: Tensor, hold_below_m: float) -> Tensor:
+    """Whether each plan ``(B, F, 3)`` ends at least ``hold_below_m`` from the ego (B,): not a stop."""
+    return poses[:, -1, :2].pow(2).sum(-1) >= hold_below_m * hold_below_m
 
 
 def candidate_diversity(poses: Tensor) -> Tensor:
@@ -691,7 +695,7 @@ class TransDiffuser(PolicyBase):
         """
         if self._previous is None or not np.any(self._previous[0][:, :2] != self._previous[0][:1, :2]):
             return idx
-        if float(cands[0, int(idx[0]), -1, :2].norm()) < self.cfg.hold_below_m:
+        if not bool(_moves(cands[:, int(idx[0])], self.cfg.hold_below_m)[0]):
             return idx
         n = self.F - elapsed
         d = (cands[0, :, :n, :2] - shifted[0, None, :n, :2]).norm(dim=-1).mean(-1)
