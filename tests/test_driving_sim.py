@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import shapely
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import DT, MapGeometry, ScenarioLog
+from diffpilot.data.scene_sample import ego_status_from_log
 from diffpilot.sim.driving.agents import interpolate_tracks
 from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.sim.driving.simulator import DrivingSimulator
@@ -213,6 +216,35 @@ def test_log_replay_planner_follows_the_log(tracker):
     # A planner that stands still does not follow the log: the check can fail.
     still = sim.run(log, StandStill())
     assert np.linalg.norm(still.ego_states[-1, :2] - log.ego_pose[-1, :2]) > 50.0
+
+
+class Recording(LogReplay):
+    """Log replay that keeps every sample it is given."""
+
+    def __init__(self) -> None:
+        self.samples = []
+
+    def plan(self, sample) -> np.ndarray:
+        self.samples.append(sample)
+        return super().plan(sample)
+
+
+def test_planner_status_is_the_finite_difference_of_the_driven_keyframes():
+    # Training samples get (speed, accel, yaw rate) by backward differences of 2 Hz poses; closed loop must
+    # hand the planner the same signal, computed from where the simulated ego actually was at each keyframe.
+    log = make_log(varied_drive())
+    planner = Recording()
+    rollout = DrivingSimulator().run(log, planner)
+    driven = np.array(log.ego_pose, copy=True)
+    stride = int(round(DT / rollout.dt))
+    for i, sample in enumerate(planner.samples):
+        frame = rollout.start_frame + i
+        driven[frame] = rollout.ego_states[i * stride, :3]
+        expected = ego_status_from_log(dataclasses.replace(log, ego_pose=driven), frame)
+        np.testing.assert_allclose(sample.ego_status, expected, atol=1e-9)
+    # The driven path is not the logged one, so the check can tell the two apart.
+    logged = [ego_status_from_log(log, rollout.start_frame + i) for i in range(len(planner.samples))]
+    assert max(np.abs(s.ego_status - e).max() for s, e in zip(planner.samples, logged)) > 1e-3
 
 
 def test_reactive_vehicle_brakes_behind_a_stopped_ego():

@@ -42,6 +42,7 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, to_ego_frame, wrap_angle
 from diffpilot.policy.base import PolicyBase
+from diffpilot.policy.clearance import clearance_steps, clearest, stop_short
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import Sampler, TokenSets, build_objective, build_sampler, cond_repeat_interleave
@@ -95,7 +96,10 @@ class TransDiffuserConfig:
     guidance_scale: float = 1.5
     guidance_refine: int = 3
     hold_below_m: float = 1.5  # a kept plan ending closer than this to the ego becomes standstill (0: off)
-    consistency: bool = False  # plan(): keep the candidate nearest the previous moving plan, shifted (torch only)
+    consistency: bool = True  # plan(): keep the candidate nearest the previous moving plan, shifted (torch only)
+    clearance_check: bool = True  # keep only candidates that stay clear of the agents ahead longest (constant velocity)
+    clearance_margin_m: float = 0.3  # the ego's box is grown by this on every side for that check
+    ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
     seed: int = 0
 
 
@@ -279,21 +283,27 @@ def pdms_from_subscores(p: Tensor) -> Tensor:
     return p[..., 0] * p[..., 1] * (5 * p[..., 2] + 5 * p[..., 3] + 2 * p[..., 4]) / 12.0
 
 
-def select_candidates(poses: Tensor, how: str, scores: Tensor | None = None) -> Tensor:
-    """Index ``(B,)`` of the kept candidate in ``poses`` (B, C, F, 3) by ``how`` (see SELECTIONS)."""
+def select_candidates(poses: Tensor, how: str, scores: Tensor | None = None, admissible: Tensor | None = None) -> Tensor:
+    """Index ``(B,)`` of the kept candidate in ``poses`` (B, C, F, 3) by ``how`` (see SELECTIONS).
+
+    ``admissible`` (B, C) bool, when given, restricts the choice to those candidates (each row needs one).
+    """
     B, C = poses.shape[:2]
+    # Inadmissible candidates are pushed out of reach of the argmax / argmin below (export-friendly, no branching).
+    out = torch.zeros(B, C, dtype=poses.dtype, device=poses.device) if admissible is None else \
+        torch.where(admissible, torch.zeros((), dtype=poses.dtype), torch.full((), 1e9, dtype=poses.dtype))
     if how == "first" or C == 1:
-        return torch.zeros(B, dtype=torch.long, device=poses.device)
+        return torch.argmin(out, dim=1)
     if how == "score":
         if scores is None:
             raise ValueError("selection 'score' needs the score head's output")
-        return torch.argmax(scores, dim=1)
+        return torch.argmax(scores.to(poses.dtype) - out, dim=1)
     flat = poses[..., :2].flatten(2)
     d2 = (flat[:, :, None] - flat[:, None]).pow(2).sum(-1) / poses.shape[2]  # mean squared waypoint distance
     if how == "medoid":
-        return torch.argmin(d2.clamp_min(0).sqrt().sum(-1), dim=1)
+        return torch.argmin(d2.clamp_min(0).sqrt().sum(-1) + out, dim=1)
     if how == "mode":
-        return torch.argmax(torch.exp(-d2 / (2 * MODE_BANDWIDTH_M**2)).sum(-1), dim=1)
+        return torch.argmax(torch.exp(-d2 / (2 * MODE_BANDWIDTH_M**2)).sum(-1) - out, dim=1)
     raise ValueError(f"unknown selection {how!r}; choose one of {list(SELECTIONS)}")
 
 
@@ -405,6 +415,10 @@ class TransDiffuser(PolicyBase):
             raise ValueError(f"warm_start_t must be in (0, 1), got {cfg.warm_start_t}")
         if not cfg.hold_below_m >= 0:
             raise ValueError(f"hold_below_m must be >= 0 (0 turns the standstill hold off), got {cfg.hold_below_m}")
+        if not cfg.clearance_margin_m >= 0:
+            raise ValueError(f"clearance_margin_m must be >= 0, got {cfg.clearance_margin_m}")
+        if len(cfg.ego_size) != 2 or not all(float(v) > 0 for v in cfg.ego_size):
+            raise ValueError(f"ego_size must be [length, width] in metres, both > 0, got {cfg.ego_size}")
 
     @staticmethod
     def _objective(cfg: TransDiffuserConfig) -> Any:
@@ -615,7 +629,20 @@ class TransDiffuser(PolicyBase):
         pdms = None
         if self.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(self.net.scores(self.net.context(cond), cands)))
-        return cands, select_candidates(cands, self.cfg.selection, pdms), pdms
+        clear = self.clearance(batch, cands)
+        ok = clearest(clear)
+        return cands, select_candidates(cands, self.cfg.selection, pdms, ok), pdms, clear
+
+    def clearance(self, batch: Mapping[str, Tensor], cands: Tensor) -> Tensor | None:
+        """Half steps ``(B, C)`` each candidate stays clear of the forecast agents ahead (None: check off).
+
+        See :mod:`diffpilot.policy.clearance`. Selection keeps to the candidates
+        that stay clear longest; :meth:`kept` stops the kept one short of its contact.
+        """
+        if not self.cfg.clearance_check:
+            return None
+        return clearance_steps(cands, batch["agents_pose"], batch["agents_valid"], batch["agents_size"],
+                               tuple(self.cfg.ego_size), float(self.cfg.clearance_margin_m), DT)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
@@ -623,12 +650,15 @@ class TransDiffuser(PolicyBase):
         B = batch["ego_status"].shape[0]
         if noise is None:
             noise = torch.randn(self.noise_shape(B), generator=self._gen)
-        cands, idx, _ = self.plan_candidates(batch, noise)
-        return self.kept(cands, idx)
+        cands, idx, _, clear = self.plan_candidates(batch, noise)
+        return self.kept(cands, idx, clear)
 
-    def kept(self, cands: Tensor, idx: Tensor) -> Tensor:
-        """The plans ``(B, F, 3)`` kept from ``cands`` (B, C, F, 3) at ``idx`` (B,), after :func:`hold_standstill`."""
+    def kept(self, cands: Tensor, idx: Tensor, clear: Tensor | None = None) -> Tensor:
+        """The plans ``(B, F, 3)`` kept from ``cands`` (B, C, F, 3) at ``idx`` (B,), stopped short of a forecast
+        contact (``clear``: :meth:`clearance`, None: not checked), after :func:`hold_standstill`."""
         chosen = torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
+        if clear is not None:
+            chosen = stop_short(chosen, torch.gather(clear, 1, idx[:, None])[:, 0])
         return hold_standstill(chosen, float(self.cfg.hold_below_m))
 
     def _check_batch(self, batch: Mapping[str, Tensor], noise: Tensor) -> None:
@@ -656,9 +686,9 @@ class TransDiffuser(PolicyBase):
         B = len(batch["command"])
         noise = torch.randn(self.noise_shape(B), generator=self._gen) if noise is None else noise
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
-        cands, idx, _ = self.plan_candidates(batch, noise, guide=guide)
+        cands, idx, _, clear = self.plan_candidates(batch, noise, guide=guide)
         self.last_candidates = cands.double().numpy()
-        out = self.kept(cands, idx).double().numpy()
+        out = self.kept(cands, idx, clear).double().numpy()
         out[..., 2] = wrap_angle(out[..., 2])
         return out
 
@@ -672,11 +702,12 @@ class TransDiffuser(PolicyBase):
         noise = torch.randn(self.noise_shape(1), generator=self._gen)
         shifted = self._shifted_previous(sample) if self.cfg.warm_start or self.cfg.consistency else None
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
-        cands, idx, _ = self.plan_candidates(batch, noise, shifted if self.cfg.warm_start else None, guide)
+        cands, idx, _, clear = self.plan_candidates(batch, noise, shifted if self.cfg.warm_start else None, guide)
         if self.cfg.consistency and shifted is not None:
-            idx = self._nearest_to(cands, shifted, int(round(float(sample.frame) - self._previous[1])), idx)
+            ok = clearest(clear)
+            idx = self._nearest_to(cands, shifted, int(round(float(sample.frame) - self._previous[1])), idx, ok)
         self.last_candidates = cands[0].double().numpy()
-        out = self.kept(cands, idx)[0].double().numpy()
+        out = self.kept(cands, idx, clear)[0].double().numpy()
         out[:, 2] = wrap_angle(out[:, 2])
         if self.cfg.warm_start or self.cfg.consistency:
             from diffpilot.data.scenario import to_global_frame
@@ -684,8 +715,9 @@ class TransDiffuser(PolicyBase):
             self._previous = (to_global_frame(out, np.asarray(sample.ego_pose_global, dtype=np.float64)), float(sample.frame))
         return out
 
-    def _nearest_to(self, cands: Tensor, shifted: Tensor, elapsed: int, idx: Tensor) -> Tensor:
-        """The candidate nearest the shifted previous plan over the waypoints it covered (mean xy distance).
+    def _nearest_to(self, cands: Tensor, shifted: Tensor, elapsed: int, idx: Tensor,
+                    admissible: Tensor | None = None) -> Tensor:
+        """The admissible candidate nearest the shifted previous plan over the waypoints it covered (mean xy distance).
 
         Replanning picks anew among the candidates at every step, so a manoeuvre
         (a lane change) can restart at every replan and never complete; this
@@ -699,6 +731,8 @@ class TransDiffuser(PolicyBase):
             return idx
         n = self.F - elapsed
         d = (cands[0, :, :n, :2] - shifted[0, None, :n, :2]).norm(dim=-1).mean(-1)
+        if admissible is not None:
+            d = torch.where(admissible[0], d, torch.full_like(d, float("inf")))
         return torch.argmin(d)[None]
 
     def _shifted_previous(self, sample: SceneSample) -> Tensor | None:
@@ -787,4 +821,6 @@ class _PosesGraph(nn.Module):
         pdms = None
         if p.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(p.net.scores(p.net.context(cond), cands)))
-        return p.kept(cands, select_candidates(cands, p.cfg.selection, pdms))
+        clear = p.clearance(inputs, cands)
+        ok = clearest(clear)
+        return p.kept(cands, select_candidates(cands, p.cfg.selection, pdms, ok), clear)

@@ -100,8 +100,10 @@ class DrivingSimulator:
 
     ``replan_every`` simulator steps must span a whole number of keyframes
     (``replan_every * dt`` a multiple of DT), since the planner's view is
-    built at keyframes. ``sample_builder`` defaults to
-    :func:`diffpilot.data.scene_sample.build_scene_sample`.
+    built at keyframes. ``sample_builder(log, frame, spec)`` defaults to
+    :func:`diffpilot.data.scene_sample.build_scene_sample`; it is given the
+    log with the driven ego (and, reactive, agents) written into the past
+    keyframes, so the ego status it computes comes from the drive.
     """
 
     def __init__(
@@ -183,9 +185,10 @@ class DrivingSimulator:
                     ag_pose_log[:, frame] = agents_pose[:, k]
                     ag_valid_log[:, frame] = agents_valid[:, k]
                 sim_log = replace(log, ego_pose=ego_log, agents_pose=ag_pose_log, agents_valid=ag_valid_log)
-                accel = (states[k, 3] - states[k - 1, 3]) / self.dt if k > 0 else 0.0
-                yaw_rate = states[k, 3] * np.tan(states[k, 4]) / model.wheelbase
-                sample = self.sample_builder(sim_log, frame, self.spec, ego_status=np.array([states[k, 3], accel, yaw_rate]))
+                # The ego status comes from the driven keyframes exactly as training data gets it from the logged
+                # ones (finite differences at 2 Hz): a planner sees in closed loop the signal it was trained on,
+                # not the tracker's instantaneous speed and 0.1 s acceleration, which it never saw.
+                sample = self.sample_builder(sim_log, frame, self.spec)
                 tic = time.perf_counter()
                 plan = planner.plan(sample)
                 plan_ms.append(1e3 * (time.perf_counter() - tic))

@@ -1,0 +1,103 @@
+"""How long each candidate plan stays clear of the agents ahead, under a constant-velocity forecast.
+
+A learned selection ranks candidates by what it has seen in training; it
+has no hard notion of "this plan runs into the car in front". A car's
+planner stack checks its chosen plan against a short forecast of the
+traffic it can see now. This module does that check in torch (so it runs
+inside the exported graph too): every agent valid at the present keeps
+its heading and the velocity of its last observed step, the ego follows
+the candidate (waypoints and the midpoints between them), and the first
+step at which the ego's box, grown by a margin, overlaps the box of an
+agent ends the candidate's clearance. An agent counts only if it is ahead
+of the ego at first contact: a car closing in from behind is not one the
+ego's plan can be blamed for. Nothing after the present is read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["clearance_steps", "clearest", "obb_overlap", "stop_short"]
+
+
+def obb_overlap(pa: Tensor, ha: Tensor, pb: Tensor, hb: Tensor) -> Tensor:
+    """Whether oriented boxes overlap (separating-axis test), broadcast over leading dims.
+
+    ``pa``/``pb``: (..., 3) centre and yaw; ``ha``/``hb``: (..., 2) half length and half width.
+    """
+    ca, sa, cb, sb = torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]), torch.sin(pb[..., 2])
+    dx, dy = pb[..., 0] - pa[..., 0], pb[..., 1] - pa[..., 1]
+    axes = ((ca, sa), (-sa, ca), (cb, sb), (-sb, cb))
+    apart = torch.zeros_like(dx, dtype=torch.bool)
+    for ux, uy in axes:
+        ra = ha[..., 0] * (ca * ux + sa * uy).abs() + ha[..., 1] * (-sa * ux + ca * uy).abs()
+        rb = hb[..., 0] * (cb * ux + sb * uy).abs() + hb[..., 1] * (-sb * ux + cb * uy).abs()
+        apart = apart | ((dx * ux + dy * uy).abs() > ra + rb)
+    return ~apart
+
+
+def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, agents_size: Tensor,
+                    ego_size: tuple[float, float], margin_m: float, dt: float) -> Tensor:
+    """Half-steps ``(B, C)`` each candidate stays clear of the forecast agents ahead (2F: clear all the way).
+
+    ``cands`` (B, C, F, 3): ego-frame poses at ``dt`` spacing; ``agents_pose`` (B, K, H, 3) and
+    ``agents_valid`` (B, K, H): the agents' past and present (present last), ego frame;
+    ``agents_size`` (B, K, 2) length and width. The ego's box is grown by ``margin_m`` on every side.
+    """
+    B, C, F, _ = cands.shape
+    dtype = cands.dtype
+    prev = torch.cat([torch.zeros_like(cands[:, :, :1]), cands[:, :, :-1]], dim=2)
+    mid = 0.5 * (prev + cands)
+    mid_yaw = torch.atan2(torch.sin(prev[..., 2]) + torch.sin(cands[..., 2]), torch.cos(prev[..., 2]) + torch.cos(cands[..., 2]))
+    mid = torch.cat([mid[..., :2], mid_yaw[..., None]], dim=-1)
+    ego = torch.stack([mid, cands], dim=3).reshape(B, C, 2 * F, 3)  # 0.5 dt, dt, 1.5 dt, ...
+    times = (0.5 * dt) * torch.arange(1, 2 * F + 1, dtype=dtype, device=cands.device)
+
+    now = agents_pose[:, :, -1].to(dtype)  # (B, K, 3)
+    seen_now = agents_valid[:, :, -1]
+    before = agents_pose[:, :, -2].to(dtype) if agents_pose.shape[2] > 1 else now
+    seen_before = agents_valid[:, :, -2] if agents_pose.shape[2] > 1 else seen_now
+    vel = torch.where(seen_before[..., None], (now[..., :2] - before[..., :2]) / dt, torch.zeros_like(now[..., :2]))
+    xy = now[:, :, None, :2] + vel[:, :, None] * times[None, None, :, None]  # (B, K, T, 2)
+    agents = torch.cat([xy, now[:, :, None, 2:].expand(-1, -1, 2 * F, -1)], dim=-1)
+
+    ego_half = torch.tensor([0.5 * ego_size[0] + margin_m, 0.5 * ego_size[1] + margin_m], dtype=dtype, device=cands.device)
+    pa = ego[:, :, :, None]  # (B, C, T, 1, 3)
+    pb = agents.transpose(1, 2)[:, None]  # (B, 1, T, K, 3)
+    hb = (0.5 * agents_size.to(dtype))[:, None, None]  # (B, 1, 1, K, 2)
+    hit = obb_overlap(pa, ego_half, pb, hb) & seen_now[:, None, None, :]  # (B, C, T, K)
+    ahead = ((pb[..., 0] - pa[..., 0]) * torch.cos(pa[..., 2]) + (pb[..., 1] - pa[..., 1]) * torch.sin(pa[..., 2])) > 0
+    # An agent counts when it is ahead of the ego at its first contact (it overtaking from behind does not).
+    first = _first_true(hit.transpose(2, 3))  # (B, C, K), T when never
+    ahead_then = torch.gather(torch.cat([ahead, torch.zeros_like(ahead[:, :, :1])], dim=2).transpose(2, 3), 3,
+                              first[..., None]).squeeze(-1)
+    any_hit = (hit & ahead_then[:, :, None, :]).any(dim=-1)  # (B, C, T)
+    return _first_true(any_hit)
+
+
+def _first_true(flags: Tensor) -> Tensor:
+    """Index of the first True along the last dim, or its length when there is none (argmax with a sentinel)."""
+    padded = torch.cat([flags, torch.ones_like(flags[..., :1])], dim=-1)
+    return torch.argmax(padded.to(torch.float32), dim=-1)
+
+
+def stop_short(plans: Tensor, steps: Tensor) -> Tensor:
+    """Plans ``(B, F, 3)`` that stop at their last waypoint clear of a forecast contact; ``steps`` (B,) from :func:`clearance_steps`.
+
+    The kept candidate may still run into something when every candidate
+    does (the sampled set has no stop in it). Its path is kept and its
+    progress ends at the last waypoint before the contact, so the tracker
+    brakes along the same path; with no clear waypoint the plan is
+    standstill. A plan clear all the way (``steps == 2F``) is unchanged.
+    """
+    F = plans.shape[1]
+    count = steps // 2  # waypoint j lies at half step 2j + 1: clear iff 2j + 1 < steps
+    j = torch.minimum(torch.arange(F, device=plans.device)[None], (count - 1).clamp_min(0)[:, None])  # (B, F)
+    held = torch.gather(plans, 1, j[..., None].expand(-1, -1, plans.shape[2]))
+    return held * (count > 0).to(plans.dtype)[:, None, None]
+
+
+def clearest(steps: Tensor | None) -> Tensor | None:
+    """The candidates ``(B, C)`` whose clearance ``steps`` (B, C) is the longest of their scene (None passes through)."""
+    return None if steps is None else steps == steps.max(dim=1, keepdim=True).values

@@ -1,0 +1,88 @@
+"""The candidate clearance check: box overlap in torch, constant-velocity forecasts, and its use in selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffpilot.data.geometry import box_corners, boxes_overlap
+from diffpilot.data.scenario import DT
+from diffpilot.policy.clearance import clearance_steps, obb_overlap, stop_short
+from diffpilot.policy.transdiffuser import select_candidates
+
+EGO = (4.084, 1.85)
+F = 8
+
+
+def test_obb_overlap_agrees_with_the_numpy_separating_axis_test():
+    rng = np.random.default_rng(0)
+    n = 4000
+    pa = np.column_stack([rng.uniform(-4, 4, (n, 2)), rng.uniform(-np.pi, np.pi, n)])
+    pb = np.column_stack([rng.uniform(-4, 4, (n, 2)), rng.uniform(-np.pi, np.pi, n)])
+    sa, sb = rng.uniform(0.5, 5.0, (n, 2)), rng.uniform(0.5, 5.0, (n, 2))
+    expected = boxes_overlap(box_corners(pa, sa), box_corners(pb, sb))
+    got = obb_overlap(torch.as_tensor(pa), torch.as_tensor(0.5 * sa), torch.as_tensor(pb), torch.as_tensor(0.5 * sb))
+    assert 0.2 < expected.mean() < 0.8  # both outcomes are exercised
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def _straight(speed: float) -> np.ndarray:
+    t = DT * np.arange(1, F + 1)
+    return np.column_stack([speed * t, np.zeros(F), np.zeros(F)])
+
+
+def _agents(*tracks: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Agents from (previous pose, present pose) pairs: pose (1, K, 2, 3), valid, size."""
+    pose = torch.tensor(np.stack([np.stack([a, b]) for a, b in tracks])[None], dtype=torch.float32)
+    return pose, torch.ones(pose.shape[:3], dtype=torch.bool), torch.tensor([[list(EGO)] * len(tracks)], dtype=torch.float32)
+
+
+def _clear(cands: list[np.ndarray], agents, margin: float = 0.3) -> list[int]:
+    c = torch.tensor(np.stack(cands)[None], dtype=torch.float32)
+    return clearance_steps(c, *agents, EGO, margin, DT)[0].tolist()
+
+
+def test_a_plan_into_a_stopped_car_loses_its_clearance_when_the_boxes_meet():
+    stopped = np.array([20.0, 0.0, 0.0])
+    agents = _agents((stopped, stopped))
+    # At 10 m/s the ego's front (2.04 m + 0.3 margin ahead of its centre) meets the car's rear (17.96 m) when the
+    # centre passes 15.6 m: at 1.56 s. Checks run every half step (0.25 s), so the first one that sees the contact
+    # is at 1.75 s, index 6 (0.25 ... 1.5 s are clear).
+    # A plan that stops after 8 m, and one that waits, stay clear all the way.
+    creep = np.column_stack([np.minimum(DT * np.arange(1, F + 1) * 4.0, 8.0), np.zeros(F), np.zeros(F)])
+    assert _clear([_straight(10.0), creep, np.zeros((F, 3))], agents) == [6, 2 * F, 2 * F]
+
+
+def test_moving_traffic_ahead_and_cars_behind_or_beside_do_not_block():
+    lead = _agents((np.array([14.0, 0.0, 0.0]), np.array([19.0, 0.0, 0.0])))  # 10 m/s, 19 m ahead
+    assert _clear([_straight(10.0)], lead) == [2 * F]
+    assert _clear([_straight(16.0)], lead) != [2 * F]  # closing at 6 m/s: it does run into it
+    behind = _agents((np.array([-22.0, 0.0, 0.0]), np.array([-14.0, 0.0, 0.0])))  # 16 m/s from behind
+    assert _clear([_straight(10.0)], behind) == [2 * F]
+    beside = _agents((np.array([-5.0, 3.5, 0.0]), np.array([0.0, 3.5, 0.0])))  # next lane, same speed
+    assert _clear([_straight(10.0)], beside) == [2 * F]
+    invalid = _agents((np.array([20.0, 0.0, 0.0]), np.array([20.0, 0.0, 0.0])))
+    invalid = (invalid[0], torch.zeros_like(invalid[1]), invalid[2])
+    assert _clear([_straight(10.0)], invalid) == [2 * F]
+
+
+def test_selection_keeps_to_the_admissible_candidates():
+    cands = torch.tensor(np.stack([_straight(10.0), _straight(10.2), _straight(9.8), _straight(4.0)])[None],
+                         dtype=torch.float32)
+    ok = torch.tensor([[False, False, False, True]])
+    for how in ("first", "medoid", "mode"):
+        assert int(select_candidates(cands, how, admissible=ok)) == 3
+        assert int(select_candidates(cands, how)) != 3
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    assert int(select_candidates(cands, "score", scores, ok)) == 3
+    assert int(select_candidates(cands, "score", scores)) == 0
+
+
+def test_stop_short_holds_the_path_at_the_last_clear_waypoint():
+    plans = torch.tensor(np.stack([_straight(10.0)] * 3), dtype=torch.float32)
+    out = stop_short(plans, torch.tensor([2 * F, 6, 1])).numpy()
+    np.testing.assert_array_equal(out[0], plans[0].numpy())  # clear all the way: unchanged
+    # Contact first seen at half step 6 (1.75 s): waypoints 0..2 (0.5, 1.0, 1.5 s) are clear; it stops at the third.
+    np.testing.assert_array_equal(out[1, :3], plans[1, :3].numpy())
+    np.testing.assert_array_equal(out[1, 3:], np.repeat(plans[1, 2:3].numpy(), F - 3, axis=0))
+    np.testing.assert_array_equal(out[2], np.zeros((F, 3)))  # not even the first waypoint is clear: standstill
