@@ -9,7 +9,9 @@ one-step MeanFlow; the DiffusionDrive-style truncated anchor peer (anchors from
 evaluation of the CLI on the val split: closed loop non-reactive and reactive,
 open loop (L2, collision at 1/2/3 s) and NAVSIM-style one-shot PDMS, with the
 log replay, constant velocity, ego-status MLP and lane-follower baselines, the
-warm-started and the STL-guided TransDiffuser (the seed-0 weights), and the
+warm-started and the STL-guided TransDiffuser (the seed-0 weights), the same
+weights without their plan guards (TransDiffuser without the clearance check,
+the peer without clearance check and standstill hold; every seed), and the
 oracle best-of-N (the candidate the scorer likes best; one-shot only, an upper
 bound, never a planner). Per TransDiffuser variant: mean and std over seeds,
 candidate diversity, plan latency p50 in torch and in onnxruntime (batch 1, 1
@@ -51,6 +53,10 @@ VARIANTS = {
     "transdiffuser (MeanFlow 1 step)": ["policy.objective=meanflow", "policy.sampler=meanflow", "policy.sampler_steps=1"],
     "transdiffuser (no recovery windows)": ["data.recovery_copies=0"],
 }
+PLAN_TIME_VARIANTS = (
+    ("transdiffuser (no clearance check)", "transdiffuser", {"clearance_check": False}),
+    ("diffusiondrive-style peer (no guards)", "diffusiondrive-style peer", {"clearance_check": False, "hold_below_m": 0.0}),
+)
 SUB = ("pdms", "nc", "dac", "ttc", "ep", "comfort")
 OPEN = ("l2_1s", "l2_2s", "l2_3s", "collision_1s", "collision_2s", "collision_3s")
 
@@ -122,7 +128,7 @@ def train_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]
 
 
 def variant_copy(src: str, dst: Path, **changes: Any) -> str:
-    """The seed-0 TransDiffuser with changed plan-time options (warm start, guidance), saved as its own folder."""
+    """A trained planner with changed plan-time options (warm start, guidance, guards), saved as its own folder."""
     policy = load_policy(src)
     for k, v in changes.items():
         setattr(policy.cfg, k, v)
@@ -215,6 +221,9 @@ def main() -> None:
         return
 
     main_dir = runs["transdiffuser"]["dirs"][0]
+    for name, src, changes in PLAN_TIME_VARIANTS:  # the same weights with plan-time options changed, every seed
+        runs[name] = {**runs[src], "dirs": [variant_copy(d, out / f"{slug(name)}_s{i}" / "policy", **changes)
+                                            for i, d in enumerate(runs[src]["dirs"])]}
     runs["transdiffuser + warm start"] = {"dirs": [variant_copy(main_dir, out / "warm" / "policy", warm_start=True)],
                                          "train_s_per_1k_steps": [None]}
     runs["transdiffuser + STL guidance"] = {"dirs": [variant_copy(main_dir, out / "guided" / "policy", guidance=True)],
@@ -284,7 +293,10 @@ def main() -> None:
              f"logged windows plus {args.recovery} recovery window(s) per moving keyframe (data.recovery_copies; the "
              "'no recovery windows' row: logs only); TransDiffuser rows: mean over seeds "
              f"{args.seeds} (`pdms_std`, `collision_std`: std over seeds). Closed loop: PDMS of the whole drive, EP relative "
-             "to the lane follower's closed-loop progress. NAVSIM one-shot: plans from the logged state at "
+             "to the lane follower's closed-loop progress; the planner's ego status comes from the driven keyframes as "
+             "in training. TransDiffuser and the peer run with their plan guards on (standstill hold; the clearance check "
+             "against a 2 s constant-velocity forecast of the agents ahead); TransDiffuser also with plan consistency. "
+             "The '(no clearance check)' / '(no guards)' rows are the same weights with those off. NAVSIM one-shot: plans from the logged state at "
              f"{args.navsim_frames} keyframes per scene, tracked and scored with the agents replaying the log. "
              "`diversity_m`: mean pairwise distance of the candidates (m, mean over waypoints). `train_s_per_1k_steps`: the "
              "trainer's own clock, one torch thread, two trainings at once. `plan_ms_p50_*`: one plan "

@@ -196,7 +196,7 @@ def test_stl_guidance_raises_rule_robustness():
 def test_a_stop_plan_is_held_as_standstill_in_torch_and_onnxruntime(tmp_path: Path):
     from diffpilot.export.onnx import export_by_kind
     from diffpilot.export.runtime import load_runtime
-    from diffpilot.policy.transdiffuser import hold_standstill
+    from diffpilot.policy.plan_guards import hold_standstill
 
     F = 8
     t = 0.5 * torch.arange(1, F + 1).float()

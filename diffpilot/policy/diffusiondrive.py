@@ -49,6 +49,7 @@ from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_expor
 from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import build_objective
 from diffpilot.policy.kinds import register_policy
+from diffpilot.policy.plan_guards import GuardConfig, candidate_clearance, check_guards, clearest, guard_kept
 from diffpilot.policy.networks.scene_encoder import SCENE_KEYS, SceneEncoder, batch_from_arrays
 
 __all__ = ["DiffusionDriveConfig", "DiffusionDrivePlanner", "cluster_anchors", "load_anchors", "plot_anchors",
@@ -276,8 +277,8 @@ class _DecoderLayer(nn.Module):
 
 
 @dataclass
-class DiffusionDriveConfig:
-    """``conf/policy/diffusiondrive_planner.yaml``."""
+class DiffusionDriveConfig(GuardConfig):
+    """``conf/policy/diffusiondrive_planner.yaml``; the guards (hold, clearance) of :class:`GuardConfig`."""
 
     future_steps: int = SampleSpec.future_steps
     past_steps: int = SampleSpec.past_steps
@@ -358,6 +359,7 @@ class DiffusionDrivePlanner(PolicyBase):
             problems.append(f"cls_weight, reg_weight >= 0 (got {cfg.cls_weight}, {cfg.reg_weight})")
         if problems:
             raise ValueError("diffusiondrive_planner needs " + "; ".join(problems))
+        check_guards(cfg)
 
     @classmethod
     def from_options(cls, options: dict[str, Any], obs_dim: int | None = None,
@@ -551,10 +553,13 @@ class DiffusionDrivePlanner(PolicyBase):
         return torch.cat([xy, _wrap(h)[..., None]], dim=-1), logits
 
     def select(self, batch: Mapping[str, Tensor], noise: Tensor) -> Tensor:
-        """The best-scored mode's plan ``(B, F, 3)`` (the graph ``predict`` and the export share)."""
+        """The best-scored mode's plan ``(B, F, 3)`` among the clearest, through the guards (``predict`` and the
+        export share it)."""
         poses, logits = self.candidates(batch, noise)
-        idx = logits.argmax(dim=1)
-        return torch.gather(poses, 1, idx[:, None, None, None].expand(-1, 1, self.F, 3))[:, 0]
+        clear = candidate_clearance(self.cfg, batch, poses)
+        ok = clearest(clear)
+        idx = (logits if ok is None else torch.where(ok, logits, torch.full_like(logits, -1e9))).argmax(dim=1)
+        return guard_kept(self.cfg, poses, idx, clear)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:

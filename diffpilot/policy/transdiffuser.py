@@ -42,7 +42,7 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, to_ego_frame, wrap_angle
 from diffpilot.policy.base import PolicyBase
-from diffpilot.policy.clearance import clearance_steps, clearest, stop_short
+from diffpilot.policy.plan_guards import GuardConfig, candidate_clearance, check_guards, clearest, guard_kept, moves
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import Sampler, TokenSets, build_objective, build_sampler, cond_repeat_interleave
@@ -68,8 +68,8 @@ MODE_BANDWIDTH_M = 2.0
 
 
 @dataclass
-class TransDiffuserConfig:
-    """``conf/policy/transdiffuser.yaml``."""
+class TransDiffuserConfig(GuardConfig):
+    """``conf/policy/transdiffuser.yaml``; the guards (hold, clearance) of :class:`GuardConfig`."""
 
     future_steps: int = SampleSpec.future_steps
     past_steps: int = SampleSpec.past_steps
@@ -95,11 +95,7 @@ class TransDiffuserConfig:
     guidance: bool = False  # STL robustness guidance of plan()/plan_batch through the sampler hook
     guidance_scale: float = 1.5
     guidance_refine: int = 3
-    hold_below_m: float = 1.5  # a kept plan ending closer than this to the ego becomes standstill (0: off)
     consistency: bool = True  # plan(): keep the candidate nearest the previous moving plan, shifted (torch only)
-    clearance_check: bool = True  # keep only candidates that stay clear of the agents ahead longest (constant velocity)
-    clearance_margin_m: float = 0.3  # the ego's box is grown by this on every side for that check
-    ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
     seed: int = 0
 
 
@@ -307,25 +303,6 @@ def select_candidates(poses: Tensor, how: str, scores: Tensor | None = None, adm
     raise ValueError(f"unknown selection {how!r}; choose one of {list(SELECTIONS)}")
 
 
-def hold_standstill(poses: Tensor, hold_below_m: float) -> Tensor:
-    """Plans ``(B, F, 3)`` whose last waypoint lies within ``hold_below_m`` of the ego, replaced by standstill (zeros).
-
-    A sampled stop is never exactly still: its waypoints scatter by a few
-    decimetres, which the tracker follows as a creep of 0.2-0.3 m/s that
-    closes the gap to a queue within seconds. A plan that moves less than
-    ``hold_below_m`` over the whole horizon means "stay", and is held.
-    Pulling away from standstill at 0.2 m/s² already moves 1.6 m in 4 s.
-    """
-    if hold_below_m <= 0:
-        return poses
-    return poses * _moves(poses, hold_below_m).to(poses.dtype)[:, None, None]
-
-
-def _moves(poses: Tensor, hold_below_m: float) -> Tensor:
-    """Whether each plan ``(B, F, 3)`` ends at least ``hold_below_m`` from the ego (B,): not a stop."""
-    return poses[:, -1, :2].pow(2).sum(-1) >= hold_below_m * hold_below_m
-
-
 def candidate_diversity(poses: Tensor) -> Tensor:
     """Mean pairwise distance (m, mean over waypoints) between the candidates ``(B, C, F, 3)`` of each scene."""
     B, C = poses.shape[:2]
@@ -413,12 +390,7 @@ class TransDiffuser(PolicyBase):
             raise ValueError(f"guidance_scale must be > 0 and guidance_refine >= 0, got {cfg.guidance_scale}, {cfg.guidance_refine}")
         if not 0.0 < cfg.warm_start_t < 1.0:
             raise ValueError(f"warm_start_t must be in (0, 1), got {cfg.warm_start_t}")
-        if not cfg.hold_below_m >= 0:
-            raise ValueError(f"hold_below_m must be >= 0 (0 turns the standstill hold off), got {cfg.hold_below_m}")
-        if not cfg.clearance_margin_m >= 0:
-            raise ValueError(f"clearance_margin_m must be >= 0, got {cfg.clearance_margin_m}")
-        if len(cfg.ego_size) != 2 or not all(float(v) > 0 for v in cfg.ego_size):
-            raise ValueError(f"ego_size must be [length, width] in metres, both > 0, got {cfg.ego_size}")
+        check_guards(cfg)
 
     @staticmethod
     def _objective(cfg: TransDiffuserConfig) -> Any:
@@ -629,20 +601,9 @@ class TransDiffuser(PolicyBase):
         pdms = None
         if self.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(self.net.scores(self.net.context(cond), cands)))
-        clear = self.clearance(batch, cands)
+        clear = candidate_clearance(self.cfg, batch, cands)
         ok = clearest(clear)
         return cands, select_candidates(cands, self.cfg.selection, pdms, ok), pdms, clear
-
-    def clearance(self, batch: Mapping[str, Tensor], cands: Tensor) -> Tensor | None:
-        """Half steps ``(B, C)`` each candidate stays clear of the forecast agents ahead (None: check off).
-
-        See :mod:`diffpilot.policy.clearance`. Selection keeps to the candidates
-        that stay clear longest; :meth:`kept` stops the kept one short of its contact.
-        """
-        if not self.cfg.clearance_check:
-            return None
-        return clearance_steps(cands, batch["agents_pose"], batch["agents_valid"], batch["agents_size"],
-                               tuple(self.cfg.ego_size), float(self.cfg.clearance_margin_m), DT)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
@@ -654,12 +615,8 @@ class TransDiffuser(PolicyBase):
         return self.kept(cands, idx, clear)
 
     def kept(self, cands: Tensor, idx: Tensor, clear: Tensor | None = None) -> Tensor:
-        """The plans ``(B, F, 3)`` kept from ``cands`` (B, C, F, 3) at ``idx`` (B,), stopped short of a forecast
-        contact (``clear``: :meth:`clearance`, None: not checked), after :func:`hold_standstill`."""
-        chosen = torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
-        if clear is not None:
-            chosen = stop_short(chosen, torch.gather(clear, 1, idx[:, None])[:, 0])
-        return hold_standstill(chosen, float(self.cfg.hold_below_m))
+        """The plans ``(B, F, 3)`` kept from ``cands`` at ``idx``, through the guards (:func:`guard_kept`)."""
+        return guard_kept(self.cfg, cands, idx, clear)
 
     def _check_batch(self, batch: Mapping[str, Tensor], noise: Tensor) -> None:
         missing = [k for k in self._scene_keys() if k not in batch]
@@ -727,7 +684,7 @@ class TransDiffuser(PolicyBase):
         """
         if self._previous is None or not np.any(self._previous[0][:, :2] != self._previous[0][:1, :2]):
             return idx
-        if not bool(_moves(cands[:, int(idx[0])], self.cfg.hold_below_m)[0]):
+        if not bool(moves(cands[:, int(idx[0])], self.cfg.hold_below_m)[0]):
             return idx
         n = self.F - elapsed
         d = (cands[0, :, :n, :2] - shifted[0, None, :n, :2]).norm(dim=-1).mean(-1)
@@ -821,6 +778,6 @@ class _PosesGraph(nn.Module):
         pdms = None
         if p.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(p.net.scores(p.net.context(cond), cands)))
-        clear = p.clearance(inputs, cands)
+        clear = candidate_clearance(p.cfg, inputs, cands)
         ok = clearest(clear)
         return p.kept(cands, select_candidates(cands, p.cfg.selection, pdms, ok), clear)

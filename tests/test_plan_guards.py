@@ -7,7 +7,7 @@ import torch
 
 from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.data.scenario import DT
-from diffpilot.policy.clearance import clearance_steps, obb_overlap, stop_short
+from diffpilot.policy.plan_guards import clearance_steps, obb_overlap, stop_short
 from diffpilot.policy.transdiffuser import select_candidates
 
 EGO = (4.084, 1.85)
@@ -51,6 +51,10 @@ def test_a_plan_into_a_stopped_car_loses_its_clearance_when_the_boxes_meet():
     # A plan that stops after 8 m, and one that waits, stay clear all the way.
     creep = np.column_stack([np.minimum(DT * np.arange(1, F + 1) * 4.0, 8.0), np.zeros(F), np.zeros(F)])
     assert _clear([_straight(10.0), creep, np.zeros((F, 3))], agents) == [6, 2 * F, 2 * F]
+    # A horizon of 1.5 s does not see that contact; one of 2 s does.
+    c = torch.tensor(_straight(10.0)[None, None], dtype=torch.float32)
+    assert int(clearance_steps(c, *agents, EGO, 0.3, DT, horizon_s=1.5)) == 2 * F
+    assert int(clearance_steps(c, *agents, EGO, 0.3, DT, horizon_s=2.0)) == 6
 
 
 def test_moving_traffic_ahead_and_cars_behind_or_beside_do_not_block():

@@ -1,4 +1,9 @@
-"""How long each candidate plan stays clear of the agents ahead, under a constant-velocity forecast.
+"""Rule-based guards on a learned driving planner's candidates and kept plan.
+
+Clearance: how long each candidate stays clear of the agents ahead under a
+constant-velocity forecast (selection keeps to the clearest; the kept plan
+stops short of a forecast contact). Standstill hold: a plan that barely
+moves is held still.
 
 A learned selection ranks candidates by what it has seen in training; it
 has no hard notion of "this plan runs into the car in front". A car's
@@ -15,10 +20,56 @@ ego's plan can be blamed for. Nothing after the present is read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
-__all__ = ["clearance_steps", "clearest", "obb_overlap", "stop_short"]
+from diffpilot.data.scenario import DT
+
+__all__ = ["GuardConfig", "candidate_clearance", "check_guards", "clearance_steps", "clearest", "guard_kept",
+           "hold_standstill", "moves", "obb_overlap", "stop_short"]
+
+
+@dataclass
+class GuardConfig:
+    """The guard options a driving planner's config inherits (one meaning for every planner that has them)."""
+
+    hold_below_m: float = 1.5  # a kept plan ending closer than this to the ego becomes standstill (0: off)
+    clearance_check: bool = True  # keep to the candidates that stay clear longest of the agents ahead
+    clearance_margin_m: float = 0.3  # the ego's box is grown by this on every side for that check
+    clearance_horizon_s: float = 2.0  # forecast contacts later than this are not counted
+    ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
+
+
+def check_guards(cfg: GuardConfig) -> None:
+    """A ValueError naming the first guard option out of range."""
+    if not cfg.hold_below_m >= 0:
+        raise ValueError(f"hold_below_m must be >= 0 (0 turns the standstill hold off), got {cfg.hold_below_m}")
+    if not cfg.clearance_margin_m >= 0 or not cfg.clearance_horizon_s > 0:
+        raise ValueError(f"clearance_margin_m must be >= 0 and clearance_horizon_s > 0, got "
+                         f"{cfg.clearance_margin_m} and {cfg.clearance_horizon_s}")
+    if len(cfg.ego_size) != 2 or not all(float(v) > 0 for v in cfg.ego_size):
+        raise ValueError(f"ego_size must be [length, width] in metres, both > 0, got {cfg.ego_size}")
+
+
+def candidate_clearance(cfg: GuardConfig, batch: Mapping[str, Tensor], cands: Tensor) -> Tensor | None:
+    """:func:`clearance_steps` of ``cands`` (B, C, F, 3) in the scene ``batch`` with ``cfg``'s options (None: off)."""
+    if not cfg.clearance_check:
+        return None
+    return clearance_steps(cands, batch["agents_pose"], batch["agents_valid"], batch["agents_size"],
+                           (float(cfg.ego_size[0]), float(cfg.ego_size[1])), float(cfg.clearance_margin_m), DT,
+                           float(cfg.clearance_horizon_s))
+
+
+def guard_kept(cfg: GuardConfig, cands: Tensor, idx: Tensor, clear: Tensor | None) -> Tensor:
+    """The plans ``(B, F, 3)`` kept from ``cands`` (B, C, F, 3) at ``idx`` (B,), stopped short of a forecast
+    contact (``clear`` from :func:`candidate_clearance`) and held still when they barely move."""
+    chosen = torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
+    if clear is not None:
+        chosen = stop_short(chosen, torch.gather(clear, 1, idx[:, None])[:, 0])
+    return hold_standstill(chosen, float(cfg.hold_below_m))
 
 
 def obb_overlap(pa: Tensor, ha: Tensor, pb: Tensor, hb: Tensor) -> Tensor:
@@ -38,12 +89,14 @@ def obb_overlap(pa: Tensor, ha: Tensor, pb: Tensor, hb: Tensor) -> Tensor:
 
 
 def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, agents_size: Tensor,
-                    ego_size: tuple[float, float], margin_m: float, dt: float) -> Tensor:
+                    ego_size: tuple[float, float], margin_m: float, dt: float, horizon_s: float | None = None) -> Tensor:
     """Half-steps ``(B, C)`` each candidate stays clear of the forecast agents ahead (2F: clear all the way).
 
     ``cands`` (B, C, F, 3): ego-frame poses at ``dt`` spacing; ``agents_pose`` (B, K, H, 3) and
     ``agents_valid`` (B, K, H): the agents' past and present (present last), ego frame;
     ``agents_size`` (B, K, 2) length and width. The ego's box is grown by ``margin_m`` on every side.
+    Contacts later than ``horizon_s`` count as clear: a constant-velocity forecast of a car on a curve
+    or in a turn is wrong within seconds, and a distant false contact would only make the ego timid.
     """
     B, C, F, _ = cands.shape
     dtype = cands.dtype
@@ -73,13 +126,36 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     ahead_then = torch.gather(torch.cat([ahead, torch.zeros_like(ahead[:, :, :1])], dim=2).transpose(2, 3), 3,
                               first[..., None]).squeeze(-1)
     any_hit = (hit & ahead_then[:, :, None, :]).any(dim=-1)  # (B, C, T)
-    return _first_true(any_hit)
+    steps = _first_true(any_hit)
+    if horizon_s is None:
+        return steps
+    within = int(round(horizon_s / (0.5 * dt)))
+    return torch.where(steps < within, steps, torch.full_like(steps, 2 * F))
 
 
 def _first_true(flags: Tensor) -> Tensor:
     """Index of the first True along the last dim, or its length when there is none (argmax with a sentinel)."""
     padded = torch.cat([flags, torch.ones_like(flags[..., :1])], dim=-1)
     return torch.argmax(padded.to(torch.float32), dim=-1)
+
+
+def hold_standstill(poses: Tensor, hold_below_m: float) -> Tensor:
+    """Plans ``(B, F, 3)`` whose last waypoint lies within ``hold_below_m`` of the ego, replaced by standstill (zeros).
+
+    A sampled stop is never exactly still: its waypoints scatter by a few
+    decimetres, which the tracker follows as a creep of 0.2-0.3 m/s that
+    closes the gap to a queue within seconds. A plan that moves less than
+    ``hold_below_m`` over the whole horizon means "stay", and is held.
+    Pulling away from standstill at 0.2 m/s² already moves 1.6 m in 4 s.
+    """
+    if hold_below_m <= 0:
+        return poses
+    return poses * moves(poses, hold_below_m).to(poses.dtype)[:, None, None]
+
+
+def moves(poses: Tensor, hold_below_m: float) -> Tensor:
+    """Whether each plan ``(B, F, 3)`` ends at least ``hold_below_m`` from the ego (B,): not a stop."""
+    return poses[:, -1, :2].pow(2).sum(-1) >= hold_below_m * hold_below_m
 
 
 def stop_short(plans: Tensor, steps: Tensor) -> Tensor:
