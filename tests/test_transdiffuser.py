@@ -14,11 +14,13 @@ from diffpilot.data.scenario import SampleSpec
 from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
 from diffpilot.policy.checkpoint import CheckpointError
 from diffpilot.policy.registry import build_policy, load_policy
+from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.transdiffuser import (
     TransDiffuser,
     candidate_diversity,
     decorrelation_loss,
     deltas_from_poses,
+    keep_course,
     poses_from_deltas,
     select_candidates,
 )
@@ -220,27 +222,55 @@ def test_a_stop_plan_is_held_as_standstill_in_torch_and_onnxruntime(tmp_path: Pa
 
 
 def test_consistency_keeps_the_candidate_nearest_the_previous_moving_plan():
-    policy = _fitted(consistency=True, hold_below_m=1.5)
-    F = policy.F
+    F = 8
     t = np.arange(1, F + 1, dtype=np.float64)
     straight = np.stack([5.0 * t, np.zeros(F), np.zeros(F)], axis=1)
-    policy._previous = (straight.copy(), 10.0)  # the last plan, global frame = ego frame at frame 10
-    sample = dataclasses.replace(scene_samples_from_arrays(example_scene_arrays(1), 0), frame=11,
-                                 ego_pose_global=np.array([5.0, 0.0, 0.0]))
-    shifted = policy._shifted_previous(sample)
+    memory = PlanMemory(F)
+    memory.remember(straight, np.zeros(3), 10.0)  # the last plan, made at frame 10 from the origin
+    previous, covered = memory.shifted(np.array([5.0, 0.0, 0.0]), 11.0)  # one keyframe later, 5 m on
+    np.testing.assert_allclose(previous[: F - 1], straight[: F - 1], atol=1e-9)  # its rest, in the new frame
+    assert covered.tolist() == [True] * (F - 1) + [False] and memory.moving
+    assert memory.shifted(np.zeros(3), 10.0 + F) is None  # too old to bind
     ramp = np.clip(t / 4.0, 0.0, 1.0) * 3.5
     left = np.stack([5.0 * t, ramp, np.zeros(F)], axis=1)
     right = np.stack([5.0 * t, -ramp, np.zeros(F)], axis=1)
     stop = np.stack([0.1 * t, np.zeros(F), np.zeros(F)], axis=1)
     cands = torch.as_tensor(np.stack([left, straight, right, stop])[None], dtype=torch.float32)
-    # The selection chose the lane change (index 0); the plan in progress goes straight on (index 1).
-    assert int(policy._nearest_to(cands, shifted, 1, torch.tensor([0]))) == 1
-    # A stop wins over the manoeuvre in progress.
-    assert int(policy._nearest_to(cands, shifted, 1, torch.tensor([3]))) == 3
-    # A previous standstill binds nothing: the car can pull away as the selection chose.
-    policy._previous = (np.zeros((F, 3)), 10.0)
-    assert int(policy._nearest_to(cands, shifted, 1, torch.tensor([0]))) == 0
-    # plan() keeps its previous plan with consistency on, and replans from it.
+    prev, cov = torch.as_tensor(previous[None], dtype=torch.float32), torch.as_tensor(covered[None])
+
+    def kept(idx: int, cov=cov, admissible=None) -> int:
+        return int(keep_course(cands, torch.tensor([idx]), prev, cov, 1.5, admissible))
+
+    assert kept(0) == 1  # the selection chose the lane change; the plan in progress goes straight on
+    assert kept(3) == 3  # a stop wins over the manoeuvre in progress
+    assert kept(0, torch.zeros_like(cov)) == 0  # nothing covered (a previous standstill): the selection's choice
+    assert kept(0, admissible=torch.tensor([[True, False, True, True]])) in (0, 2)  # never an inadmissible one
+    memory.remember(np.zeros((F, 3)), np.zeros(3), 12.0)
+    assert not memory.moving
+
+
+def test_consistency_is_the_same_in_torch_and_onnxruntime(tmp_path: Path):
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+
+    policy = _fitted(consistency=True, hold_below_m=0.0, clearance_check=False)
+    torch.nn.init.normal_(policy.net.out.weight, std=0.5)  # spread the candidates
+    runtime = load_runtime(export_by_kind(policy, tmp_path / "td.onnx"))
+    assert runtime.info.inputs[-3:] == ("previous", "previous_covered", "noise")
+    first = scene_samples_from_arrays(example_scene_arrays(2, seed=4), 0)
+    later = [dataclasses.replace(first, frame=first.frame + k, ego_pose_global=np.array([2.0 * k, 0.3 * k, 0.05 * k]))
+             for k in range(4)]
+    rng = np.random.default_rng(0)
+    noises = [rng.standard_normal(policy.noise_shape(1)).astype(np.float32) for _ in later]
     policy.reset(seed=0)
-    policy.plan(scene_samples_from_arrays(example_scene_arrays(1), 0))
-    assert policy._previous is not None
+    runtime.reset(seed=0)
+    changed = 0
+    for sample, noise in zip(later, noises):
+        want = policy.plan(sample, noise=noise)
+        got = runtime.plan(sample, noise=noise)
+        np.testing.assert_allclose(got, want, atol=2e-4)
+        fresh = load_runtime(tmp_path / "td.onnx").plan(sample, noise=noise)  # the same draw without a last plan
+        changed += int(not np.allclose(fresh, got, atol=1e-4))
+    assert changed > 0  # the last plan did steer some choice, in both
+
+

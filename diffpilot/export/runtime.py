@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from diffpilot.policy.replan import PlanMemory  # numpy only
 from diffpilot.policy.text import WordVocab  # the plain-Python word vocabulary (no torch)
 from diffpilot.policy.vla_observation import observation_arrays  # numpy only
 
@@ -84,6 +85,8 @@ SCENE_INPUTS = ("ego_status", "command", "ego_past", "agents_pose", "agents_vali
                 "lanes", "lanes_valid")
 """The scene tensors a planner export reads (plus ``drivable`` with a raster), in input order."""
 MAP_ELEMENT_INPUTS = ("stop_lines", "stop_lines_valid", "zones", "zones_valid")
+CONSISTENCY_INPUTS = ("previous", "previous_covered")
+"""A planner exported with plan consistency also reads its last plan, shifted into the current ego frame."""
 """Stop lines and crosswalks, read by a ``poses`` export whose metadata says ``map_elements: true``."""
 
 _CHUNK_INTS = ("obs_dim", "action_dim", "obs_horizon", "action_horizon", "exec_horizon", "step_noise_steps")
@@ -396,11 +399,13 @@ class OnnxPlanner:
             except (KeyError, ValueError):
                 raise ExportedModelError(f"{self.path} reads map elements but lacks their sizes; re-export it") from None
             scene = scene + MAP_ELEMENT_INPUTS
+        self.consistency = info.form == "poses" and raw.get("consistency", "false") == "true"
         if info.form == "states":
             expected, outputs = (*scene, "params", "modes", "noise"), ("states",)
             self.noise_shape: tuple[int, ...] = (self.horizon, 2)
         else:
-            expected, outputs = (*scene, "noise"), ("poses",)
+            expected = (*scene, *(CONSISTENCY_INPUTS if self.consistency else ()), "noise")
+            outputs = ("poses",)
             try:
                 self.noise_shape = tuple(int(n) for n in json.loads(raw["noise_shape"]))
             except (KeyError, ValueError, TypeError):
@@ -416,6 +421,7 @@ class OnnxPlanner:
         self._dtypes = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self._rng = np.random.default_rng(seed)
         self.last_nfe = 0
+        self._memory = PlanMemory(self.horizon)  # the last plan, for an export with plan consistency
 
     @property
     def nfe(self) -> int:
@@ -423,7 +429,8 @@ class OnnxPlanner:
         return self.info.nfe
 
     def reset(self, seed: int | None = None) -> None:
-        """Reseed the noise when ``seed`` is given (a planner keeps no other per-episode state)."""
+        """Forget the last plan (a new episode); reseed the noise when ``seed`` is given."""
+        self._memory.clear()
         if seed is not None:
             self._rng = np.random.default_rng(seed)
 
@@ -504,6 +511,8 @@ class OnnxPlanner:
             out["params"] = self.param_features(chosen, float(status[0]))
             mode = self.plan_mode if mode is None else int(mode)
             out["modes"] = np.array(self.command_modes[command] if mode is None else mode)
+        if self.consistency:
+            out.update(self._previous_feeds(sample))
         shape = self.noise_shape
         if noise is None:
             out["noise"] = self._rng.standard_normal(shape, dtype=np.float32)
@@ -514,6 +523,14 @@ class OnnxPlanner:
                 raise ValueError(f"noise must have shape {shape} (or (1, *{shape})), got {arr.shape}")
             out["noise"] = arr
         return {name: value[None] for name, value in out.items()}
+
+    def _previous_feeds(self, sample: Any) -> dict[str, np.ndarray]:
+        """``previous`` / ``previous_covered`` from the last plan, when the sample says where and when it is."""
+        where = _pose_and_frame(sample)
+        last = None if where is None else self._memory.shifted(*where)
+        if last is None:
+            return {"previous": np.zeros((self.horizon, 3), np.float32), "previous_covered": np.zeros(self.horizon, bool)}
+        return {"previous": last[0].astype(np.float32), "previous_covered": last[1] & self._memory.moving}
 
     def _map_feeds(self, get: Any) -> dict[str, np.ndarray]:
         """Stop lines and crosswalk polygons, padded to the exported sizes (more than exported is refused)."""
@@ -536,6 +553,9 @@ class OnnxPlanner:
         """The graph's output for batched inputs: states ``(B, horizon, 4)`` (form ``states``: scene tensors,
         ``params`` features, ``modes``) or poses ``(B, horizon, 3)`` (form ``poses``: scene tensors)."""
         names = [n for n in self.info.inputs if n != "noise"]
+        b0 = len(np.asarray(batch["ego_status"])) if "ego_status" in batch else 0
+        batch = {"previous": np.zeros((b0, self.horizon, 3)), "previous_covered": np.zeros((b0, self.horizon), bool),
+                 **batch} if self.consistency else batch  # no last plan unless given
         missing = [n for n in names if n not in batch]
         if missing:
             raise ValueError(f"predict() needs the inputs {missing}; this planner reads {list(self.info.inputs)}")
@@ -559,6 +579,9 @@ class OnnxPlanner:
         self.last_nfe = self.info.nfe
         poses = states[0, :, :3].astype(np.float64)
         poses[:, 2] = (poses[:, 2] + np.pi) % (2 * np.pi) - np.pi
+        where = _pose_and_frame(sample) if self.consistency else None
+        if where is not None:
+            self._memory.remember(poses, *where)
         return poses
 
 
@@ -598,6 +621,15 @@ def _field_reader(sample: Any) -> Any:
         return value
 
     return get
+
+
+def _pose_and_frame(sample: Any) -> tuple[np.ndarray, float] | None:
+    """The sample's global ego pose and keyframe index, or None when it does not carry them."""
+    get = (lambda k: sample.get(k)) if isinstance(sample, Mapping) else (lambda k: getattr(sample, k, None))
+    pose, frame = get("ego_pose_global"), get("frame")
+    if pose is None or frame is None:
+        return None
+    return np.asarray(pose, dtype=np.float64).reshape(3), float(np.asarray(frame).reshape(()))
 
 
 def _array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:

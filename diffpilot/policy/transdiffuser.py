@@ -40,8 +40,9 @@ from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
-from diffpilot.data.scenario import DT, SampleSpec, SceneSample, to_ego_frame, wrap_angle
+from diffpilot.data.scenario import DT, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import PolicyBase
+from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.plan_guards import GuardConfig, candidate_clearance, check_guards, clearest, guard_kept, moves
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import shard
@@ -303,6 +304,26 @@ def select_candidates(poses: Tensor, how: str, scores: Tensor | None = None, adm
     raise ValueError(f"unknown selection {how!r}; choose one of {list(SELECTIONS)}")
 
 
+def keep_course(cands: Tensor, idx: Tensor, previous: Tensor, covered: Tensor, hold_below_m: float,
+                admissible: Tensor | None = None) -> Tensor:
+    """Plan consistency: the index ``(B,)`` of the admissible candidate nearest ``previous`` (B, F, 3) over its
+    ``covered`` (B, F) waypoints (mean xy distance), where the selection's choice ``idx`` moves; else ``idx``.
+
+    Replanning picks anew among the candidates at every step, so a manoeuvre
+    (a lane change) can restart at every replan and never complete; this
+    keeps the one in progress. A stop wins (a choice held as standstill
+    stays), and a row with nothing covered (no previous plan, or a previous
+    standstill) binds nothing, so the car can pull away.
+    """
+    w = covered.to(cands.dtype)
+    d = ((cands[..., :2] - previous[:, None, :, :2]).norm(dim=-1) * w[:, None]).sum(-1) / w.sum(-1, keepdim=True).clamp_min(1.0)
+    if admissible is not None:
+        d = torch.where(admissible, d, torch.full_like(d, 1e9))
+    chosen = torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
+    use = covered.any(dim=-1) & moves(chosen, hold_below_m)
+    return torch.where(use, torch.argmin(d, dim=1), idx)
+
+
 def candidate_diversity(poses: Tensor) -> Tensor:
     """Mean pairwise distance (m, mean over waypoints) between the candidates ``(B, C, F, 3)`` of each scene."""
     B, C = poses.shape[:2]
@@ -359,7 +380,7 @@ class TransDiffuser(PolicyBase):
             torch.manual_seed(int(cfg.seed))
             self.net = TransDiffuserNet(cfg)
         self._gen = torch.Generator().manual_seed(int(cfg.seed))
-        self._previous: tuple[np.ndarray, float] | None = None  # (global poses of the last plan, its time)
+        self._memory = PlanMemory(self.F)  # the last kept plan (warm start, consistency)
         self.last_candidates: np.ndarray | None = None
         self.last_nfe = 0
         self.eval()
@@ -632,7 +653,7 @@ class TransDiffuser(PolicyBase):
     # ------------------------------------------------------------------ acting
     def reset(self, seed: int | None = None) -> None:
         """Forget the previous plan (warm start); ``seed`` reseeds the candidate noise."""
-        self._previous = None
+        self._memory.clear()
         if seed is not None:
             self._gen.manual_seed(int(seed))
 
@@ -650,62 +671,30 @@ class TransDiffuser(PolicyBase):
         return out
 
     @torch.no_grad()
-    def plan(self, sample: SceneSample) -> np.ndarray:
-        """Ego-frame poses ``(F, 3)`` from what the car knows now; with ``warm_start`` from the shifted last plan."""
+    def plan(self, sample: SceneSample, noise: Tensor | np.ndarray | None = None) -> np.ndarray:
+        """Ego-frame poses ``(F, 3)`` from what the car knows now, and (warm start, consistency) the last plan;
+        ``noise`` (1, C, F, 3) fixes the draw (as the runtime's ``plan``)."""
         from diffpilot.data.scene_sample import stack_samples
 
         arrays = stack_samples([sample])
         batch = self.scene_batch(arrays)
-        noise = torch.randn(self.noise_shape(1), generator=self._gen)
-        shifted = self._shifted_previous(sample) if self.cfg.warm_start or self.cfg.consistency else None
+        noise = torch.randn(self.noise_shape(1), generator=self._gen) if noise is None else \
+            torch.as_tensor(np.asarray(noise, dtype=np.float32)).reshape(self.noise_shape(1))
+        origin = np.asarray(sample.ego_pose_global, dtype=np.float64)
+        remembered = self.cfg.warm_start or self.cfg.consistency
+        last = self._memory.shifted(origin, float(sample.frame)) if remembered else None
+        shifted = None if last is None else torch.as_tensor(last[0][None], dtype=torch.float32)
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
         cands, idx, _, clear = self.plan_candidates(batch, noise, shifted if self.cfg.warm_start else None, guide)
-        if self.cfg.consistency and shifted is not None:
-            ok = clearest(clear)
-            idx = self._nearest_to(cands, shifted, int(round(float(sample.frame) - self._previous[1])), idx, ok)
+        if self.cfg.consistency and last is not None:
+            covered = torch.as_tensor(last[1][None] & self._memory.moving)
+            idx = keep_course(cands, idx, shifted, covered, float(self.cfg.hold_below_m), clearest(clear))
         self.last_candidates = cands[0].double().numpy()
         out = self.kept(cands, idx, clear)[0].double().numpy()
         out[:, 2] = wrap_angle(out[:, 2])
-        if self.cfg.warm_start or self.cfg.consistency:
-            from diffpilot.data.scenario import to_global_frame
-
-            self._previous = (to_global_frame(out, np.asarray(sample.ego_pose_global, dtype=np.float64)), float(sample.frame))
+        if remembered:
+            self._memory.remember(out, origin, float(sample.frame))
         return out
-
-    def _nearest_to(self, cands: Tensor, shifted: Tensor, elapsed: int, idx: Tensor,
-                    admissible: Tensor | None = None) -> Tensor:
-        """The admissible candidate nearest the shifted previous plan over the waypoints it covered (mean xy distance).
-
-        Replanning picks anew among the candidates at every step, so a manoeuvre
-        (a lane change) can restart at every replan and never complete; this
-        keeps the one in progress. A stop wins: when the selection's own choice
-        is held as standstill, it stays; and a previous standstill plan does
-        not bind, so the car can pull away.
-        """
-        if self._previous is None or not np.any(self._previous[0][:, :2] != self._previous[0][:1, :2]):
-            return idx
-        if not bool(moves(cands[:, int(idx[0])], self.cfg.hold_below_m)[0]):
-            return idx
-        n = self.F - elapsed
-        d = (cands[0, :, :n, :2] - shifted[0, None, :n, :2]).norm(dim=-1).mean(-1)
-        if admissible is not None:
-            d = torch.where(admissible[0], d, torch.full_like(d, float("inf")))
-        return torch.argmin(d)[None]
-
-    def _shifted_previous(self, sample: SceneSample) -> Tensor | None:
-        """The last plan in the current ego frame, advanced by the elapsed time and extended by its last step."""
-        if self._previous is None:
-            return None
-        poses, frame = self._previous
-        k = int(round(float(sample.frame) - frame))  # keyframes elapsed (DT each)
-        if not 1 <= k < self.F:
-            return None
-        local = to_ego_frame(poses, np.asarray(sample.ego_pose_global, dtype=np.float64))[k:]
-        step = local[-1] - (local[-2] if len(local) > 1 else np.zeros(3))
-        tail = local[-1] + step * np.arange(1, k + 1)[:, None]
-        shifted = np.concatenate([local, tail])
-        shifted[:, 2] = np.unwrap(shifted[:, 2])
-        return torch.as_tensor(shifted[None], dtype=torch.float32)
 
     # ------------------------------------------------------------------ export
     def export_spec(self, sampler: dict[str, Any] | None = None, *, num_agents: int | None = None,
@@ -715,8 +704,10 @@ class TransDiffuser(PolicyBase):
 
         Inputs: the scene tensors (agents cut to the past and present), the map
         elements when the planner fuses them, and ``noise`` (B, C, F, 3);
-        output ``poses`` (B, F, 3). Warm start and consistency need the previous plan and stay
-        in torch. ``sampler`` ({'name': ..., 'num_steps': ...}) overrides the sampler.
+        output ``poses`` (B, F, 3). With ``consistency`` the graph also reads the last plan
+        shifted into the current frame, ``previous`` (B, F, 3), and the waypoints it covers,
+        ``previous_covered`` (B, F) bool (all False: none); the runtime keeps them. Warm start
+        stays in torch. ``sampler`` ({'name': ..., 'num_steps': ...}) overrides the sampler.
         """
         from diffpilot.policy.stl_flow import _random_scene
 
@@ -741,6 +732,9 @@ class TransDiffuser(PolicyBase):
                 out["stop_lines_valid"] = torch.rand(b, S, generator=g) < 0.5
                 out["zones"] = torch.randn(b, Z, 1, 2, generator=g) * 20.0 + torch.randn(b, Z, V, 2, generator=g) * 2.0
                 out["zones_valid"] = torch.rand(b, Z, generator=g) < 0.5
+            if self.cfg.consistency:
+                out["previous"] = torch.randn(b, self.F, 3, generator=g) * 10.0
+                out["previous_covered"] = torch.arange(self.F)[None] < torch.randint(0, self.F, (b, 1), generator=g)
             out["noise"] = torch.randn(b, C, self.F, 3, generator=g)
             return out
 
@@ -751,7 +745,8 @@ class TransDiffuser(PolicyBase):
         meta = poses_metadata(self.KIND, (C, self.F, 3), self.F, self.cfg.past_steps, (K, L, N, R),
                               {"name": type(built).__name__, "num_steps": built.num_steps},
                               map_elements="true" if maps else "false", num_stop_lines=str(S), num_zones=str(Z),
-                              zone_vertices=str(V), selection=self.cfg.selection)
+                              zone_vertices=str(V), selection=self.cfg.selection,
+                              consistency="true" if self.cfg.consistency else "false")
         return ExportSpec(graph=graph, feeds=feeds, outputs=("poses",), metadata=meta, nfe=graph.nfe)
 
 
@@ -765,7 +760,8 @@ class _PosesGraph(nn.Module):
     def forward(self, *, ego_status: Tensor, command: Tensor, ego_past: Tensor, agents_pose: Tensor,
                 agents_valid: Tensor, agents_size: Tensor, agents_category: Tensor, lanes: Tensor, lanes_valid: Tensor,
                 drivable: Tensor | None = None, stop_lines: Tensor | None = None, stop_lines_valid: Tensor | None = None,
-                zones: Tensor | None = None, zones_valid: Tensor | None = None, noise: Tensor) -> Tensor:
+                zones: Tensor | None = None, zones_valid: Tensor | None = None, previous: Tensor | None = None,
+                previous_covered: Tensor | None = None, noise: Tensor) -> Tensor:
         inputs = {"ego_status": ego_status, "command": command, "ego_past": ego_past, "agents_pose": agents_pose,
                   "agents_valid": agents_valid, "agents_size": agents_size, "agents_category": agents_category,
                   "lanes": lanes, "lanes_valid": lanes_valid}
@@ -780,4 +776,7 @@ class _PosesGraph(nn.Module):
             pdms = pdms_from_subscores(torch.sigmoid(p.net.scores(p.net.context(cond), cands)))
         clear = candidate_clearance(p.cfg, inputs, cands)
         ok = clearest(clear)
-        return p.kept(cands, select_candidates(cands, p.cfg.selection, pdms, ok), clear)
+        idx = select_candidates(cands, p.cfg.selection, pdms, ok)
+        if previous is not None and previous_covered is not None:
+            idx = keep_course(cands, idx, previous, previous_covered, float(p.cfg.hold_below_m), ok)
+        return p.kept(cands, idx, clear)
