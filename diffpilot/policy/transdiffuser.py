@@ -42,8 +42,8 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import PolicyBase
-from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.plan_guards import GuardConfig, candidate_clearance, check_guards, clearest, guard_kept, moves
+from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import Sampler, TokenSets, build_objective, build_sampler, cond_repeat_interleave
@@ -96,7 +96,7 @@ class TransDiffuserConfig(GuardConfig):
     guidance: bool = False  # STL robustness guidance of plan()/plan_batch through the sampler hook
     guidance_scale: float = 1.5
     guidance_refine: int = 3
-    consistency: bool = True  # plan(): keep the candidate nearest the previous moving plan, shifted (torch only)
+    consistency: bool = True  # keep the clear candidate nearest the previous moving plan, shifted (torch and graph)
     seed: int = 0
 
 
@@ -283,7 +283,7 @@ def pdms_from_subscores(p: Tensor) -> Tensor:
 def select_candidates(poses: Tensor, how: str, scores: Tensor | None = None, admissible: Tensor | None = None) -> Tensor:
     """Index ``(B,)`` of the kept candidate in ``poses`` (B, C, F, 3) by ``how`` (see SELECTIONS).
 
-    ``admissible`` (B, C) bool, when given, restricts the choice to those candidates (each row needs one).
+    ``admissible`` (B, C) bool, when given, restricts the choice to those candidates (a row with none: all).
     """
     B, C = poses.shape[:2]
     # Inadmissible candidates are pushed out of reach of the argmax / argmin below (export-friendly, no branching).
