@@ -29,7 +29,7 @@ from torch import Tensor
 from diffpilot.data.scenario import DT
 
 __all__ = ["GuardConfig", "candidate_clearance", "check_guards", "clearance_steps", "clearest", "guard_kept",
-           "hold_standstill", "moves", "obb_overlap", "stop_short"]
+           "hold_standstill", "moves", "obb_overlap", "pick", "stop_short"]
 
 
 @dataclass
@@ -63,10 +63,15 @@ def candidate_clearance(cfg: GuardConfig, batch: Mapping[str, Tensor], cands: Te
                            float(cfg.clearance_horizon_s))
 
 
+def pick(cands: Tensor, idx: Tensor) -> Tensor:
+    """The candidate ``(B, F, 3)`` of each row of ``cands`` (B, C, F, 3) at ``idx`` (B,)."""
+    return torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
+
+
 def guard_kept(cfg: GuardConfig, cands: Tensor, idx: Tensor, clear: Tensor | None) -> Tensor:
     """The plans ``(B, F, 3)`` kept from ``cands`` (B, C, F, 3) at ``idx`` (B,), stopped short of a forecast
     contact (``clear`` from :func:`candidate_clearance`) and held still when they barely move."""
-    chosen = torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
+    chosen = pick(cands, idx)
     if clear is not None:
         chosen = stop_short(chosen, torch.gather(clear, 1, idx[:, None])[:, 0])
     return hold_standstill(chosen, float(cfg.hold_below_m))

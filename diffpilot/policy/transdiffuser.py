@@ -42,7 +42,8 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import PolicyBase
-from diffpilot.policy.plan_guards import GuardConfig, candidate_clearance, check_guards, clearest, guard_kept, moves
+from diffpilot.policy.plan_guards import (GuardConfig, candidate_clearance, check_guards, clearest, guard_kept, moves,
+                                         pick)
 from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import shard
@@ -319,8 +320,7 @@ def keep_course(cands: Tensor, idx: Tensor, previous: Tensor, covered: Tensor, h
     d = ((cands[..., :2] - previous[:, None, :, :2]).norm(dim=-1) * w[:, None]).sum(-1) / w.sum(-1, keepdim=True).clamp_min(1.0)
     if admissible is not None:
         d = torch.where(admissible, d, torch.full_like(d, 1e9))
-    chosen = torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
-    use = covered.any(dim=-1) & moves(chosen, hold_below_m)
+    use = covered.any(dim=-1) & moves(pick(cands, idx), hold_below_m)
     return torch.where(use, torch.argmin(d, dim=1), idx)
 
 
