@@ -60,13 +60,21 @@ def load_config(name: str, overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+SIM_CONF = Path(__file__).parent / "conf" / "sim"
+
+
 def implied_groups(command: str, overrides: list[str]) -> list[str]:
-    """Config groups a setting implies: ``policy=diffusion_vla`` trains on ``data=mt10``, and
-    ``sim.instructions=`` / ``sim.given_reasoning=`` evaluate on ``sim=mt10`` (unless given)."""
+    """Config groups a setting implies (never over what the user gave): ``policy=diffusion_vla`` trains
+    on ``data=mt10``; ``data=X`` trains (or sweeps) with ``sim=X`` where a sim of that name exists
+    (``data=maze2d-medium`` is evaluated in maze2d-medium, not the default maze); and
+    ``sim.instructions=`` / ``sim.given_reasoning=`` evaluate on ``sim=mt10``."""
     given = {o.split("=", 1)[0] for o in overrides if "=" in o}
     extra = []
     if command == "train" and "policy=diffusion_vla" in overrides:
         extra += [g for g in ("data=mt10", "sim=mt10") if g.split("=")[0] not in given]
+    data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), None)
+    if command in ("train", "sweep") and data and "sim" not in given and (SIM_CONF / f"{data}.yaml").is_file():
+        extra.append(f"sim={data}")
     if command == "eval" and "sim" not in given and given & {"sim.instructions", "sim.given_reasoning", "sim.tasks"}:
         extra.append("sim=mt10")
     return extra + overrides

@@ -26,6 +26,17 @@ def test_a_tasks_per_task_values_apply_under_the_users_own_overrides():
     assert load_config("train", ["policy=ofql", "data=maze2d-umaze", "policy.eta=2.5"])["policy"]["eta"] == 2.5
 
 
+def test_a_maze_data_set_implies_its_own_maze_for_evaluation(capsys):
+    assert main(["train", "--cfg", "policy=ofql", "data=maze2d-medium"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["sim"]["task"] == "maze2d-medium"
+    assert main(["sweep", "--cfg", "policy=dql", "data=maze2d-large"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["sim"]["task"] == "maze2d-large"
+    assert main(["train", "--cfg", "data=maze2d-medium", "sim=maze2d-umaze"]) == 0  # what the user gives wins
+    assert yaml.safe_load(capsys.readouterr().out)["sim"]["task"] == "maze2d-umaze"
+    assert main(["train", "--cfg", "policy=ofql", "data=hopper-medium"]) == 0  # no sim of that name: nothing implied
+    assert yaml.safe_load(capsys.readouterr().out)["sim"]["task"] == "maze2d-umaze"
+
+
 def test_bad_configuration_is_one_clear_message(capsys):
     assert main(["train", "train.stepz=5"]) == 2
     assert "Could not override 'train.stepz'" in capsys.readouterr().err
