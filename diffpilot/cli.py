@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -63,11 +64,26 @@ def load_config(name: str, overrides: list[str]) -> dict[str, Any]:
 SIM_CONF = Path(__file__).parent / "conf" / "sim"
 
 
+def _trained_task(checkpoint: str) -> str | None:
+    """The task a saved policy was trained for, from the ``run.yaml`` beside it (None: not known)."""
+    run_yaml = Path(checkpoint).parent / "run.yaml"
+    try:
+        run = yaml.safe_load(run_yaml.read_text()) if run_yaml.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None  # loading the checkpoint itself reports what is wrong with it
+    if not isinstance(run, dict):
+        return None
+    sim = run.get("sim")
+    task = sim.get("task") if isinstance(sim, dict) else run.get("task")
+    return task if isinstance(task, str) else None
+
+
 def implied_groups(command: str, overrides: list[str]) -> list[str]:
     """Config groups a setting implies (never over what the user gave): ``policy=diffusion_vla`` trains
     on ``data=mt10``; ``data=X`` trains (or sweeps) with ``sim=X`` where a sim of that name exists
-    (``data=maze2d-medium`` is evaluated in maze2d-medium, not the default maze); and
-    ``sim.instructions=`` / ``sim.given_reasoning=`` evaluate on ``sim=mt10``."""
+    (``data=maze2d-medium`` is evaluated in maze2d-medium, not the default maze);
+    ``sim.instructions=`` / ``sim.given_reasoning=`` evaluate on ``sim=mt10``; and ``eval checkpoint=P``
+    evaluates in the task P was trained for (its ``run.yaml``)."""
     given = {o.split("=", 1)[0] for o in overrides if "=" in o}
     extra = []
     if command == "train" and "policy=diffusion_vla" in overrides:
@@ -77,6 +93,10 @@ def implied_groups(command: str, overrides: list[str]) -> list[str]:
         extra.append(f"sim={data}")
     if command == "eval" and "sim" not in given and given & {"sim.instructions", "sim.given_reasoning", "sim.tasks"}:
         extra.append("sim=mt10")
+    elif command == "eval" and "sim" not in given and "sim.task" not in given and "checkpoint" in given:
+        trained = _trained_task(next(o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")))
+        if trained:  # evaluated where it was trained, not in the default maze
+            extra.append(f"sim={trained}" if (SIM_CONF / f"{trained}.yaml").is_file() else f"sim.task={trained}")
     return extra + overrides
 
 

@@ -37,6 +37,23 @@ def test_a_maze_data_set_implies_its_own_maze_for_evaluation(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["sim"]["task"] == "maze2d-umaze"
 
 
+def test_eval_runs_where_the_checkpoint_was_trained_unless_told_otherwise(tmp_path, capsys):
+    def sim_of(*overrides: str) -> dict:
+        assert main(["eval", "--cfg", *overrides]) == 0
+        return yaml.safe_load(capsys.readouterr().out)["sim"]
+
+    maze, hopper, bare = tmp_path / "maze", tmp_path / "hopper", tmp_path / "bare"
+    for d in (maze, hopper, bare):
+        d.mkdir()
+    (maze / "run.yaml").write_text(yaml.safe_dump({"policy_name": "ofql", "task": "maze2d-medium"}))
+    (hopper / "run.yaml").write_text(yaml.safe_dump({"policy_name": "dql", "task": "hopper-medium-replay"}))
+    assert sim_of(f"checkpoint={maze / 'policy'}")["task"] == "maze2d-medium"
+    assert sim_of(f"checkpoint={hopper / 'policy'}")["task"] == "hopper-medium-replay"
+    assert sim_of(f"checkpoint={maze / 'policy'}", "sim=maze2d-large")["task"] == "maze2d-large"
+    assert sim_of(f"checkpoint={maze / 'policy'}", "sim.task=maze2d-umaze")["task"] == "maze2d-umaze"
+    assert sim_of(f"checkpoint={bare / 'policy'}")["task"] == "maze2d-umaze"  # no run.yaml: the default
+
+
 def test_bad_configuration_is_one_clear_message(capsys):
     assert main(["train", "train.stepz=5"]) == 2
     assert "Could not override 'train.stepz'" in capsys.readouterr().err
