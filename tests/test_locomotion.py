@@ -103,7 +103,7 @@ def test_bad_requests_name_the_problem(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_interrupted_sac_run_resumes_from_its_last_snapshot(built, tmp_path):
+def test_interrupted_sac_run_resumes_from_its_last_snapshot(built, tmp_path, capsys):
     root, _ = built
     src = root / "hopper-sac600-s0"
     run = tmp_path / "hopper-sac600-s0"
@@ -123,3 +123,9 @@ def test_interrupted_sac_run_resumes_from_its_last_snapshot(built, tmp_path):
         np.testing.assert_array_equal(a["observations"][:399], b["observations"][:399])
         assert b["timeouts"][399] == 1  # the restart is marked as a time-limit cut
     assert len(read_d4rl(path)) == resumed["medium_step"]
+    # A 600-step SAC run is no expert: building on it says so, with the options that fix it.
+    warned = capsys.readouterr().err
+    assert f"returns {resumed['ref_max_score']:.0f}, under half of D4RL's expert (3234)" in warned
+    assert "data.sac_steps=" in warned and "data.seed=" in warned
+    locomotion._warn_if_weak("hopper", 2813.0, 300_000, 0)  # our 300k-step run: silent
+    assert capsys.readouterr().err == ""

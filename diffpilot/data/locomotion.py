@@ -41,6 +41,7 @@ resumes; finished files are reused.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -305,7 +306,18 @@ def _sac_run(env: str, folder: Path, sac_steps: int, seed: int, eval_interval: i
     prog.update(medium_threshold=threshold, medium_step=int(medium["step"]), medium_eval_return=float(medium["return"]),
                 expert_step=int(prog["step"]), done=True)
     atomic_write_text(prog_path, yaml.safe_dump(prog, sort_keys=False))
+    _warn_if_weak(env, float(hi), int(prog["step"]), seed)
     return _Run(folder, prog)
+
+
+def _warn_if_weak(env: str, expert: float, steps: int, seed: int) -> None:
+    """One line on stderr when the expert returns under half of D4RL's: its medium and expert sets are weaker
+    than their names say (SAC's HalfCheetah can settle running on its back, near 1,500, for a whole run)."""
+    d4rl_expert = D4RL_REF_SCORES[env][1]
+    if expert < 0.5 * d4rl_expert:
+        print(f"{env}: the SAC expert ({steps} steps, seed {seed}) returns {expert:.0f}, under half of D4RL's expert "
+              f"({d4rl_expert:.0f}); a longer run (data.sac_steps=) or another seed (data.seed=) may reach more",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- data sets
