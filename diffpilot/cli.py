@@ -89,7 +89,8 @@ def implied_groups(command: str, overrides: list[str]) -> list[str]:
     if command == "train" and "policy=diffusion_vla" in overrides:
         extra += [g for g in ("data=mt10", "sim=mt10") if g.split("=")[0] not in given]
     data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), None)
-    if command in ("train", "sweep") and data and "sim" not in given and (SIM_CONF / f"{data}.yaml").is_file():
+    if command in ("train", "sweep") and data and "sim" not in given | {e.split("=")[0] for e in extra} \
+            and (SIM_CONF / f"{data}.yaml").is_file():
         extra.append(f"sim={data}")
     if command == "eval" and "sim" not in given and given & {"sim.instructions", "sim.given_reasoning", "sim.tasks"}:
         extra.append("sim=mt10")
