@@ -84,18 +84,18 @@ def implied_groups(command: str, overrides: list[str]) -> list[str]:
     (``data=maze2d-medium`` is evaluated in maze2d-medium, not the default maze);
     ``sim.instructions=`` / ``sim.given_reasoning=`` evaluate on ``sim=mt10``; and ``eval checkpoint=P``
     evaluates in the task P was trained for (its ``run.yaml``)."""
-    given = {o.split("=", 1)[0] for o in overrides if "=" in o}
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
     extra = []
-    if command == "train" and "policy=diffusion_vla" in overrides:
+    if command == "train" and given.get("policy") == "diffusion_vla":
         extra += [g for g in ("data=mt10", "sim=mt10") if g.split("=")[0] not in given]
-    data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), None)
-    if command in ("train", "sweep") and data and "sim" not in given | {e.split("=")[0] for e in extra} \
+    data = given.get("data")
+    if command in ("train", "sweep") and data and "sim" not in given and f"sim={data}" not in extra \
             and (SIM_CONF / f"{data}.yaml").is_file():
         extra.append(f"sim={data}")
-    if command == "eval" and "sim" not in given and given & {"sim.instructions", "sim.given_reasoning", "sim.tasks"}:
+    if command == "eval" and "sim" not in given and given.keys() & {"sim.instructions", "sim.given_reasoning", "sim.tasks"}:
         extra.append("sim=mt10")
     elif command == "eval" and "sim" not in given and "sim.task" not in given and "checkpoint" in given:
-        trained = _trained_task(next(o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")))
+        trained = _trained_task(given["checkpoint"])
         if trained:  # evaluated where it was trained, not in the default maze
             extra.append(f"sim={trained}" if (SIM_CONF / f"{trained}.yaml").is_file() else f"sim.task={trained}")
     return extra + overrides

@@ -306,7 +306,6 @@ def _sac_run(env: str, folder: Path, sac_steps: int, seed: int, eval_interval: i
     prog.update(medium_threshold=threshold, medium_step=int(medium["step"]), medium_eval_return=float(medium["return"]),
                 expert_step=int(prog["step"]), done=True)
     atomic_write_text(prog_path, yaml.safe_dump(prog, sort_keys=False))
-    _warn_if_weak(env, float(hi), int(prog["step"]), seed)
     return _Run(folder, prog)
 
 
@@ -462,6 +461,8 @@ def build_locomotion_dataset(
     with ray_session(workers, ray_address):  # one Ray for the reference episodes and all the rollouts
         run = _sac_run(env, root / f"{env}-sac{sac_steps}-s{seed}", sac_steps, seed, eval_interval, eval_episodes,
                        reference_episodes, progress, workers, ray_address)
+        if kind != "medium-expert":  # (its two halves are built below, and each says it)
+            _warn_if_weak(env, float(run.progress["ref_max_score"]), int(run.progress["expert_step"]), seed)
         meta = _metadata(env, kind, run, transitions, segments)
         if kind == "medium-replay":
             ds = _replay_dataset(run)
