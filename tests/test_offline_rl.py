@@ -284,3 +284,21 @@ def test_ofql_actor_exports_to_onnx_and_the_runtime_acts_like_torch(runs, maze_d
     with pytest.raises(ValueError, match="needs the critic"):
         export_actor(load_policy(runs["dql"][0] / "best"), tmp_path / "dql.onnx")
     assert not (tmp_path / "dql.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["dql", "ofql"])
+def test_argmax_selection_picks_the_highest_q_candidate(name):
+    """Q-picked acting: of the candidates drawn in one batch, the one the target critic scores highest."""
+    k = 12
+    policy = POLICIES[name](5, 3, network={"hidden": 16, "depth": 1}, critic={"hidden": 16, "depth": 1},
+                            action_selection={"samples": k, "mode": "argmax"})
+    policy.eval()
+    cond = torch.randn(4, 5)
+    chosen = policy.select_actions(cond, torch.Generator().manual_seed(7)).sample
+    rep = cond.repeat_interleave(k, dim=0)
+    cand = policy.sample(policy.actor_ema, rep, torch.Generator().manual_seed(7)).sample
+    q = policy.critic_target.q_min(rep, cand).view(4, k)
+    best = cand.view(4, k, 3)[torch.arange(4), q.argmax(dim=1)]
+    torch.testing.assert_close(chosen, best, rtol=0, atol=0)
+    assert len({tuple(row.tolist()) for row in cand.view(4, k, 3)[0]}) == k  # distinct candidates: the pick is a real choice
+    assert (q.argmax(dim=1) != 0).any()  # not simply the first candidate
