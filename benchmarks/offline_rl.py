@@ -126,9 +126,11 @@ def time_training(method: str, task: str, data: Path, steps: int, scratch: Path)
     return float(summary["train_s_per_1k_steps"])
 
 
-def decision_hz(policy_dir: Path, observations: np.ndarray, calls: int) -> float:
-    """``act()`` calls per second at batch 1 (one observation at a time, one thread)."""
+def decision_hz(policy_dir: Path, observations: np.ndarray, calls: int, action_selection: dict[str, Any] | None = None) -> float:
+    """``act()`` calls per second at batch 1 (one observation at a time, one thread); ``action_selection`` overrides the stored one."""
     policy = load_policy(policy_dir)
+    if action_selection is not None:
+        policy.config["action_selection"] = dict(action_selection)
     policy.eval()
     policy.reset(seed=0)
     for obs in observations[:20]:

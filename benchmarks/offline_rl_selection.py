@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from offline_rl import STORE, TASKS, dataset_for, read_store
+from offline_rl import STORE, TASKS, dataset_for, decision_hz, read_store
 from results_io import RESULTS, write_results
 
 from diffpilot.data.d4rl import read_d4rl
@@ -64,18 +63,6 @@ def _evaluate(job: dict[str, Any]) -> dict[str, Any]:
     policy = _policy(Path(job["run_dir"]), job["samples"], job["mode"])
     summary = summarize(run_episodes(task.make_env, policy, job["episodes"], seed=EVAL_SEED, ref_scores=ref, progress=False))
     return {**job, "score": summary["normalized_score"]}
-
-
-def decision_hz(run_dir: Path, samples: int, mode: str, observations: np.ndarray, calls: int) -> float:
-    """``act()`` calls per second at batch 1, one observation at a time."""
-    policy = _policy(run_dir, samples, mode)
-    policy.reset(seed=0)
-    for obs in observations[:20]:
-        policy.act(obs)
-    t0 = time.perf_counter()
-    for i in range(calls):
-        policy.act(observations[i % len(observations)])
-    return calls / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -134,7 +121,7 @@ def main() -> None:
                 "task": task, "method": method, "samples": samples, "mode": mode,
                 "normalized_score": round(float(vals.mean()), 1),
                 "normalized_score_std": round(float(vals.std(ddof=1)), 1) if len(vals) > 1 else 0.0,
-                "seeds": len(vals), "decision_hz": round(decision_hz(run_dir, samples, mode, obs, args.decision_calls), 1),
+                "seeds": len(vals), "decision_hz": round(decision_hz(run_dir / "policy", obs, args.decision_calls, {"samples": samples, "mode": mode}), 1),
             })
         dql = next(r for r in task_rows if (r["method"], r["samples"], r["mode"]) == ("dql", 50, "softmax"))
         for r in task_rows:
