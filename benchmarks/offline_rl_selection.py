@@ -81,7 +81,9 @@ def main() -> None:
     store = read_store(args.store)["runs"]
 
     jobs, stored = [], {}
+    data_of = {task: dataset_for(task, None, None) for task in args.tasks}
     for task in args.tasks:
+        data = data_of[task]
         for method in ("ofql", "dql"):
             for seed in args.seeds:
                 rec = next((r for r in store.values() if (r["task"], r["method"], r["seed"], r["steps"])
@@ -91,7 +93,6 @@ def main() -> None:
                     sys.exit(f"no finished {method} run for {task} seed {seed} at {args.steps} steps in {args.store} "
                              f"and {run_dir}; run benchmarks/offline_rl.py with the same --tasks/--seeds/--steps first")
                 stored[(task, method, seed)] = rec["final_score"]
-                data = dataset_for(task, None, None)
                 if data.name != rec["data"]:
                     sys.exit(f"{task}: the run used {rec['data']} but the task's data is now {data.name}")
                 for m, samples, mode in variants(args.candidates):
@@ -105,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
     for task in args.tasks:
-        obs = resolve_task(task).observations(read_d4rl(dataset_for(task, None, None)))[:1000]
+        obs = resolve_task(task).observations(read_d4rl(data_of[task]))[:1000]
         task_rows = []
         for method, samples, mode in variants(args.candidates):
             scores = {r["seed"]: r["score"] for r in results
