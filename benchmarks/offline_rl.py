@@ -126,12 +126,17 @@ def time_training(method: str, task: str, data: Path, steps: int, scratch: Path)
     return float(summary["train_s_per_1k_steps"])
 
 
-def decision_hz(policy_dir: Path, observations: np.ndarray, calls: int, action_selection: dict[str, Any] | None = None) -> float:
-    """``act()`` calls per second at batch 1 (one observation at a time, one thread); ``action_selection`` overrides the stored one."""
+def load_acting(policy_dir: Path, action_selection: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A stored policy in eval mode; ``action_selection`` replaces the stored one (acting only, training is unaffected)."""
     policy = load_policy(policy_dir)
     if action_selection is not None:
         policy.config["action_selection"] = dict(action_selection)
-    policy.eval()
+    return policy.eval()
+
+
+def decision_hz(policy_dir: Path, observations: np.ndarray, calls: int, action_selection: dict[str, Any] | None = None) -> float:
+    """``act()`` calls per second at batch 1 (one observation at a time, one thread)."""
+    policy = load_acting(policy_dir, action_selection)
     policy.reset(seed=0)
     for obs in observations[:20]:
         policy.act(obs)

@@ -29,13 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from offline_rl import STORE, TASKS, dataset_for, decision_hz, read_store
+from offline_rl import STORE, TASKS, dataset_for, decision_hz, load_acting, read_store
 from results_io import RESULTS, write_results
 
 from diffpilot.data.d4rl import read_d4rl
-from diffpilot.policy.registry import load_policy
-from diffpilot.sim.runner import run_episodes, summarize
-from diffpilot.train.offline_rl import _reference, _task_for, resolve_task
+from diffpilot.train.offline_rl import evaluate_policy, resolve_task
 
 NAME = "offline_rl_selection"
 EVAL_SEED = 1000  # benchmarks/offline_rl.py evaluates every run on these episodes
@@ -47,21 +45,11 @@ def variants(candidates: int) -> list[tuple[str, int, str]]:
             ("dql", 50, "softmax"), ("dql", candidates, "argmax")]
 
 
-def _policy(run_dir: Path, samples: int, mode: str) -> torch.nn.Module:
-    policy = load_policy(run_dir / "policy")
-    policy.config["action_selection"] = {"samples": samples, "mode": mode}
-    policy.eval()
-    return policy
-
-
 def _evaluate(job: dict[str, Any]) -> dict[str, Any]:
     """One (task, method, seed, selection) evaluation in a worker process with one torch thread."""
     torch.set_num_threads(1)
-    ds = read_d4rl(job["data"])
-    task = _task_for(job["task"], ds)
-    ref, _ = _reference(task, ds, 0)
-    policy = _policy(Path(job["run_dir"]), job["samples"], job["mode"])
-    summary = summarize(run_episodes(task.make_env, policy, job["episodes"], seed=EVAL_SEED, ref_scores=ref, progress=False))
+    policy = load_acting(Path(job["run_dir"]) / "policy", {"samples": job["samples"], "mode": job["mode"]})
+    summary = evaluate_policy(policy, read_d4rl(job["data"]), job["task"], job["episodes"], seed=EVAL_SEED)
     return {**job, "score": summary["normalized_score"]}
 
 

@@ -89,7 +89,7 @@ def implied_groups(command: str, overrides: list[str]) -> list[str]:
     if command == "train" and given.get("policy") == "diffusion_vla":
         extra += [g for g in ("data=mt10", "sim=mt10") if g.split("=")[0] not in given]
     data = given.get("data")
-    if command in ("train", "sweep") and data and "sim" not in given and f"sim={data}" not in extra \
+    if command in ("train", "sweep") and data and "sim" not in given and not any(e.startswith("sim=") for e in extra) \
             and (SIM_CONF / f"{data}.yaml").is_file():
         extra.append(f"sim={data}")
     if command == "eval" and "sim" not in given and given.keys() & {"sim.instructions", "sim.given_reasoning", "sim.tasks"}:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from diffpilot.cli import load_config, main
+from diffpilot.cli import implied_groups, load_config, main
 from diffpilot.data.d4rl import read_d4rl
 
 
@@ -35,6 +35,8 @@ def test_a_maze_data_set_implies_its_own_maze_for_evaluation(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["sim"]["task"] == "maze2d-umaze"
     assert main(["train", "--cfg", "policy=ofql", "data=hopper-medium"]) == 0  # no sim of that name: nothing implied
     assert yaml.safe_load(capsys.readouterr().out)["sim"]["task"] == "maze2d-umaze"
+    implied = implied_groups("train", ["policy=diffusion_vla", "data=maze2d-medium"])
+    assert [o for o in implied if o.startswith("sim=")] == ["sim=mt10"]  # one sim: the policy's, never two
 
 
 def test_eval_runs_where_the_checkpoint_was_trained_unless_told_otherwise(tmp_path, capsys):

@@ -142,6 +142,25 @@ def _transition_arrays(ds: OfflineDataset, obs: np.ndarray, next_obs: np.ndarray
 # ----------------------------------------------------------------------------- training
 
 
+def _score(policy: torch.nn.Module, task: Task, ref: tuple[float, float], episodes: int, seed: int) -> dict[str, float]:
+    return summarize(run_episodes(task.make_env, policy, int(episodes), seed=seed, ref_scores=ref, progress=False))
+
+
+def evaluate_policy(
+    policy: torch.nn.Module, dataset: OfflineDataset, task: str | Task, episodes: int, seed: int = 1000,
+    reference_episodes: int = 100,
+) -> dict[str, float]:
+    """The closed-loop evaluation :func:`train_offline_rl` runs, for a policy loaded afterwards.
+
+    Same episodes (``seed``) and the same references as training's, so a
+    stored policy scores what its run scored unless its settings changed
+    (e.g. another ``action_selection``).
+    """
+    resolved = _task_for(task, dataset)
+    ref, _ = _reference(resolved, dataset, reference_episodes)
+    return _score(policy, resolved, ref, episodes, seed)
+
+
 def train_offline_rl(
     policy_name: str,
     dataset: OfflineDataset,
@@ -191,8 +210,7 @@ def train_offline_rl(
                    "act_dim": dataset.act_dim, "reward_sum": float(dataset.rewards.sum(dtype=np.float64))}
 
     def evaluate(acting: torch.nn.Module) -> dict[str, float]:
-        records = run_episodes(task.make_env, acting, int(eval_episodes), seed=eval_seed, ref_scores=ref, progress=False)
-        return summarize(records)
+        return _score(acting, task, ref, eval_episodes, eval_seed)
 
     trainer = Trainer(policy, TensorRows(data), cfg, out, evaluator=evaluate if eval_episodes else None,
                       fingerprint=fingerprint, on_step=on_step, on_log=on_log)
