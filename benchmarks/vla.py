@@ -14,14 +14,19 @@ decisions (replans) per second and time per replan split into reasoning and
 action, in onnxruntime (from the evaluation) and in torch (one episode per
 task). Results are written after every finished run; a rerun skips them.
 
-Run: python benchmarks/vla.py [--steps 1500] [--seeds 0 1] [--episodes 20] [--rows vla noreason ...]
-(two invocations with disjoint ``--rows`` run side by side on two cores; each writes the whole table).
+Each trained model is keyed by its budget (gradient steps x demonstrations per task): a run with
+another ``--steps`` or ``--demos`` trains new models beside the old ones, and the table lists every
+(row, budget) it finds, with ``train_steps`` and ``demos_per_task`` columns.
+
+Run: python benchmarks/vla.py [--steps 1500] [--demos 30] [--seeds 0 1] [--episodes 20] [--rows vla noreason ...]
+(two invocations with disjoint ``--rows`` or ``--seeds`` run side by side on two cores; each writes the whole table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from results_io import write_results
+from results_io import RESULTS, write_results
 
 from diffpilot.cli import load_config
 from diffpilot.data.mt10 import HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIONS, load_instructions
@@ -53,11 +58,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overr
 GT_ROW = "ground-truth reasoning at test time (upper bound)"
 
 
-def train(slug: str, overrides: list[str], seed: int, steps: int, threads: int) -> Path:
-    out = ROOT / f"{slug}-s{seed}"
+def budget(steps: int, demos: int) -> str:
+    """The run-name part that keys a model by its training budget."""
+    return f"{steps}st-{demos}ep"
+
+
+def train(slug: str, overrides: list[str], seed: int, steps: int, demos: int, threads: int) -> Path:
+    out = ROOT / f"{slug}-{budget(steps, demos)}-s{seed}"
     if (out / "done").exists():
         return out / "policy"
-    cfg = load_config("train", ["policy=diffusion_vla", "data=mt10", "sim=mt10", *overrides, f"seed={seed}",
+    cfg = load_config("train", ["policy=diffusion_vla", "data=mt10", f"data.episodes_per_task={demos}", "sim=mt10",
+                                *overrides, f"seed={seed}",
                                 f"out={out}", f"train.steps={steps}", "train.batch_size=64", "train.lr=1e-3",
                                 "train.log_every=50", "train.ckpt_every=200", "progress=false"])
     t0 = time.perf_counter()
@@ -66,7 +77,7 @@ def train(slug: str, overrides: list[str], seed: int, steps: int, threads: int) 
         path = train_job(cfg)
     finally:
         torch.set_num_threads(1)
-    (out / "done").write_text(json.dumps({"train_s": time.perf_counter() - t0, "steps": steps}))
+    (out / "done").write_text(json.dumps({"train_s": time.perf_counter() - t0, "steps": steps, "demos": demos}))
     return path
 
 
@@ -107,6 +118,7 @@ def cached(path: Path, fn: Any) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--demos", type=int, default=30, help="demonstrations per task (data.episodes_per_task)")
     ap.add_argument("--train-threads", type=int, default=1, help="torch threads while training (run lanes side by side)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--episodes", type=int, default=20)
@@ -114,73 +126,96 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the finished runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data_path = generate_job(load_config("train", ["policy=diffusion_vla", "data=mt10"])["data"])
     if args.table_only:
-        write_table(args, data_path)
+        write_table(args)
         return
+    generate_job(load_config("train", ["policy=diffusion_vla", "data=mt10",
+                                        f"data.episodes_per_task={args.demos}"])["data"])
     ROOT.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # seed-major: every row gets its first seed before any gets its second
         for row, (slug, overrides) in VARIANTS.items():
             if args.rows and slug not in args.rows:
                 continue
-            policy_dir = train(slug, overrides, seed, args.steps, args.train_threads)
+            policy_dir = train(slug, overrides, seed, args.steps, args.demos, args.train_threads)
+            key = f"{budget(args.steps, args.demos)}-s{seed}"
             for phrasing in ("train", "heldout"):
-                cached(ROOT / "results" / f"{slug}-s{seed}-{phrasing}.json",
+                cached(ROOT / "results" / f"{slug}-{key}-{phrasing}.json",
                        lambda: evaluate(policy_dir, phrasing, args.episodes))
             if slug == "vla":
                 for phrasing in ("train", "heldout"):
-                    cached(ROOT / "results" / f"gt-s{seed}-{phrasing}.json",
+                    cached(ROOT / "results" / f"gt-{key}-{phrasing}.json",
                            lambda: evaluate(policy_dir, phrasing, args.episodes, given_reasoning=True))
-                cached(ROOT / "results" / f"vla-s{seed}-torch.json", lambda: torch_speed(policy_dir))
-            write_table(args, data_path)
+                cached(ROOT / "results" / f"vla-{key}-torch.json", lambda: torch_speed(policy_dir))
+            write_table(args)
 
 
-def write_table(args: argparse.Namespace, data_path: Path) -> None:
+RESULT = re.compile(r"^(?P<slug>[a-z]+)-(?P<steps>\d+)st-(?P<demos>\d+)ep-s(?P<seed>\d+)-(?P<phrasing>train|heldout)\.json$")
+
+
+def finished() -> dict[tuple[str, int, int], dict[int, dict[str, Any]]]:
+    """(slug, steps, demos) -> seed -> {"train": summary, "heldout": summary}, for runs with both phrasing sets."""
+    out: dict[tuple[str, int, int], dict[int, dict[str, Any]]] = {}
+    for path in sorted((ROOT / "results").glob("*.json")):
+        m = RESULT.match(path.name)
+        if m:
+            key = (m["slug"], int(m["steps"]), int(m["demos"]))
+            out.setdefault(key, {}).setdefault(int(m["seed"]), {})[m["phrasing"]] = json.loads(path.read_text())
+    return {k: {s: v for s, v in seeds.items() if len(v) == 2} for k, seeds in out.items()
+            if any(len(v) == 2 for v in seeds.values())}
+
+
+def write_table(args: argparse.Namespace) -> None:
     rows = []
     per_task_rows = []
-    for row, slug in [*((r, s) for r, (s, _) in VARIANTS.items()), (GT_ROW, "gt")]:
-        found = {}
-        for seed in args.seeds:
-            parts = {p: ROOT / "results" / f"{slug}-s{seed}-{p}.json" for p in ("train", "heldout")}
-            if all(p.exists() for p in parts.values()):
-                found[seed] = {p: json.loads(f.read_text()) for p, f in parts.items()}
-        if not found:
-            continue
-        train_slug = "vla" if slug == "gt" else slug
-        done = [ROOT / f"{train_slug}-s{s}" / "done" for s in found]
-        train_s = [t for d in done if d.exists() and (t := json.loads(d.read_text()).get("train_s")) is not None]
+    order = [*(s for s, _ in VARIANTS.values()), "gt"]
+    names = {**{s: r for r, (s, _) in VARIANTS.items()}, "gt": GT_ROW}
+    runs = finished()
+    budgets = sorted({(steps, demos) for _, steps, demos in runs}, key=lambda b: (-b[0] * b[1], -b[0]))
+    for steps, demos in budgets:
+        for slug in order:
+            found = runs.get((slug, steps, demos))
+            if not found:
+                continue
+            row = names[slug]
+            train_slug = "vla" if slug == "gt" else slug
+            done = [ROOT / f"{train_slug}-{budget(steps, demos)}-s{s}" / "done" for s in found]
+            train_s = [t for d in done if d.exists() and (t := json.loads(d.read_text()).get("train_s")) is not None]
 
-        def stat(phrasing: str, key: str) -> tuple[float | None, float | None]:
-            vals = [r[phrasing][key] for r in found.values() if r[phrasing].get(key) is not None]
-            return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
+            def stat(phrasing: str, key: str) -> tuple[float | None, float | None]:
+                vals = [r[phrasing][key] for r in found.values() if r[phrasing].get(key) is not None]
+                return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
 
-        succ_tr, sd_tr = stat("train", "success")
-        succ_ho, sd_ho = stat("heldout", "success")
-        acc, _ = stat("heldout", "reasoning_accuracy")
-        acc_tr, _ = stat("train", "reasoning_accuracy")
-        dps, _ = stat("train", "decisions_per_s")
-        r_ms, _ = stat("train", "reason_ms_per_replan")
-        a_ms, _ = stat("train", "action_ms_per_replan")
-        out: dict[str, Any] = {
-            "row": row, "seeds": len(found), "success_train_phrasings": succ_tr, "std_train": sd_tr,
-            "success_heldout_phrasings": succ_ho, "std_heldout": sd_ho,
-            "reasoning_accuracy_train": acc_tr, "reasoning_accuracy_heldout": acc,
-            "decisions_per_s": dps, "reason_ms_per_replan": r_ms, "action_ms_per_replan": a_ms,
-            "runtime": "torch" if slug == "gt" else "onnxruntime",
-            "train_s": float(np.mean(train_s)) if train_s else None,
-        }
-        torch_files = [ROOT / "results" / f"vla-s{s}-torch.json" for s in found] if slug == "vla" else []
-        speeds = [json.loads(f.read_text()) for f in torch_files if f.exists()]
-        if speeds:
-            out["torch_decisions_per_s"] = float(np.mean([s["decisions_per_s"] for s in speeds]))
-            out["torch_reason_ms_per_replan"] = float(np.mean([s["reason_ms_per_replan"] for s in speeds]))
-            out["torch_action_ms_per_replan"] = float(np.mean([s["action_ms_per_replan"] for s in speeds]))
-        rows.append(out)
-        tasks = list(next(iter(found.values()))["train"]["per_task"])
-        per_task_rows.append({"row": row, **{t: float(np.mean([r["train"]["per_task"][t] for r in found.values()]))
-                                             for t in tasks}})
-    notes = (f"Meta-World MT10 (metaworld 3.1.1, mujoco 3.3.0), demonstrations {data_path.name}; "
-             f"{args.steps} gradient steps at batch 64, lr 1e-3 (cosine) per model; {args.episodes} episodes per task and phrasing set, "
+            succ_tr, sd_tr = stat("train", "success")
+            succ_ho, sd_ho = stat("heldout", "success")
+            acc, _ = stat("heldout", "reasoning_accuracy")
+            acc_tr, _ = stat("train", "reasoning_accuracy")
+            dps, _ = stat("train", "decisions_per_s")
+            r_ms, _ = stat("train", "reason_ms_per_replan")
+            a_ms, _ = stat("train", "action_ms_per_replan")
+            out: dict[str, Any] = {
+                "row": row, "train_steps": steps, "demos_per_task": demos, "seeds": len(found),
+                "success_train_phrasings": succ_tr, "std_train": sd_tr,
+                "success_heldout_phrasings": succ_ho, "std_heldout": sd_ho,
+                "reasoning_accuracy_train": acc_tr, "reasoning_accuracy_heldout": acc,
+                "decisions_per_s": dps, "reason_ms_per_replan": r_ms, "action_ms_per_replan": a_ms,
+                "runtime": "torch" if slug == "gt" else "onnxruntime",
+                "train_s": float(np.mean(train_s)) if train_s else None,
+            }
+            torch_files = ([ROOT / "results" / f"vla-{budget(steps, demos)}-s{s}-torch.json" for s in found]
+                           if slug == "vla" else [])
+            speeds = [json.loads(f.read_text()) for f in torch_files if f.exists()]
+            if speeds:
+                out["torch_decisions_per_s"] = float(np.mean([s["decisions_per_s"] for s in speeds]))
+                out["torch_reason_ms_per_replan"] = float(np.mean([s["reason_ms_per_replan"] for s in speeds]))
+                out["torch_action_ms_per_replan"] = float(np.mean([s["action_ms_per_replan"] for s in speeds]))
+            rows.append(out)
+            tasks = list(next(iter(found.values()))["train"]["per_task"])
+            per_task_rows.append({"row": row, "train_steps": steps, "demos_per_task": demos,
+                                  **{t: float(np.mean([r["train"]["per_task"][t] for r in found.values()]))
+                                     for t in tasks}})
+    notes = (f"Meta-World MT10 (metaworld 3.1.1, mujoco 3.3.0), scripted-expert demonstrations "
+             f"(`demos_per_task` per task, 64 px frames every 4 steps); `train_steps` gradient steps at batch 64, "
+             f"lr 1e-3 (cosine) per model; {args.episodes} episodes per task and phrasing set, "
              "evaluation seeds disjoint from the demonstrations', at most 200 steps per episode; one 64 px frame per "
              "replan (8 actions of each 16-action chunk executed); reasoning regenerated every 8 replans. "
              "Decisions/s = replans per second of policy time (rendering excluded), batch 1, 1 thread, on a "
@@ -188,9 +223,12 @@ def write_table(args: argparse.Namespace, data_path: Path) -> None:
              "expert annotation at that moment. Per-task success (training phrasings) is in per_task.")
     if per_task_rows:
         notes += "\n\nSuccess per task (training phrasings, mean over seeds):\n\n" + markdown_table(per_task_rows)
-    write_results(NAME, "python benchmarks/vla.py " + " ".join(
-        [f"--steps {args.steps}", "--seeds " + " ".join(map(str, args.seeds)), f"--episodes {args.episodes}"]),
-        rows, notes=notes, per_task=per_task_rows)
+    seeds = sorted({s for found in runs.values() for s in found})
+    command = " ; ".join(f"python benchmarks/vla.py --steps {steps} --demos {demos} --seeds {' '.join(map(str, seeds))} "
+                         f"--episodes {args.episodes}" for steps, demos in budgets)
+    previous = RESULTS / f"{NAME}.json"
+    quiet = json.loads(previous.read_text()).get("quiet_speed") if previous.exists() else None  # vla_speed.py's
+    write_results(NAME, command, rows, notes=notes, per_task=per_task_rows, **({"quiet_speed": quiet} if quiet else {}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Decisions per second of the exported DiffusionVLA (onnxruntime, batch 1, 1 thread) on a quiet machine.
 
-The benchmark's evaluation timings run beside other work; this reruns the timing alone on the trained
-seed-0 and seed-1 policies of ``benchmarks/vla.py`` (2 MT10 episodes per task, training phrasings,
-reasoning every 8 replans) and adds the figures to ``results/vla.json`` as ``quiet_speed``.
+The benchmark's evaluation timings run beside other work; this reruns the timing alone on every exported
+DiffusionVLA and one-step-head policy of ``benchmarks/vla.py`` (2 MT10 episodes per task, training
+phrasings, reasoning every 8 replans) and adds the figures to ``results/vla.json`` as ``quiet_speed``.
 
 Run: python benchmarks/vla_speed.py (after benchmarks/vla.py)
 """
@@ -24,10 +24,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "vla.json"
 
 def main() -> None:
     out = {}
-    for run in ("vla-s0", "vla-s1", "onestep-s0"):
-        path = ROOT / run / "onnx" / "policy.onnx"
-        if not path.exists():
-            continue
+    for path in sorted([*ROOT.glob("vla-*/onnx/policy.onnx"), *ROOT.glob("onestep-*/onnx/policy.onnx")]):
+        run = path.parent.parent.name
         runtime = load_runtime(path, threads=1)
         summary = summarize_mt10(run_mt10(runtime, runtime.tasks, load_instructions(TRAIN_INSTRUCTIONS), episodes=2,
                                           seed=3000, exec_horizon=runtime.cfg["exec_horizon"], progress=False))
