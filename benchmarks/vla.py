@@ -1,8 +1,8 @@
 """DiffusionVLA on Meta-World MT10: success with training and held-out phrasings, reasoning accuracy, speed.
 
 Trains (resumably, through ``diffpilot train policy=diffusion_vla``) on the
-scripted-expert demonstrations of ``diffpilot data mt10`` (30 episodes per
-task, 64 px frames every 4 steps): DiffusionVLA with injected reasoning, the
+scripted-expert demonstrations of ``diffpilot data mt10`` (``--demos`` episodes
+per task, 64 px frames every 4 steps): DiffusionVLA with injected reasoning, the
 same without reasoning (pooled prompt only, TinyVLA-style), with a task
 one-hot instead of the instruction (an oracle task id), state only (no image)
 and a one-step head. Each is exported to ONNX and evaluated closed loop by the
@@ -18,7 +18,7 @@ Each trained model is keyed by its budget (gradient steps x demonstrations per t
 another ``--steps`` or ``--demos`` trains new models beside the old ones, and the table lists every
 (row, budget) it finds, with ``train_steps`` and ``demos_per_task`` columns.
 
-Run: python benchmarks/vla.py [--steps 1500] [--demos 30] [--seeds 0 1] [--episodes 20] [--rows vla noreason ...]
+Run: python benchmarks/vla.py [--steps 6000] [--demos 100] [--seeds 0 1] [--episodes 20] [--rows vla noreason ...]
 (two invocations with disjoint ``--rows`` or ``--seeds`` run side by side on two cores; each writes the whole table).
 """
 
@@ -117,8 +117,8 @@ def cached(path: Path, fn: Any) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--demos", type=int, default=30, help="demonstrations per task (data.episodes_per_task)")
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--demos", type=int, default=100, help="demonstrations per task (data.episodes_per_task)")
     ap.add_argument("--train-threads", type=int, default=1, help="torch threads while training (run lanes side by side)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--episodes", type=int, default=20)

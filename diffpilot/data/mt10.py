@@ -400,7 +400,7 @@ def write_episodes(path: str | Path, episodes: Sequence[Mapping[str, Any]], imag
 # --------------------------------------------------------------------------- the job
 
 
-def default_path(episodes_per_task: int = 30, image_size: int = 64, obs_every: int = 4, seed: int = 0,
+def default_path(episodes_per_task: int = 100, image_size: int = 64, obs_every: int = 4, seed: int = 0,
                  camera: str = DEFAULT_CAMERA, tasks: Sequence[str] | None = None,
                  instructions: str | Path | None = None) -> Path:
     """Where :func:`generate_mt10` writes by default: ``<cache>/datasets/mt10-...hdf5``."""
@@ -440,7 +440,7 @@ def _file_hash(path: Path) -> str | None:
 
 def generate_mt10(
     out: str | Path | None = None,
-    episodes_per_task: int = 30,
+    episodes_per_task: int = 100,
     image_size: int = 64,
     camera: str = DEFAULT_CAMERA,
     obs_every: int = 4,
