@@ -58,13 +58,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overr
 GT_ROW = "ground-truth reasoning at test time (upper bound)"
 
 
-def budget(steps: int, demos: int) -> str:
-    """The run-name part that keys a model by its training budget."""
-    return f"{steps}st-{demos}ep"
+def run_name(slug: str, steps: int, demos: int, seed: int) -> str:
+    """One trained model's name: row slug, budget (steps x demos per task) and seed (RESULT parses it back)."""
+    return f"{slug}-{steps}st-{demos}ep-s{seed}"
 
 
 def train(slug: str, overrides: list[str], seed: int, steps: int, demos: int, threads: int) -> Path:
-    out = ROOT / f"{slug}-{budget(steps, demos)}-s{seed}"
+    out = ROOT / run_name(slug, steps, demos, seed)
     if (out / "done").exists():
         return out / "policy"
     cfg = load_config("train", ["policy=diffusion_vla", "data=mt10", f"data.episodes_per_task={demos}", "sim=mt10",
@@ -137,15 +137,15 @@ def main() -> None:
             if args.rows and slug not in args.rows:
                 continue
             policy_dir = train(slug, overrides, seed, args.steps, args.demos, args.train_threads)
-            key = f"{budget(args.steps, args.demos)}-s{seed}"
             for phrasing in ("train", "heldout"):
-                cached(ROOT / "results" / f"{slug}-{key}-{phrasing}.json",
+                cached(ROOT / "results" / f"{run_name(slug, args.steps, args.demos, seed)}-{phrasing}.json",
                        lambda: evaluate(policy_dir, phrasing, args.episodes))
             if slug == "vla":
                 for phrasing in ("train", "heldout"):
-                    cached(ROOT / "results" / f"gt-{key}-{phrasing}.json",
+                    cached(ROOT / "results" / f"{run_name('gt', args.steps, args.demos, seed)}-{phrasing}.json",
                            lambda: evaluate(policy_dir, phrasing, args.episodes, given_reasoning=True))
-                cached(ROOT / "results" / f"vla-{key}-torch.json", lambda: torch_speed(policy_dir))
+                cached(ROOT / "results" / f"{run_name('vla', args.steps, args.demos, seed)}-torch.json",
+                       lambda: torch_speed(policy_dir))
             write_table(args)
 
 
@@ -178,7 +178,7 @@ def write_table(args: argparse.Namespace) -> None:
                 continue
             row = names[slug]
             train_slug = "vla" if slug == "gt" else slug
-            done = [ROOT / f"{train_slug}-{budget(steps, demos)}-s{s}" / "done" for s in found]
+            done = [ROOT / run_name(train_slug, steps, demos, s) / "done" for s in found]
             train_s = [t for d in done if d.exists() and (t := json.loads(d.read_text()).get("train_s")) is not None]
 
             def stat(phrasing: str, key: str) -> tuple[float | None, float | None]:
@@ -201,7 +201,7 @@ def write_table(args: argparse.Namespace) -> None:
                 "runtime": "torch" if slug == "gt" else "onnxruntime",
                 "train_s": float(np.mean(train_s)) if train_s else None,
             }
-            torch_files = ([ROOT / "results" / f"vla-{budget(steps, demos)}-s{s}-torch.json" for s in found]
+            torch_files = ([ROOT / "results" / f"{run_name('vla', steps, demos, s)}-torch.json" for s in found]
                            if slug == "vla" else [])
             speeds = [json.loads(f.read_text()) for f in torch_files if f.exists()]
             if speeds:
