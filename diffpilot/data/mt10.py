@@ -101,6 +101,8 @@ FORMAT = "diffpilot.mt10"
 FORMAT_VERSION = 1
 LAYOUT_SECTION = 'README section "MT10 demonstrations: the HDF5 layout"'
 SHARD_EPISODES = 10
+DEFAULT_EPISODES_PER_TASK = 100
+"""Successful episodes kept per task by default (``conf/data/mt10.yaml`` says the same)."""
 """Episodes of one task per shard file."""
 MAX_ATTEMPTS = 10
 """Attempts (each with its own seed) per kept episode before the slot is given up."""
@@ -400,7 +402,7 @@ def write_episodes(path: str | Path, episodes: Sequence[Mapping[str, Any]], imag
 # --------------------------------------------------------------------------- the job
 
 
-def default_path(episodes_per_task: int = 100, image_size: int = 64, obs_every: int = 4, seed: int = 0,
+def default_path(episodes_per_task: int = DEFAULT_EPISODES_PER_TASK, image_size: int = 64, obs_every: int = 4, seed: int = 0,
                  camera: str = DEFAULT_CAMERA, tasks: Sequence[str] | None = None,
                  instructions: str | Path | None = None) -> Path:
     """Where :func:`generate_mt10` writes by default: ``<cache>/datasets/mt10-...hdf5``."""
@@ -440,7 +442,7 @@ def _file_hash(path: Path) -> str | None:
 
 def generate_mt10(
     out: str | Path | None = None,
-    episodes_per_task: int = 100,
+    episodes_per_task: int = DEFAULT_EPISODES_PER_TASK,
     image_size: int = 64,
     camera: str = DEFAULT_CAMERA,
     obs_every: int = 4,
