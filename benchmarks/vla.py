@@ -49,6 +49,7 @@ NAME = "vla"
 ROOT = Path("runs/bench/vla")
 VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overrides)
     "DiffusionVLA (reasoning injected)": ("vla", []),
+    "DiffusionVLA + spatial-softmax keypoints": ("keypoints", ["policy.keypoints=32"]),
     "no reasoning (pooled prompt, TinyVLA-style)": ("noreason", ["policy.reasoning=false"]),
     "task one-hot instead of the instruction (oracle id)": ("onehot", ["policy.instruction=onehot"]),
     "state only (no image)": ("state", ["policy.use_image=false", "policy.low_dim=state"]),
@@ -221,14 +222,32 @@ def write_table(args: argparse.Namespace) -> None:
              "Decisions/s = replans per second of policy time (rendering excluded), batch 1, 1 thread, on a "
              "shared 2-core CPU (timings may be contended). Reasoning accuracy = generated sub-goal equals the "
              "expert annotation at that moment. Per-task success (training phrasings) is in per_task.")
+    previous = RESULTS / f"{NAME}.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    rows, per_task_rows = _keep_missing(rows, old.get("rows", [])), _keep_missing(per_task_rows, old.get("per_task", []))
     if per_task_rows:
         notes += "\n\nSuccess per task (training phrasings, mean over seeds):\n\n" + markdown_table(per_task_rows)
-    seeds = sorted({s for found in runs.values() for s in found})
-    command = " ; ".join(f"python benchmarks/vla.py --steps {steps} --demos {demos} --seeds {' '.join(map(str, seeds))} "
-                         f"--episodes {args.episodes}" for steps, demos in budgets)
-    previous = RESULTS / f"{NAME}.json"
-    quiet = json.loads(previous.read_text()).get("quiet_speed") if previous.exists() else None  # vla_speed.py's
+    budgets = list(dict.fromkeys((r["train_steps"], r["demos_per_task"]) for r in rows))
+    command = " ; ".join(
+        f"python benchmarks/vla.py --steps {steps} --demos {demos} --seeds "
+        f"{' '.join(map(str, range(max(r['seeds'] for r in rows if (r['train_steps'], r['demos_per_task']) == (steps, demos)))))} "
+        f"--episodes {args.episodes}" for steps, demos in budgets)
+    quiet = old.get("quiet_speed")  # vla_speed.py's
     write_results(NAME, command, rows, notes=notes, per_task=per_task_rows, **({"quiet_speed": quiet} if quiet else {}))
+
+
+def _keep_missing(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``new`` plus the rows of the written table that this machine has no runs for (same row and budget).
+
+    Trained models live under ``runs/`` and are not committed; a fresh clone that trains one more row
+    keeps the rows measured before instead of dropping them. Largest budget first, rows in table order.
+    """
+    key = lambda r: (r["row"], r.get("train_steps"), r.get("demos_per_task"))  # noqa: E731
+    have = {key(r) for r in new}
+    merged = new + [r for r in old if key(r) not in have]
+    order = {r: i for i, r in enumerate([*VARIANTS, GT_ROW])}
+    return sorted(merged, key=lambda r: (-(r.get("train_steps") or 0) * (r.get("demos_per_task") or 0),
+                                         -(r.get("train_steps") or 0), order.get(r["row"], len(order))))
 
 
 if __name__ == "__main__":

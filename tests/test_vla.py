@@ -84,6 +84,43 @@ def test_injection_starts_blind_to_reasoning_and_then_reads_it():
     assert (a - b).abs().max() > 1e-3
 
 
+def test_spatial_softmax_reads_where_a_spot_is():
+    from diffpilot.policy.diffusion_vla import SpatialSoftmax
+
+    soft = SpatialSoftmax(channels=1, keypoints=1)
+    with torch.no_grad():
+        soft.maps.weight.fill_(1.0)
+        soft.maps.bias.zero_()
+        soft.log_temperature.fill_(4.0)
+    spot = torch.zeros(2, 1, 9, 17)
+    spot[0, 0, 2, 12] = 1.0  # row 2 of 9 -> y = -0.5; column 12 of 17 -> x = 0.5
+    spot[1, 0, 8, 0] = 1.0  # bottom-left corner -> (-1, 1)
+    xy = soft(spot)[:, 0]
+    torch.testing.assert_close(xy, torch.tensor([[0.5, -0.5], [-1.0, 1.0]]), atol=0.02, rtol=0)
+
+
+def test_keypoint_policy_exports_and_the_runtime_matches_torch(tmp_path):
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+
+    policy = _small(keypoints=4)
+    assert policy.prefix_len == _small().prefix_len + 1  # the keypoint token joins the prefix
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.inject.scale.weight, std=0.5)
+    export_by_kind(policy, tmp_path / "kp.onnx")
+    runtime = load_runtime(tmp_path / "kp.onnx")
+    obs = policy.example_observation(np.random.default_rng(3))
+    noise = np.random.default_rng(4).standard_normal((1, policy.action_horizon, 4)).astype(np.float32)
+    got = runtime.plan_chunk(obs, noise=noise)
+    want = policy.predict(policy.observation_batch(obs), torch.from_numpy(noise))[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
+    with torch.no_grad():  # the keypoint token reaches the head's condition, and a shifted image moves it
+        conds = [policy.condition(*policy.prefix(policy.observation_batch(o)), None, torch.zeros(1, 7))[0]
+                 for o in (obs, {**obs, "image": np.roll(obs["image"], 5, axis=1)})]
+    d = policy.config["d_model"]
+    assert conds[0].shape[-1] == 2 * d + 7 and (conds[0][:, -d:] - conds[1][:, -d:]).abs().max() > 1e-4
+
+
 def test_bad_observations_get_clear_errors():
     policy = _small()
     obs = policy.example_observation(np.random.default_rng(0))

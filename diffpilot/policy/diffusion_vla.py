@@ -68,6 +68,7 @@ class DiffusionVLAConfig:
     tasks: list[str] = field(default_factory=list)
     image_size: int = 64
     use_image: bool = True
+    keypoints: int = 0
     low_dim: str = "proprio"
     instruction: str = "text"
     reasoning: bool = True
@@ -87,24 +88,62 @@ class DiffusionVLAConfig:
     sampler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLER))
 
 
-class ImageEncoder(nn.Module):
-    """uint8 (B, S, S, 3) -> (B, 16, d) tokens: four stride-2 convs with GroupNorm + Mish, a 4x4 grid."""
+class SpatialSoftmax(nn.Module):
+    """(B, C, H, W) features -> (B, K, 2) expected image coordinates in [-1, 1] of K learned keypoints.
 
-    def __init__(self, image_size: int, d_model: int) -> None:
+    A 1x1 conv makes K attention maps; a softmax over the pixels (with a learned temperature per
+    keypoint) turns each into a distribution whose mean is the keypoint's position. Positions come
+    out as numbers, which an average pool of the same features would blur away (Levine et al. 2016).
+    """
+
+    def __init__(self, channels: int, keypoints: int) -> None:
+        super().__init__()
+        self.maps = nn.Conv2d(channels, keypoints, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(keypoints))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        logits = self.maps(x).flatten(2) * self.log_temperature.exp()[None, :, None]
+        attention = logits.softmax(-1)  # (B, K, H*W)
+        ys = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)
+        xs = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)
+        return attention @ grid
+
+
+class ImageEncoder(nn.Module):
+    """uint8 (B, S, S, 3) -> image tokens: four stride-2 convs with GroupNorm + Mish, a 4x4 grid of tokens.
+
+    With ``keypoints > 0`` a spatial-softmax head on the 1/4-resolution features (after one more
+    3x3 conv) adds a last token: the K keypoint positions, projected to ``d_model``. The policy also
+    hands that token straight to the action head, so object positions reach it unpooled.
+    """
+
+    def __init__(self, image_size: int, d_model: int, keypoints: int = 0) -> None:
         super().__init__()
         if image_size % 16 or image_size < 32:
             raise ValueError(f"image_size must be a multiple of 16 and >= 32, got {image_size}")
-        chans = (3, 32, 64, 128)
-        layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.Mish()]
-        layers.append(nn.Conv2d(chans[-1], d_model, 3, stride=2, padding=1))
-        self.net = nn.Sequential(*layers)
+        if keypoints < 0:
+            raise ValueError(f"keypoints must be >= 0 (0: no keypoint token), got {keypoints}")
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.Mish()]
+
+        self.net = nn.Sequential(*block(3, 32, 2), *block(32, 64, 2), *block(64, 128, 2),
+                                 nn.Conv2d(128, d_model, 3, stride=2, padding=1))
         self.pool = nn.AdaptiveAvgPool2d(4)
+        self.keypoints = None
+        if keypoints:
+            self.keypoints = nn.Sequential(*block(64, 64, 1), SpatialSoftmax(64, keypoints), nn.Flatten(1),
+                                           nn.Linear(2 * keypoints, d_model))
+        self.n_tokens = 16 + (1 if keypoints else 0)
 
     def forward(self, image: Tensor) -> Tensor:
-        x = image.permute(0, 3, 1, 2).to(self.net[0].weight.dtype) / 255.0 - 0.5
-        return self.pool(self.net(x)).flatten(2).transpose(1, 2)
+        x = self.net[:6](image.permute(0, 3, 1, 2).to(self.net[0].weight.dtype) / 255.0 - 0.5)  # 1/4 resolution
+        tokens = self.pool(self.net[6:](x)).flatten(2).transpose(1, 2)
+        if self.keypoints is None:
+            return tokens
+        return torch.cat([tokens, self.keypoints(x)[:, None]], dim=1)
 
 
 def _mlp(d: int) -> nn.Sequential:
@@ -152,7 +191,8 @@ class DiffusionVLAPolicy(PolicyBase):
             "objective": {"name": "ddpm", "num_train_steps": 10}, "sampler": {"name": "ddim", "num_steps": 2}}
 
     def __init__(self, vocab: list[str] | None = None, tasks: list[str] | None = None, image_size: int = 64,
-                 use_image: bool = True, low_dim: str = "proprio", instruction: str = "text", reasoning: bool = True,
+                 use_image: bool = True, keypoints: int = 0, low_dim: str = "proprio", instruction: str = "text",
+                 reasoning: bool = True,
                  alpha: float = 1.0, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
                  max_instruction: int = 16, max_reasoning: int = 32, action_dim: int = 4, action_horizon: int = 16,
                  exec_horizon: int = 8, reason_every: int = 8, image_shift: int = 4,
@@ -173,7 +213,8 @@ class DiffusionVLAPolicy(PolicyBase):
         objective = dict(objective or DEFAULT_OBJECTIVE)
         sampler = dict(sampler or DEFAULT_SAMPLER)
         self.config: dict[str, Any] = {
-            "vocab": vocab, "tasks": tasks, "image_size": image_size, "use_image": use_image, "low_dim": low_dim,
+            "vocab": vocab, "tasks": tasks, "image_size": image_size, "use_image": use_image, "keypoints": keypoints,
+            "low_dim": low_dim,
             "instruction": instruction, "reasoning": reasoning, "alpha": float(alpha), "d_model": d_model,
             "n_layers": n_layers, "n_heads": n_heads, "max_instruction": max_instruction,
             "max_reasoning": max_reasoning, "action_dim": action_dim, "action_horizon": action_horizon,
@@ -184,17 +225,20 @@ class DiffusionVLAPolicy(PolicyBase):
         self.tasks = tasks
         self.low_dim_size = LOW_DIM_SIZES[low_dim]
         self.action_dim, self.action_horizon, self.exec_horizon = action_dim, action_horizon, exec_horizon
-        self.image = ImageEncoder(image_size, d_model) if use_image else None
+        self.image = ImageEncoder(image_size, d_model, keypoints) if use_image else None
         self.low_dim_token = nn.Linear(self.low_dim_size, d_model)
         self.task_token = nn.Embedding(len(tasks), d_model) if instruction == "onehot" else None
-        n_image = 16 if use_image else 0
+        n_image = self.image.n_tokens if self.image is not None else 0
+        # the keypoint token (the last image token) also joins the head's condition, unpooled
+        self.keypoint_index = n_image - 1 if use_image and keypoints else None
         self.prefix_len = n_image + 1 + (1 if instruction == "onehot" else max_instruction)
         self.reasoner = CausalReasoner(len(self.vocab), d_model, n_layers, n_heads,
                                        max_len=self.prefix_len + max_reasoning + 1)
         self.inject = ReasoningInjection(d_model, reasoning)
         self.low_dim_normalizer = Normalizer(self.low_dim_size, "limits")
         self.action_normalizer = Normalizer(action_dim, "limits")
-        self.head = build_network(network["name"], action_dim=action_dim, cond_dim=d_model + self.low_dim_size,
+        cond_dim = d_model * (2 if self.keypoint_index is not None else 1) + self.low_dim_size
+        self.head = build_network(network["name"], action_dim=action_dim, cond_dim=cond_dim,
                                   use_r=objective["name"] == "meanflow",
                                   **{k: v for k, v in network.items() if k != "name"})
         self.objective = build_objective(objective["name"], **{k: v for k, v in objective.items() if k != "name"})
@@ -271,8 +315,10 @@ class DiffusionVLAPolicy(PolicyBase):
             keep = ~text_ignore & (text != self.vocab.sep)
             reasoning_pool = _masked_mean(hidden[:, p:], keep)
         cond = self.inject(prompt_pool, reasoning_pool)
-        cond = torch.cat([cond, self.low_dim_normalizer.normalize(low_dim.to(cond.dtype))], dim=-1)
-        return cond, hidden
+        parts = [cond, self.low_dim_normalizer.normalize(low_dim.to(cond.dtype))]
+        if self.keypoint_index is not None:
+            parts.append(prefix[:, self.keypoint_index])
+        return torch.cat(parts, dim=-1), hidden
 
     # ----------------------------------------------------------------- training
     def fit_to_batch(self, batch: dict[str, Any]) -> None:
