@@ -104,6 +104,24 @@ def test_decorrelation_loss_measures_redundant_features():
     assert decorrelation_loss(x.detach()) < 0.5 * decorrelation_loss(redundant)
 
 
+def test_the_shared_scene_memory_denoises_exactly_as_the_plain_decoder():
+    policy = _fitted(layers=2)
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.net.out.weight, std=0.1)  # a decoder whose output reads its input
+        for layer in policy.net.layers:
+            torch.nn.init.normal_(layer.film.weight, std=0.1)
+    batch = policy.scene_batch(example_scene_arrays(3, seed=4))
+    with torch.no_grad():
+        cond = policy.net.encode(batch)
+        x = torch.randn(3, policy.F, 3, generator=torch.Generator().manual_seed(5))
+        t = torch.tensor([3, 7, 9])
+        denoiser = policy.net.denoiser(cond)
+        torch.testing.assert_close(denoiser(x, t, cond), policy.net(x, t, cond), atol=1e-6, rtol=1e-5)
+        assert denoiser(x, t, cond).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="another condition"):
+            denoiser(x, t, policy.net.encode(batch))
+
+
 def test_selection_rules_and_diversity():
     F = 8
     line = torch.stack([torch.arange(1, F + 1).float(), torch.zeros(F), torch.zeros(F)], -1)
