@@ -50,6 +50,7 @@ ROOT = Path("runs/bench/vla")
 VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overrides)
     "DiffusionVLA (reasoning injected)": ("vla", []),
     "DiffusionVLA + spatial-softmax keypoints": ("keypoints", ["policy.keypoints=32"]),
+    "DiffusionVLA + object-position probe loss (training only)": ("objprobe", ["policy.object_loss=1.0"]),
     "no reasoning (pooled prompt, TinyVLA-style)": ("noreason", ["policy.reasoning=false"]),
     "task one-hot instead of the instruction (oracle id)": ("onehot", ["policy.instruction=onehot"]),
     "state only (no image)": ("state", ["policy.use_image=false", "policy.low_dim=state"]),

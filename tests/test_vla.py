@@ -121,6 +121,26 @@ def test_keypoint_policy_exports_and_the_runtime_matches_torch(tmp_path):
     assert conds[0].shape[-1] == 2 * d + 7 and (conds[0][:, -d:] - conds[1][:, -d:]).abs().max() > 1e-4
 
 
+def test_object_probe_learns_where_the_object_is_and_stays_out_of_the_plan():
+    policy = _small(object_loss=1.0)
+    g = torch.Generator().manual_seed(6)
+    batch = policy.example_batch(16, g)
+    policy.fit_to_batch(batch)
+    policy.train()
+    opt = torch.optim.Adam(policy.parameters(), 3e-3)
+    first = None
+    for _ in range(40):
+        loss, metrics = policy.compute_loss(batch, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = metrics["object_loss"] if first is None else first
+    assert metrics["object_loss"] < 0.6 * first  # logged on its own, and it learns
+    with pytest.raises(ValueError, match="object positions"):
+        policy.fit_to_batch({k: v for k, v in batch.items() if k != "object"})
+    assert _small().object_head is None and not any("object" in k for k in _small().state_dict())
+
+
 def test_bad_observations_get_clear_errors():
     policy = _small()
     obs = policy.example_observation(np.random.default_rng(0))

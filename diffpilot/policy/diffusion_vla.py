@@ -73,6 +73,7 @@ class DiffusionVLAConfig:
     instruction: str = "text"
     reasoning: bool = True
     alpha: float = 1.0
+    object_loss: float = 0.0
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -192,10 +193,9 @@ class DiffusionVLAPolicy(PolicyBase):
 
     def __init__(self, vocab: list[str] | None = None, tasks: list[str] | None = None, image_size: int = 64,
                  use_image: bool = True, keypoints: int = 0, low_dim: str = "proprio", instruction: str = "text",
-                 reasoning: bool = True,
-                 alpha: float = 1.0, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
-                 max_instruction: int = 16, max_reasoning: int = 32, action_dim: int = 4, action_horizon: int = 16,
-                 exec_horizon: int = 8, reason_every: int = 8, image_shift: int = 4,
+                 reasoning: bool = True, alpha: float = 1.0, object_loss: float = 0.0, d_model: int = 128,
+                 n_layers: int = 2, n_heads: int = 4, max_instruction: int = 16, max_reasoning: int = 32,
+                 action_dim: int = 4, action_horizon: int = 16, exec_horizon: int = 8, reason_every: int = 8, image_shift: int = 4,
                  network: dict[str, Any] | None = None, objective: dict[str, Any] | None = None,
                  sampler: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -205,8 +205,9 @@ class DiffusionVLAPolicy(PolicyBase):
             raise ValueError(f"instruction must be 'text' or 'onehot', got {instruction!r}")
         if not use_image and low_dim != "state":
             raise ValueError("use_image=false needs low_dim=state: without the image only the state shows the objects")
-        if not 1 <= exec_horizon <= action_horizon or reason_every < 1 or alpha < 0:
-            raise ValueError("need 1 <= exec_horizon <= action_horizon, reason_every >= 1 and alpha >= 0")
+        if not 1 <= exec_horizon <= action_horizon or reason_every < 1 or alpha < 0 or object_loss < 0:
+            raise ValueError("need 1 <= exec_horizon <= action_horizon, reason_every >= 1, alpha >= 0 and "
+                             "object_loss >= 0")
         vocab = list(vocab) if vocab else WordVocab.build([FALLBACK_TEXT]).tokens
         tasks = list(tasks) if tasks else ["task"]
         network = dict(network or DEFAULT_NETWORK)
@@ -215,7 +216,8 @@ class DiffusionVLAPolicy(PolicyBase):
         self.config: dict[str, Any] = {
             "vocab": vocab, "tasks": tasks, "image_size": image_size, "use_image": use_image, "keypoints": keypoints,
             "low_dim": low_dim,
-            "instruction": instruction, "reasoning": reasoning, "alpha": float(alpha), "d_model": d_model,
+            "instruction": instruction, "reasoning": reasoning, "alpha": float(alpha), "object_loss": float(object_loss),
+            "d_model": d_model,
             "n_layers": n_layers, "n_heads": n_heads, "max_instruction": max_instruction,
             "max_reasoning": max_reasoning, "action_dim": action_dim, "action_horizon": action_horizon,
             "exec_horizon": exec_horizon, "reason_every": reason_every, "image_shift": image_shift,
@@ -241,6 +243,9 @@ class DiffusionVLAPolicy(PolicyBase):
         self.head = build_network(network["name"], action_dim=action_dim, cond_dim=cond_dim,
                                   use_r=objective["name"] == "meanflow",
                                   **{k: v for k, v in network.items() if k != "name"})
+        # training-only probe: the head's condition must say where the object is (state[4:7] of the demonstrations)
+        self.object_head = nn.Linear(cond_dim, 3) if object_loss > 0 else None
+        self.object_normalizer = Normalizer(3, "limits") if object_loss > 0 else None
         self.objective = build_objective(objective["name"], **{k: v for k, v in objective.items() if k != "name"})
         self.sampler = build_sampler(sampler["name"], self.objective, **{k: v for k, v in sampler.items() if k != "name"})
         self._generator = torch.Generator().manual_seed(0)
@@ -322,8 +327,13 @@ class DiffusionVLAPolicy(PolicyBase):
 
     # ----------------------------------------------------------------- training
     def fit_to_batch(self, batch: dict[str, Any]) -> None:
-        """Fit the proprio and action normalizers on training rows."""
+        """Fit the proprio, action (and object-position) normalizers on training rows."""
         low = np.asarray(batch["low_dim"], dtype=np.float32)
+        if self.object_head is not None:
+            if "object" not in batch:
+                raise ValueError("object_loss > 0 needs the rows' object positions ('object', state[4:7])")
+            obj = np.asarray(batch["object"], dtype=np.float32)
+            self.object_normalizer.load_state_dict(Normalizer.fit(obj, "limits").state_dict())
         act = np.asarray(batch["action"], dtype=np.float32).reshape(-1, self.action_dim)
         self.low_dim_normalizer.load_state_dict(Normalizer.fit(low, "limits").state_dict())
         self.action_normalizer.load_state_dict(Normalizer.fit(act, "limits").state_dict())
@@ -356,6 +366,11 @@ class DiffusionVLAPolicy(PolicyBase):
         action_loss = self.objective.loss(self.head, target, cond, generator=generator)
         metrics = {"action_loss": float(action_loss.detach())}
         loss = action_loss
+        if self.object_head is not None:
+            target_obj = self.object_normalizer.normalize(batch["object"].to(cond.dtype))
+            obj_loss = F.mse_loss(self.object_head(cond), target_obj)
+            loss = loss + self.config["object_loss"] * obj_loss
+            metrics["object_loss"] = float(obj_loss.detach())
         if text is not None:
             p = prefix.shape[1]
             logits = self.reasoner.logits(hidden[:, p: p + text.shape[1] - 1])
@@ -383,6 +398,7 @@ class DiffusionVLAPolicy(PolicyBase):
             "prompt": prompt, "text": text,
             "task": torch.randint(0, len(self.tasks), (batch_size,), generator=generator),
             "action": torch.rand(batch_size, self.action_horizon, self.action_dim, generator=generator) * 2 - 1,
+            "object": torch.rand(batch_size, 3, generator=generator) * 2 - 1,
         }
         if self.image is not None:
             out["image"] = torch.randint(0, 256, (batch_size, s, s, 3), generator=generator, dtype=torch.uint8)
