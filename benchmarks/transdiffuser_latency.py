@@ -1,0 +1,109 @@
+"""TransDiffuser plan latency in onnxruntime (batch 1, 1 thread): scene memory shared by the sampler's steps vs
+projected again at every step (the previous graph), side by side in one run, at 10 and 5 DDIM steps.
+
+The exported graph runs the encoder once, the decoder once per sampler step on all candidates, then the
+score head, the clearance check and the selection. The decoder's cross-attention keys and values depend on
+the scene only; the graph now projects them once per plan (``TransDiffuserNet.denoiser``) instead of at
+each of the sampler's steps. This times both graphs of the same weights on the same scenes, rounds
+interleaved so machine load hits both alike, checks that they plan the same, and writes
+``benchmarks/results/transdiffuser_latency.{json,md}``. Latency does not depend on the weights: without
+``--checkpoint`` the default config is built untrained.
+
+Run: python benchmarks/transdiffuser_latency.py [--checkpoint runs/.../policy] [--plans 100] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import yaml
+
+from results_io import write_results
+
+from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
+from diffpilot.export.onnx import export_by_kind
+from diffpilot.export.runtime import load_runtime
+from diffpilot.policy.registry import build_policy, load_policy
+from diffpilot.policy.transdiffuser import TransDiffuserNet
+
+NAME = "transdiffuser_latency"
+CONFIG = Path(__file__).resolve().parents[1] / "diffpilot" / "conf" / "policy" / "transdiffuser.yaml"
+
+
+def planner(checkpoint: str | None) -> Any:
+    if checkpoint:
+        return load_policy(checkpoint, kind="transdiffuser")
+    torch.manual_seed(0)
+    policy = build_policy(yaml.safe_load(CONFIG.read_text()))
+    policy.fit_to_batch(policy.example_batch(32, torch.Generator().manual_seed(0)))
+    return policy.eval()
+
+
+def export(policy: Any, path: Path, per_step: bool, steps: int) -> Path:
+    """The planner's graph at ``steps`` DDIM steps; ``per_step`` rebuilds the previous form (keys and values
+    projected at every step)."""
+    shared = TransDiffuserNet.denoiser
+    if per_step:
+        TransDiffuserNet.denoiser = lambda net, cond: net  # type: ignore[method-assign]
+    try:
+        export_by_kind(policy, path, sampler={"name": policy.cfg.sampler, "num_steps": steps})
+    finally:
+        TransDiffuserNet.denoiser = shared  # type: ignore[method-assign]
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default=None, help="a trained transdiffuser policy folder (default: untrained)")
+    ap.add_argument("--plans", type=int, default=100, help="plans timed per graph and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sampler-steps", type=int, nargs="+", default=[10, 5], help="DDIM steps of the graphs timed")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    policy = planner(args.checkpoint)
+    arrays = example_scene_arrays(args.plans, seed=0)
+    samples = [scene_samples_from_arrays(arrays, i) for i in range(args.plans)]
+    variants = {(f"{label}, {n} DDIM steps"): (per_step, n) for n in args.sampler_steps
+                for label, per_step in (("shared scene memory (now)", False), ("projected at every step (before)", True))}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: export(policy, Path(tmp) / f"g{i}.onnx", *form) for i, (name, form) in enumerate(variants.items())}
+        nodes = {name: len(onnx.load(str(p)).graph.node) for name, p in paths.items()}
+        runtimes = {name: load_runtime(p, threads=1) for name, p in paths.items()}
+        noise = np.random.default_rng(1).standard_normal(runtimes[next(iter(runtimes))].noise_shape).astype(np.float32)
+        plans = {name: rt.plan(samples[0], noise=noise[None]) for name, rt in runtimes.items()}
+        gap = max(float(np.abs(plans[a] - plans[b]).max()) for a, b in zip(list(plans)[::2], list(plans)[1::2]))
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, rt in runtimes.items():
+                rt.plan(samples[0])  # warm
+                for s in samples:
+                    t0 = time.perf_counter()
+                    rt.plan(s)
+                    times[name].append(1e3 * (time.perf_counter() - t0))
+    base = float(np.median(times[f"projected at every step (before), {args.sampler_steps[0]} DDIM steps"]))
+    rows = [{"graph": name, "plan_ms_p50": float(np.median(t)), "plan_ms_p90": float(np.percentile(t, 90)),
+             "speedup_vs_before": base / float(np.median(t)), "graph_nodes": nodes[name],
+             "sampler_steps": variants[name][1], "candidates": int(policy.cfg.num_candidates)}
+            for name, t in times.items()]
+    notes = (f"onnxruntime, batch 1, 1 thread, {args.plans} plans x {args.rounds} interleaved rounds per graph, "
+             f"{'weights of ' + args.checkpoint if args.checkpoint else 'default config, untrained weights'}; "
+             f"scenes from example_scene_arrays. `speedup_vs_before`: against the previous graph at "
+             f"{args.sampler_steps[0]} DDIM steps. Largest waypoint difference between the two forms' plans at the "
+             f"same steps for the same scene and noise: {gap:.2e} m. Plan time includes the runtime's feature building "
+             "and plan memory (consistency).")
+    command = "python benchmarks/transdiffuser_latency.py" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") \
+        + f" --plans {args.plans} --rounds {args.rounds} --sampler-steps {' '.join(map(str, args.sampler_steps))}"
+    write_results(NAME, command, rows, notes=notes)
+    for r in rows:
+        print(f"{r['graph']:55s} p50 {r['plan_ms_p50']:.2f} ms  x{r['speedup_vs_before']:.2f}  {r['graph_nodes']} nodes")
+
+
+if __name__ == "__main__":
+    main()
