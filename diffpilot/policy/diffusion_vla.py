@@ -195,7 +195,8 @@ class DiffusionVLAPolicy(PolicyBase):
                  use_image: bool = True, keypoints: int = 0, low_dim: str = "proprio", instruction: str = "text",
                  reasoning: bool = True, alpha: float = 1.0, object_loss: float = 0.0, d_model: int = 128,
                  n_layers: int = 2, n_heads: int = 4, max_instruction: int = 16, max_reasoning: int = 32,
-                 action_dim: int = 4, action_horizon: int = 16, exec_horizon: int = 8, reason_every: int = 8, image_shift: int = 4,
+                 action_dim: int = 4, action_horizon: int = 16, exec_horizon: int = 8, reason_every: int = 8,
+                 image_shift: int = 4,
                  network: dict[str, Any] | None = None, objective: dict[str, Any] | None = None,
                  sampler: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -215,12 +216,10 @@ class DiffusionVLAPolicy(PolicyBase):
         sampler = dict(sampler or DEFAULT_SAMPLER)
         self.config: dict[str, Any] = {
             "vocab": vocab, "tasks": tasks, "image_size": image_size, "use_image": use_image, "keypoints": keypoints,
-            "low_dim": low_dim,
-            "instruction": instruction, "reasoning": reasoning, "alpha": float(alpha), "object_loss": float(object_loss),
-            "d_model": d_model,
-            "n_layers": n_layers, "n_heads": n_heads, "max_instruction": max_instruction,
-            "max_reasoning": max_reasoning, "action_dim": action_dim, "action_horizon": action_horizon,
-            "exec_horizon": exec_horizon, "reason_every": reason_every, "image_shift": image_shift,
+            "low_dim": low_dim, "instruction": instruction, "reasoning": reasoning, "alpha": float(alpha),
+            "object_loss": float(object_loss), "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
+            "max_instruction": max_instruction, "max_reasoning": max_reasoning, "action_dim": action_dim,
+            "action_horizon": action_horizon, "exec_horizon": exec_horizon, "reason_every": reason_every, "image_shift": image_shift,
             "network": network, "objective": objective, "sampler": sampler,
         }
         self.vocab = WordVocab(vocab)
