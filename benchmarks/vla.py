@@ -5,8 +5,9 @@ scripted-expert demonstrations of ``diffpilot data mt10`` (``--demos`` episodes
 per task, 64 px frames every 4 steps): DiffusionVLA with injected reasoning, the
 same without reasoning (pooled prompt only, TinyVLA-style), with a task
 one-hot instead of the instruction (an oracle task id), state only (no image)
-and a one-step head; and two perception variants of DiffusionVLA: spatial-softmax keypoints
-(``policy.keypoints=32``) and a training-only object-position probe (``policy.object_loss=1``). Each is exported to ONNX and evaluated closed loop by the
+and a one-step head; and two perception variants of DiffusionVLA: spatial-softmax
+keypoints (``policy.keypoints=32``) and a training-only object-position probe
+(``policy.object_loss=1``). Each is exported to ONNX and evaluated closed loop by the
 torch-free runtime (batch 1, 1 thread, reasoning every ``reason_every``
 replans): ``--episodes`` episodes per task with the training phrasings and
 with held-out phrasings never seen in training; the ground-truth-reasoning row
