@@ -230,11 +230,13 @@ def write_table(args: argparse.Namespace) -> None:
     rows, per_task_rows = _keep_missing(rows, old.get("rows", [])), _keep_missing(per_task_rows, old.get("per_task", []))
     if per_task_rows:
         notes += "\n\nSuccess per task (training phrasings, mean over seeds):\n\n" + markdown_table(per_task_rows)
-    budgets = list(dict.fromkeys((r["train_steps"], r["demos_per_task"]) for r in rows))
-    command = " ; ".join(
-        f"python benchmarks/vla.py --steps {steps} --demos {demos} --seeds "
-        f"{' '.join(map(str, range(max(r['seeds'] for r in rows if (r['train_steps'], r['demos_per_task']) == (steps, demos)))))} "
-        f"--episodes {args.episodes}" for steps, demos in budgets)
+    seeds: dict[tuple[int, int], int] = {}  # budget -> most seeds of any row, largest budget first
+    for r in rows:
+        budget = (r["train_steps"], r["demos_per_task"])
+        seeds[budget] = max(seeds.get(budget, 0), r["seeds"])
+    command = " ; ".join(f"python benchmarks/vla.py --steps {steps} --demos {demos} --seeds "
+                         f"{' '.join(map(str, range(n)))} --episodes {args.episodes}"
+                         for (steps, demos), n in seeds.items())
     quiet = old.get("quiet_speed")  # vla_speed.py's
     write_results(NAME, command, rows, notes=notes, per_task=per_task_rows, **({"quiet_speed": quiet} if quiet else {}))
 
