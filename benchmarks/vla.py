@@ -53,6 +53,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overr
     "DiffusionVLA (reasoning injected)": ("vla", []),
     "DiffusionVLA + spatial-softmax keypoints": ("keypoints", ["policy.keypoints=32"]),
     "DiffusionVLA + object-position probe loss (training only)": ("objprobe", ["policy.object_loss=1.0"]),
+    "DiffusionVLA + image-only object estimate fed to the head": (
+        "objinput", ["policy.object_loss=1.0", "policy.object_input=true", "policy.object_noise=0.01"]),
+    "DiffusionVLA + image-only object estimate, no image shift": (
+        "objinput-noshift", ["policy.object_loss=1.0", "policy.object_input=true", "policy.object_noise=0.01",
+                             "policy.image_shift=0"]),
     "no reasoning (pooled prompt, TinyVLA-style)": ("noreason", ["policy.reasoning=false"]),
     "task one-hot instead of the instruction (oracle id)": ("onehot", ["policy.instruction=onehot"]),
     "state only (no image)": ("state", ["policy.use_image=false", "policy.low_dim=state"]),

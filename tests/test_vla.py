@@ -141,6 +141,46 @@ def test_object_probe_learns_where_the_object_is_and_stays_out_of_the_plan():
     assert _small().object_head is None and not any("object" in k for k in _small().state_dict())
 
 
+def test_image_object_estimate_feeds_the_head_and_reads_only_the_image(tmp_path):
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+
+    with pytest.raises(ValueError, match="object_input=true"):
+        _small(object_input=True)  # no object_loss: the estimate would never learn
+    policy = _small(object_loss=1.0, object_input=True, object_noise=0.01, image_shift=0)  # random images: no shift
+    g = torch.Generator().manual_seed(7)
+    batch = policy.example_batch(16, g)
+    policy.fit_to_batch(batch)
+    policy.train()
+    opt = torch.optim.Adam(policy.parameters(), 3e-3)
+    first = None
+    for _ in range(80):
+        loss, metrics = policy.compute_loss(batch, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = metrics["object_loss"] if first is None else first
+    assert metrics["object_loss"] < 0.5 * first, (first, metrics["object_loss"])
+    policy.zero_grad()  # the action loss alone never moves the estimate: the head reads it detached
+    policy.objective.loss(policy.head, policy.action_normalizer.normalize(batch["action"]),
+                          policy.condition(*policy.prefix(batch), batch["text"], batch["low_dim"])[0]).backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in policy.object_head.parameters())
+    policy.eval()
+    obs = policy.example_observation(np.random.default_rng(3))
+    with torch.no_grad():
+        est = [policy.object_estimate(policy.prefix(policy.observation_batch(o))[0])
+               for o in (obs, {**obs, "proprio": obs["proprio"] + 0.3}, {**obs, "image": np.roll(obs["image"], 5, 1)})]
+        cond = policy.condition(*policy.prefix(policy.observation_batch(obs)), None, torch.zeros(1, 7))[0]
+    torch.testing.assert_close(est[0], est[1])  # the hand's position does not enter the estimate
+    assert (est[0] - est[2]).abs().max() > 1e-4 and cond.shape[-1] == policy.config["d_model"] + 7 + 3
+    torch.testing.assert_close(cond[:, -3:], est[0])  # eval: the head reads the estimate itself, no jitter
+    export_by_kind(policy, tmp_path / "obj.onnx")
+    noise = np.random.default_rng(4).standard_normal((1, policy.action_horizon, 4)).astype(np.float32)
+    got = load_runtime(tmp_path / "obj.onnx").plan_chunk(obs, noise=noise)
+    want = policy.predict(policy.observation_batch(obs), torch.from_numpy(noise))[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
+
+
 def test_bad_observations_get_clear_errors():
     policy = _small()
     obs = policy.example_observation(np.random.default_rng(0))

@@ -74,6 +74,8 @@ class DiffusionVLAConfig:
     reasoning: bool = True
     alpha: float = 1.0
     object_loss: float = 0.0
+    object_input: bool = False
+    object_noise: float = 0.0
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -193,7 +195,8 @@ class DiffusionVLAPolicy(PolicyBase):
 
     def __init__(self, vocab: list[str] | None = None, tasks: list[str] | None = None, image_size: int = 64,
                  use_image: bool = True, keypoints: int = 0, low_dim: str = "proprio", instruction: str = "text",
-                 reasoning: bool = True, alpha: float = 1.0, object_loss: float = 0.0, d_model: int = 128,
+                 reasoning: bool = True, alpha: float = 1.0, object_loss: float = 0.0, object_input: bool = False,
+                 object_noise: float = 0.0, d_model: int = 128,
                  n_layers: int = 2, n_heads: int = 4, max_instruction: int = 16, max_reasoning: int = 32,
                  action_dim: int = 4, action_horizon: int = 16, exec_horizon: int = 8, reason_every: int = 8,
                  image_shift: int = 4,
@@ -209,6 +212,11 @@ class DiffusionVLAPolicy(PolicyBase):
         if not 1 <= exec_horizon <= action_horizon or reason_every < 1 or alpha < 0 or object_loss < 0:
             raise ValueError("need 1 <= exec_horizon <= action_horizon, reason_every >= 1, alpha >= 0 and "
                              "object_loss >= 0")
+        if object_input and (not use_image or object_loss <= 0):
+            raise ValueError("object_input=true estimates the object position from the image: it needs use_image=true "
+                             "and object_loss > 0 (the estimate's training signal)")
+        if object_noise < 0:
+            raise ValueError(f"object_noise is a standard deviation in metres, >= 0; got {object_noise}")
         vocab = list(vocab) if vocab else WordVocab.build([FALLBACK_TEXT]).tokens
         tasks = list(tasks) if tasks else ["task"]
         network = dict(network or DEFAULT_NETWORK)
@@ -217,7 +225,8 @@ class DiffusionVLAPolicy(PolicyBase):
         self.config: dict[str, Any] = {
             "vocab": vocab, "tasks": tasks, "image_size": image_size, "use_image": use_image, "keypoints": keypoints,
             "low_dim": low_dim, "instruction": instruction, "reasoning": reasoning, "alpha": float(alpha),
-            "object_loss": float(object_loss), "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
+            "object_loss": float(object_loss), "object_input": bool(object_input), "object_noise": float(object_noise),
+            "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
             "max_instruction": max_instruction, "max_reasoning": max_reasoning, "action_dim": action_dim,
             "action_horizon": action_horizon, "exec_horizon": exec_horizon, "reason_every": reason_every, "image_shift": image_shift,
             "network": network, "objective": objective, "sampler": sampler,
@@ -238,12 +247,19 @@ class DiffusionVLAPolicy(PolicyBase):
         self.inject = ReasoningInjection(d_model, reasoning)
         self.low_dim_normalizer = Normalizer(self.low_dim_size, "limits")
         self.action_normalizer = Normalizer(action_dim, "limits")
-        cond_dim = d_model * (2 if self.keypoint_index is not None else 1) + self.low_dim_size
+        cond_dim = d_model * (2 if self.keypoint_index is not None else 1) + self.low_dim_size + (3 if object_input else 0)
         self.head = build_network(network["name"], action_dim=action_dim, cond_dim=cond_dim,
                                   use_r=objective["name"] == "meanflow",
                                   **{k: v for k, v in network.items() if k != "name"})
-        # training-only probe: the head's condition must say where the object is (state[4:7] of the demonstrations)
-        self.object_head = nn.Linear(cond_dim, 3) if object_loss > 0 else None
+        # the object position (state[4:7] of the demonstrations), regressed by object_loss: without object_input a
+        # training-only linear probe on the head's condition; with it an estimate from the image tokens alone, which
+        # the head reads (detached), so the position cannot be guessed from the hand's path instead of seen
+        self.n_image_tokens = n_image
+        if object_input:
+            self.object_head = nn.Sequential(nn.Flatten(1), nn.Linear(n_image * d_model, 256), nn.Mish(),
+                                             nn.Linear(256, 3))
+        else:
+            self.object_head = nn.Linear(cond_dim, 3) if object_loss > 0 else None
         self.object_normalizer = Normalizer(3, "limits") if object_loss > 0 else None
         self.objective = build_objective(objective["name"], **{k: v for k, v in objective.items() if k != "name"})
         self.sampler = build_sampler(sampler["name"], self.objective, **{k: v for k, v in sampler.items() if k != "name"})
@@ -322,7 +338,22 @@ class DiffusionVLAPolicy(PolicyBase):
         parts = [cond, self.low_dim_normalizer.normalize(low_dim.to(cond.dtype))]
         if self.keypoint_index is not None:
             parts.append(prefix[:, self.keypoint_index])
+        if self.config["object_input"]:
+            parts.append(self.object_input(prefix))
         return torch.cat(parts, dim=-1), hidden
+
+    def object_estimate(self, prefix: Tensor) -> Tensor:
+        """(B, 3) normalized object position read off the image tokens alone (``object_input=true``)."""
+        return self.object_head(prefix[:, : self.n_image_tokens])
+
+    def object_input(self, prefix: Tensor) -> Tensor:
+        """The estimate as the head sees it: detached, and in training jittered by ``object_noise`` metres."""
+        estimate = self.object_estimate(prefix).detach()
+        sigma = self.config["object_noise"]
+        if self.training and sigma > 0:
+            estimate = self.object_normalizer.normalize(
+                self.object_normalizer.unnormalize(estimate) + sigma * torch.randn_like(estimate))
+        return estimate
 
     # ----------------------------------------------------------------- training
     def fit_to_batch(self, batch: dict[str, Any]) -> None:
@@ -367,7 +398,8 @@ class DiffusionVLAPolicy(PolicyBase):
         loss = action_loss
         if self.object_head is not None:
             target_obj = self.object_normalizer.normalize(batch["object"].to(cond.dtype))
-            obj_loss = F.mse_loss(self.object_head(cond), target_obj)
+            estimate = self.object_estimate(prefix) if self.config["object_input"] else self.object_head(cond)
+            obj_loss = F.mse_loss(estimate, target_obj)
             loss = loss + self.config["object_loss"] * obj_loss
             metrics["object_loss"] = float(obj_loss.detach())
         if text is not None:
