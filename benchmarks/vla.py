@@ -5,9 +5,12 @@ scripted-expert demonstrations of ``diffpilot data mt10`` (``--demos`` episodes
 per task, 64 px frames every 4 steps): DiffusionVLA with injected reasoning, the
 same without reasoning (pooled prompt only, TinyVLA-style), with a task
 one-hot instead of the instruction (an oracle task id), state only (no image)
-and a one-step head; and two perception variants of DiffusionVLA: spatial-softmax
-keypoints (``policy.keypoints=32``) and a training-only object-position probe
-(``policy.object_loss=1``). Each is exported to ONNX and evaluated closed loop by the
+and a one-step head; and perception variants of DiffusionVLA: spatial-softmax
+keypoints (``policy.keypoints=32``), a training-only object-position probe
+(``policy.object_loss=1``) and an object position estimated from the image alone
+that the head reads (``policy.object_input=true``, with and without the image shift,
+1 or 3 cm of training jitter; ``benchmarks/vla_perception.py`` measures where each
+thinks the object is). Each is exported to ONNX and evaluated closed loop by the
 torch-free runtime (batch 1, 1 thread, reasoning every ``reason_every``
 replans): ``--episodes`` episodes per task with the training phrasings and
 with held-out phrasings never seen in training; the ground-truth-reasoning row
@@ -58,6 +61,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overr
     "DiffusionVLA + image-only object estimate, no image shift": (
         "objinput-noshift", ["policy.object_loss=1.0", "policy.object_input=true", "policy.object_noise=0.01",
                              "policy.image_shift=0"]),
+    "DiffusionVLA + image-only object estimate, no image shift, 3 cm jitter": (
+        "objinput-noshift-j3", ["policy.object_loss=1.0", "policy.object_input=true", "policy.object_noise=0.03",
+                                "policy.image_shift=0"]),
     "no reasoning (pooled prompt, TinyVLA-style)": ("noreason", ["policy.reasoning=false"]),
     "task one-hot instead of the instruction (oracle id)": ("onehot", ["policy.instruction=onehot"]),
     "state only (no image)": ("state", ["policy.use_image=false", "policy.low_dim=state"]),

@@ -339,14 +339,14 @@ class DiffusionVLAPolicy(PolicyBase):
         if self.keypoint_index is not None:
             parts.append(prefix[:, self.keypoint_index])
         if self.config["object_input"]:
-            parts.append(self.object_input(prefix))
+            parts.append(self.object_condition(prefix))
         return torch.cat(parts, dim=-1), hidden
 
     def object_estimate(self, prefix: Tensor) -> Tensor:
         """(B, 3) normalized object position read off the image tokens alone (``object_input=true``)."""
         return self.object_head(prefix[:, : self.n_image_tokens])
 
-    def object_input(self, prefix: Tensor) -> Tensor:
+    def object_condition(self, prefix: Tensor) -> Tensor:
         """The estimate as the head sees it: detached, and in training jittered by ``object_noise`` metres."""
         estimate = self.object_estimate(prefix).detach()
         sigma = self.config["object_noise"]
