@@ -164,7 +164,7 @@ def main() -> None:
             write_table(args)
 
 
-RESULT = re.compile(r"^(?P<slug>[a-z]+)-(?P<steps>\d+)st-(?P<demos>\d+)ep-s(?P<seed>\d+)-(?P<phrasing>train|heldout)\.json$")
+RESULT = re.compile(r"^(?P<slug>[a-z][a-z0-9-]*?)-(?P<steps>\d+)st-(?P<demos>\d+)ep-s(?P<seed>\d+)-(?P<phrasing>train|heldout)\.json$")
 
 
 def finished() -> dict[tuple[str, int, int], dict[int, dict[str, Any]]]:
