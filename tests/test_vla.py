@@ -121,21 +121,27 @@ def test_keypoint_policy_exports_and_the_runtime_matches_torch(tmp_path):
     assert conds[0].shape[-1] == 2 * d + 7 and (conds[0][:, -d:] - conds[1][:, -d:]).abs().max() > 1e-4
 
 
-def test_object_probe_learns_where_the_object_is_and_stays_out_of_the_plan():
-    policy = _small(object_loss=1.0)
-    g = torch.Generator().manual_seed(6)
+def _fit_object(policy: DiffusionVLAPolicy, seed: int, steps: int) -> tuple[dict, float, float]:
+    """Train on one random batch; returns it and the first and last logged ``object_loss``."""
+    g = torch.Generator().manual_seed(seed)
     batch = policy.example_batch(16, g)
     policy.fit_to_batch(batch)
     policy.train()
     opt = torch.optim.Adam(policy.parameters(), 3e-3)
-    first = None
-    for _ in range(40):
+    losses = []
+    for _ in range(steps):
         loss, metrics = policy.compute_loss(batch, g)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = metrics["object_loss"] if first is None else first
-    assert metrics["object_loss"] < 0.6 * first  # logged on its own, and it learns
+        losses.append(metrics["object_loss"])
+    return batch, losses[0], losses[-1]
+
+
+def test_object_probe_learns_where_the_object_is_and_stays_out_of_the_plan():
+    policy = _small(object_loss=1.0)
+    batch, first, last = _fit_object(policy, seed=6, steps=40)
+    assert last < 0.6 * first  # logged on its own, and it learns
     with pytest.raises(ValueError, match="object positions"):
         policy.fit_to_batch({k: v for k, v in batch.items() if k != "object"})
     assert _small().object_head is None and not any("object" in k for k in _small().state_dict())
@@ -148,19 +154,8 @@ def test_image_object_estimate_feeds_the_head_and_reads_only_the_image(tmp_path)
     with pytest.raises(ValueError, match="object_input=true"):
         _small(object_input=True)  # no object_loss: the estimate would never learn
     policy = _small(object_loss=1.0, object_input=True, object_noise=0.01, image_shift=0)  # random images: no shift
-    g = torch.Generator().manual_seed(7)
-    batch = policy.example_batch(16, g)
-    policy.fit_to_batch(batch)
-    policy.train()
-    opt = torch.optim.Adam(policy.parameters(), 3e-3)
-    first = None
-    for _ in range(80):
-        loss, metrics = policy.compute_loss(batch, g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = metrics["object_loss"] if first is None else first
-    assert metrics["object_loss"] < 0.5 * first, (first, metrics["object_loss"])
+    batch, first, last = _fit_object(policy, seed=7, steps=80)
+    assert last < 0.5 * first, (first, last)
     policy.zero_grad()  # the action loss alone never moves the estimate: the head reads it detached
     policy.objective.loss(policy.head, policy.action_normalizer.normalize(batch["action"]),
                           policy.condition(*policy.prefix(batch), batch["text"], batch["low_dim"])[0]).backward()
