@@ -128,6 +128,8 @@ def main() -> None:
     out = []
     for slug, seed, path in found:
         policy = load_policy(path, kind="diffusion_vla").eval()
+        if policy.object_head is None:
+            raise SystemExit(f"{path} regresses no object position (object_loss=0); pass object rows, e.g. --rows objprobe")
         on_train = offline_errors(policy, train_file, OBJECT_TASKS)
         on_fresh = offline_errors(policy, fresh_file, OBJECT_TASKS)
         for task in OBJECT_TASKS:
