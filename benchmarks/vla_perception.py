@@ -42,9 +42,8 @@ OBJECT_TASKS = ("push", "pick-place", "peg-insert-side")
 
 
 def readout(policy: Any, prefix: torch.Tensor, cond: torch.Tensor) -> np.ndarray:
-    """(B, 3) object position in metres: the image estimate if the head reads one, else the probe on the condition."""
-    y = policy.object_estimate(prefix) if policy.config["object_input"] else policy.object_head(cond)
-    return policy.object_normalizer.unnormalize(y).numpy()
+    """(B, 3) object position in metres, as the policy's ``object_loss`` trains it."""
+    return policy.object_normalizer.unnormalize(policy.object_readout(prefix, cond)).numpy()
 
 
 @torch.no_grad()

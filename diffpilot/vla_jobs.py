@@ -53,7 +53,7 @@ def vla_rows(demos: MT10Demos, policy: Any) -> dict[str, torch.Tensor]:
     texts = policy.encode_batch([demos.episode_instruction[e] for e in ep], [demos.reasoning[r] for r in rows],
                                 [demos.tasks[t] for t in demos.task[rows]])
     out = {"low_dim": torch.from_numpy(low.astype(np.float32)), "action": torch.from_numpy(actions), **texts}
-    if policy.config["object_loss"] > 0:  # the training-only probe's target
+    if policy.config["object_loss"] > 0:  # the target of the object probe or image estimate
         out["object"] = torch.from_numpy(demos.state[rows][:, 4:7].astype(np.float32))
     if policy.image is not None:
         out["image"] = torch.from_numpy(demos.images[demos.image_index[rows]])

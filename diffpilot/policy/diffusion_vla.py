@@ -342,6 +342,10 @@ class DiffusionVLAPolicy(PolicyBase):
             parts.append(self.object_condition(prefix))
         return torch.cat(parts, dim=-1), hidden
 
+    def object_readout(self, prefix: Tensor, cond: Tensor) -> Tensor:
+        """(B, 3) normalized object position that ``object_loss`` trains: the image estimate, else the probe on ``cond``."""
+        return self.object_estimate(prefix) if self.config["object_input"] else self.object_head(cond)
+
     def object_estimate(self, prefix: Tensor) -> Tensor:
         """(B, 3) normalized object position read off the image tokens alone (``object_input=true``)."""
         return self.object_head(prefix[:, : self.n_image_tokens])
@@ -398,8 +402,7 @@ class DiffusionVLAPolicy(PolicyBase):
         loss = action_loss
         if self.object_head is not None:
             target_obj = self.object_normalizer.normalize(batch["object"].to(cond.dtype))
-            estimate = self.object_estimate(prefix) if self.config["object_input"] else self.object_head(cond)
-            obj_loss = F.mse_loss(estimate, target_obj)
+            obj_loss = F.mse_loss(self.object_readout(prefix, cond), target_obj)
             loss = loss + self.config["object_loss"] * obj_loss
             metrics["object_loss"] = float(obj_loss.detach())
         if text is not None:
