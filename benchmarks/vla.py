@@ -9,11 +9,12 @@ and a one-step head; and perception variants of DiffusionVLA: spatial-softmax
 keypoints (``policy.keypoints=32``), a training-only object-position probe
 (``policy.object_loss=1``) and an object position estimated from the image alone
 that the head reads (``policy.object_input=true``, with and without the image shift,
-1 or 3 cm of training jitter; ``benchmarks/vla_perception.py`` measures where each
+1 or 3 cm of training jitter, with rows drawn uniformly or every task equally often
+(``data.balance_tasks=true``); ``benchmarks/vla_perception.py`` measures where each
 thinks the object is). Each is exported to ONNX and evaluated closed loop by the
-torch-free runtime (batch 1, 1 thread, reasoning every ``reason_every``
-replans): ``--episodes`` episodes per task with the training phrasings and
-with held-out phrasings never seen in training; the ground-truth-reasoning row
+torch-free runtime (batch 1, 1 thread, reasoning every ``reason_every`` replans):
+``--episodes`` episodes per task with the training phrasings and with held-out
+phrasings never seen in training; the ground-truth-reasoning row
 feeds the expert's annotation to the torch policy (an upper bound). Speed:
 decisions (replans) per second and time per replan split into reasoning and
 action, in onnxruntime (from the evaluation) and in torch (one episode per
@@ -64,6 +65,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # row -> (run slug, policy overr
     "DiffusionVLA + image-only object estimate, no image shift, 3 cm jitter": (
         "objinput-noshift-j3", ["policy.object_loss=1.0", "policy.object_input=true", "policy.object_noise=0.03",
                                 "policy.image_shift=0"]),
+    "DiffusionVLA + image-only object estimate, no image shift, 3 cm jitter, tasks drawn equally": (
+        "objinput-noshift-j3-bal", ["policy.object_loss=1.0", "policy.object_input=true", "policy.object_noise=0.03",
+                                    "policy.image_shift=0", "data.balance_tasks=true"]),
     "no reasoning (pooled prompt, TinyVLA-style)": ("noreason", ["policy.reasoning=false"]),
     "task one-hot instead of the instruction (oracle id)": ("onehot", ["policy.instruction=onehot"]),
     "state only (no image)": ("state", ["policy.use_image=false", "policy.low_dim=state"]),

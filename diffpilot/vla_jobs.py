@@ -60,6 +60,17 @@ def vla_rows(demos: MT10Demos, policy: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def task_balanced_weights(demos: MT10Demos) -> np.ndarray:
+    """Per training row, 1 / (rows of its task): every task is drawn equally often.
+
+    Short-episode tasks (reach, pick-place) have about half the rows of the long ones (drawers, peg), so a uniform
+    draw trains them least although they need the most precision.
+    """
+    task = demos.task[np.flatnonzero(demos.image_index >= 0)]
+    counts = np.bincount(task, minlength=len(demos.tasks)).astype(np.float64)
+    return 1.0 / counts[task]
+
+
 def train_vla(cfg: dict[str, Any], data_path: Path, options: dict[str, Any], tcfg: TrainerConfig, out: Path) -> Path:
     """Build the policy for the demonstration file, fit its normalizers, train it through the one trainer."""
     demos = load_mt10(data_path)
@@ -72,8 +83,11 @@ def train_vla(cfg: dict[str, Any], data_path: Path, options: dict[str, Any], tcf
     policy = build_policy({"name": "diffusion_vla", **options, "vocab": vocab.tokens, "tasks": list(demos.tasks)})
     rows = vla_rows(demos, policy)
     policy.fit_to_batch(rows)
-    trainer = Trainer(policy, TensorRows(rows), tcfg, out,
-                      fingerprint={"rows": len(rows["action"]), "data": str(data_path), "vocab": len(vocab)})
+    balance = bool(cfg["data"].get("balance_tasks", False))
+    weights = task_balanced_weights(demos) if balance else None
+    trainer = Trainer(policy, TensorRows(rows, weights), tcfg, out,
+                      fingerprint={"rows": len(rows["action"]), "data": str(data_path), "vocab": len(vocab),
+                                   **({"balance_tasks": True} if balance else {})})
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "run.yaml", yaml.safe_dump({**cfg, "data_path": str(data_path)}, sort_keys=False))
     trainer.run(resume=bool(cfg.get("resume", True)))

@@ -9,7 +9,7 @@ import torch
 from diffpilot.data.windows import ChunkWindows
 from diffpilot.policy.chunk_diffusion import ChunkDiffusionPolicy
 from diffpilot.policy.checkpoint import CheckpointError
-from diffpilot.train import TrainerConfig, train
+from diffpilot.train import TensorRows, TrainerConfig, train
 
 TINY_NET = {"name": "unet1d", "down_dims": [16, 32], "kernel_size": 3, "n_groups": 4}
 
@@ -106,3 +106,19 @@ def test_corrupt_resume_state_says_how_to_recover(tmp_path):
     (tmp_path / "state" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="Delete it to start over"):
         train(_policy(obs, act), windows, TrainerConfig(steps=8, batch_size=8, progress=False), tmp_path)
+
+
+def test_row_weights_decide_which_rows_are_drawn(tmp_path):
+    obs, act = _data()
+    windows = ChunkWindows(obs, act, [(0, 400)], 2, 8)
+    rows = windows.batch(np.arange(len(windows)))
+    poisoned = {k: torch.from_numpy(v.copy()) for k, v in rows.items()}
+    half = len(windows) // 2
+    poisoned["obs"][half:] = float("nan")  # a draw of any of these rows makes the loss non-finite
+    weights = np.r_[np.ones(half), np.zeros(len(windows) - half)]
+    cfg = TrainerConfig(steps=30, batch_size=64, lr=1e-3, ckpt_every=30, progress=False)
+    train(_policy(obs, act), TensorRows(poisoned, weights), cfg, None)  # never draws a zero-weight row
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(_policy(obs, act), TensorRows(poisoned), cfg, None)  # the uniform draw does
+    with pytest.raises(ValueError, match="row weights"):
+        TensorRows(poisoned, -weights)

@@ -23,6 +23,7 @@ from diffpilot.data.mt10 import generate_mt10, load_mt10
 from diffpilot.policy.diffusion_vla import DiffusionVLAPolicy
 from diffpilot.policy.registry import load_policy
 from diffpilot.policy.text import WordVocab, words
+from diffpilot.vla_jobs import task_balanced_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high")
 
@@ -198,7 +199,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = generate_mt10(root / "demos.hdf5", episodes_per_task=2, image_size=32, obs_every=4, tasks=TASKS,
                          progress=False)
     out = root / "run"
-    rc = main(["train", "policy=diffusion_vla", f"data.path={data}", f"out={out}", *SMALL_POLICY,
+    rc = main(["train", "policy=diffusion_vla", f"data.path={data}", "data.balance_tasks=true", f"out={out}",
+               *SMALL_POLICY,
                "train.steps=150", "train.batch_size=32", "train.lr=3e-3", "train.log_every=25", "train.ckpt_every=150",
                "progress=false"])
     assert rc == 0
@@ -215,6 +217,15 @@ def test_training_learns_the_reasoning_and_the_actions(trained):
     policy = load_policy(trained["out"] / "policy")
     demos = load_mt10(trained["data"])
     assert policy.tasks == demos.tasks and set(words(demos.reasoning[0])) <= set(policy.vocab.tokens)
+
+
+def test_balanced_tasks_weigh_every_task_alike(trained):
+    demos = load_mt10(trained["data"])
+    task = demos.task[np.flatnonzero(demos.image_index >= 0)]
+    assert np.bincount(task).min() < np.bincount(task).max()  # reach episodes are shorter than drawer-close ones
+    weights = task_balanced_weights(demos)
+    mass = np.bincount(task, weights=weights)
+    np.testing.assert_allclose(mass, mass[0])
 
 
 def test_eval_with_user_phrasings_and_the_exported_runtime(trained, tmp_path):

@@ -44,7 +44,11 @@ SCHEDULES = ("cosine", "constant")
 
 
 class BatchSource(Protocol):
-    """Training rows: a length and a gather of rows into named arrays."""
+    """Training rows: a length and a gather of rows into named arrays.
+
+    A source may also carry ``weights``: per-row sampling probabilities (e.g. equal mass per task), which the
+    trainer then draws rows by instead of uniformly.
+    """
 
     def __len__(self) -> int: ...
 
@@ -52,14 +56,23 @@ class BatchSource(Protocol):
 
 
 class TensorRows:
-    """A :class:`BatchSource` over named arrays of equal length (e.g. offline-RL transitions)."""
+    """A :class:`BatchSource` over named arrays of equal length (e.g. offline-RL transitions).
 
-    def __init__(self, arrays: dict[str, np.ndarray | Tensor]) -> None:
+    ``weights`` (optional, one non-negative number per row) makes the trainer draw rows in proportion to them.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray | Tensor], weights: np.ndarray | None = None) -> None:
         self.arrays = {k: torch.as_tensor(v) for k, v in arrays.items()}
         sizes = {k: int(v.shape[0]) for k, v in self.arrays.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"training arrays differ in length: {sizes}")
         self._n = next(iter(sizes.values()))
+        self.weights: np.ndarray | None = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if w.shape[0] != self._n or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(f"row weights must be {self._n} finite non-negative numbers with a positive sum")
+            self.weights = w / w.sum()
 
     def __len__(self) -> int:
         return self._n
@@ -279,7 +292,11 @@ class Trainer:
 
     def _batch(self) -> dict[str, Tensor]:
         # Every process draws the same global rows and keeps its shard: N processes see the batches of one.
-        rows = self.rng.integers(0, len(self.data), size=self.cfg.batch_size)
+        weights = getattr(self.data, "weights", None)
+        if weights is None:
+            rows = self.rng.integers(0, len(self.data), size=self.cfg.batch_size)
+        else:
+            rows = self.rng.choice(len(self.data), size=self.cfg.batch_size, p=weights)
         if self.dist.active:
             rows = rows[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
         return {k: torch.as_tensor(v).to(self.device) for k, v in self.data.batch(rows).items()}
