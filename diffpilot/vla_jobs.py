@@ -64,7 +64,7 @@ def task_balanced_weights(demos: MT10Demos) -> np.ndarray:
     """Per training row, 1 / (rows of its task): every task is drawn equally often.
 
     Short-episode tasks (reach, pick-place) have about half the rows of the long ones (drawers, peg), so a uniform
-    draw trains them least although they need the most precision.
+    draw trains them least.
     """
     task = demos.task[np.flatnonzero(demos.image_index >= 0)]
     counts = np.bincount(task, minlength=len(demos.tasks)).astype(np.float64)
@@ -73,6 +73,9 @@ def task_balanced_weights(demos: MT10Demos) -> np.ndarray:
 
 def train_vla(cfg: dict[str, Any], data_path: Path, options: dict[str, Any], tcfg: TrainerConfig, out: Path) -> Path:
     """Build the policy for the demonstration file, fit its normalizers, train it through the one trainer."""
+    balance = cfg["data"].get("balance_tasks", False)
+    if not isinstance(balance, bool):
+        raise ValueError(f"data.balance_tasks must be true or false, got {balance!r}")
     demos = load_mt10(data_path)
     instructions_path = cfg["data"].get("instructions") or TRAIN_INSTRUCTIONS
     vocab = vla_vocabulary(demos, load_instructions(instructions_path))
@@ -83,7 +86,6 @@ def train_vla(cfg: dict[str, Any], data_path: Path, options: dict[str, Any], tcf
     policy = build_policy({"name": "diffusion_vla", **options, "vocab": vocab.tokens, "tasks": list(demos.tasks)})
     rows = vla_rows(demos, policy)
     policy.fit_to_batch(rows)
-    balance = bool(cfg["data"].get("balance_tasks", False))
     weights = task_balanced_weights(demos) if balance else None
     trainer = Trainer(policy, TensorRows(rows, weights), tcfg, out,
                       fingerprint={"rows": len(rows["action"]), "data": str(data_path), "vocab": len(vocab),

@@ -281,3 +281,6 @@ def test_user_mistakes_exit_2_and_write_nothing(trained, tmp_path, capsys):
     assert "no saved policy" in capsys.readouterr().err
     assert main(["train", "policy=diffusion_vla", "data=maze2d-umaze", f"out={tmp_path / 'x'}"]) == 2
     assert "diffusion_vla trains on data=mt10" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["train", "policy=diffusion_vla", f"data.path={trained['data']}", "data.balance_tasks=sometimes",
+                 f"out={tmp_path / 'y'}"]) == 2
+    assert "data.balance_tasks must be true or false" in capsys.readouterr().err and not (tmp_path / "y").exists()
