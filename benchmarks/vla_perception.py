@@ -51,7 +51,7 @@ def offline_errors(policy: Any, path: Path, tasks: tuple[str, ...], limit: int =
     """Per task, the position error (m) on up to ``limit`` expert frames of a demonstration file."""
     demos = load_mt10(path)
     rows = vla_rows(demos, policy)
-    task_of = demos.task[np.flatnonzero(demos.image_index >= 0)]
+    task_of = demos.task[demos.observed_rows]
     keep = np.flatnonzero(np.isin([demos.tasks[t] for t in task_of], tasks))
     pick = np.sort(np.random.default_rng(0).choice(keep, min(len(keep), limit), replace=False))
     batch = {k: v[pick] for k, v in rows.items()}

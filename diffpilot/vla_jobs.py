@@ -37,7 +37,7 @@ def vla_vocabulary(demos: MT10Demos, instructions: dict[str, list[str]]) -> Word
 
 def vla_rows(demos: MT10Demos, policy: Any) -> dict[str, torch.Tensor]:
     """The training rows (observed steps) in the policy's batch format."""
-    rows = np.flatnonzero(demos.image_index >= 0)
+    rows = demos.observed_rows
     if len(rows) == 0:
         raise ValueError("the demonstration file has no frames (image_index is -1 everywhere); regenerate it")
     h = policy.action_horizon
@@ -66,7 +66,7 @@ def task_balanced_weights(demos: MT10Demos) -> np.ndarray:
     Short-episode tasks (reach, pick-place) have about half the rows of the long ones (drawers, peg), so a uniform
     draw trains them least.
     """
-    task = demos.task[np.flatnonzero(demos.image_index >= 0)]
+    task = demos.task[demos.observed_rows]
     counts = np.bincount(task, minlength=len(demos.tasks)).astype(np.float64)
     return 1.0 / counts[task]
 

@@ -580,6 +580,11 @@ class MT10Demos:
     def num_episodes(self) -> int:
         return len(self.episode_start)
 
+    @property
+    def observed_rows(self) -> np.ndarray:
+        """The steps that carry a frame (the ones a policy observes): the training rows, in order."""
+        return np.flatnonzero(self.image_index >= 0)
+
     def episode_slice(self, i: int) -> slice:
         s = int(self.episode_start[i])
         return slice(s, s + int(self.episode_length[i]))
