@@ -246,11 +246,16 @@ def write_table(args: argparse.Namespace) -> None:
     if per_task_rows:
         notes += "\n\nSuccess per task (training phrasings, mean over seeds):\n\n" + markdown_table(per_task_rows)
     seeds: dict[tuple[int, int], int] = {}  # budget -> most seeds of any row, largest budget first
+    slugs: dict[tuple[int, int], set[str]] = {}  # budget -> the variants run at it
     for r in rows:
         budget = (r["train_steps"], r["demos_per_task"])
         seeds[budget] = max(seeds.get(budget, 0), r["seeds"])
+        slugs.setdefault(budget, set()).add(VARIANTS[r["row"]][0] if r["row"] in VARIANTS else "vla")  # GT_ROW: vla's
+    every = [slug for slug, _ in VARIANTS.values()]
     command = " ; ".join(f"python benchmarks/vla.py --steps {steps} --demos {demos} --seeds "
                          f"{' '.join(map(str, range(n)))} --episodes {args.episodes}"
+                         + ("" if slugs[steps, demos] == set(every)
+                            else " --rows " + " ".join(s for s in every if s in slugs[steps, demos]))
                          for (steps, demos), n in seeds.items())
     quiet = old.get("quiet_speed")  # vla_speed.py's
     write_results(NAME, command, rows, notes=notes, per_task=per_task_rows, **({"quiet_speed": quiet} if quiet else {}))
