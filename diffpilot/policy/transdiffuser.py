@@ -86,7 +86,7 @@ class TransDiffuserConfig(GuardConfig):
     prediction: str = "sample"  # ddpm: sample (x0, robust at few steps) | epsilon
     num_train_steps: int = 100
     sampler: str = "ddim"  # ddim (ddpm), euler/heun (flow), meanflow
-    sampler_steps: int = 10
+    sampler_steps: int = 5
     num_candidates: int = 8
     selection: str = "score"
     decorrelation_weight: float = 0.02
