@@ -82,6 +82,23 @@ def test_selection_keeps_to_the_admissible_candidates():
     assert int(select_candidates(cands, "score", scores)) == 0
 
 
+def test_oncoming_traffic_does_not_block_but_a_stopped_or_crossing_car_does():
+    # A car 30 m ahead, 1.6 m to the left, coming at 10 m/s along a heading that drifts across the ego's lane:
+    # its straight-line forecast meets the ego's box within 2 s, as on the inside of a curve.
+    drift = np.array([-10.0 * np.cos(0.05), -10.0 * np.sin(0.05)]) * DT
+    oncoming = (np.array([30.0 - drift[0], 1.6 - drift[1], np.pi + 0.05]), np.array([30.0, 1.6, np.pi + 0.05]))
+    assert _clear([_straight(10.0)], _agents(oncoming)) == [2 * F]
+    # The same box standing still counts whatever its heading: a parked car facing the ego is in its way.
+    still = np.array([22.0, 0.5, np.pi])
+    assert _clear([_straight(10.0)], _agents((still, still))) != [2 * F]
+    # Crossing traffic (heading 90 degrees from the ego's) counts.
+    crossing = (np.array([16.0, -8.4, np.pi / 2]), np.array([16.0, -6.4, np.pi / 2]))  # at 4 m/s, in the path at 1.6 s
+    assert _clear([_straight(10.0)], _agents(crossing)) != [2 * F]
+    # A slow car ahead cutting into the ego's lane (heading -0.3 rad, the ego's way) counts.
+    cut_in = (np.array([29.0, 1.9, -0.3]), np.array([30.0, 1.6, -0.3]))
+    assert _clear([_straight(10.0)], _agents(cut_in)) != [2 * F]
+
+
 def test_stop_short_holds_the_path_at_the_last_clear_waypoint():
     plans = torch.tensor(np.stack([_straight(10.0)] * 3), dtype=torch.float32)
     out = stop_short(plans, torch.tensor([2 * F, 6, 1])).numpy()

@@ -15,7 +15,10 @@ the candidate (waypoints and the midpoints between them), and the first
 step at which the ego's box, grown by a margin, overlaps the box of an
 agent ends the candidate's clearance. An agent counts only if it is ahead
 of the ego at first contact: a car closing in from behind is not one the
-ego's plan can be blamed for. Nothing after the present is read.
+ego's plan can be blamed for. Oncoming traffic does not count either: its
+straight-line forecast cuts across the ego's lane on every curve, and
+keeping to its own lane is what the planner learned from the map. Nothing
+after the present is read.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ class GuardConfig:
     clearance_margin_m: float = 0.3  # the ego's box is grown by this on every side for that check
     clearance_horizon_s: float = 2.0  # forecast contacts later than this are not counted
     ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
+
+
+ONCOMING_COS = -0.5
+"""An agent whose heading is more than 120 degrees from the ego's (cosine below this) is oncoming."""
+ONCOMING_MIN_SPEED = 1.0
+"""m/s: a slower agent counts whatever its heading (a parked or queued car's heading says nothing of its lane)."""
 
 
 def check_guards(cfg: GuardConfig) -> None:
@@ -124,7 +133,11 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     pa = ego[:, :, :, None]  # (B, C, T, 1, 3)
     pb = agents.transpose(1, 2)[:, None]  # (B, 1, T, K, 3)
     hb = (0.5 * agents_size.to(dtype))[:, None, None]  # (B, 1, 1, K, 2)
-    hit = obb_overlap(pa, ego_half, pb, hb) & seen_now[:, None, None, :]  # (B, C, T, K)
+    # Oncoming traffic (moving, heading more than 120 degrees from the ego's) is left to the map: a straight-line
+    # forecast of a car in the opposite lane of a curve sweeps across the ego's lane and would stop it for nothing.
+    moving = vel.norm(dim=-1) > ONCOMING_MIN_SPEED  # (B, K)
+    oncoming = (torch.cos(pb[..., 2] - pa[..., 2]) < ONCOMING_COS) & moving[:, None, None, :]
+    hit = obb_overlap(pa, ego_half, pb, hb) & seen_now[:, None, None, :] & ~oncoming  # (B, C, T, K)
     ahead = ((pb[..., 0] - pa[..., 0]) * torch.cos(pa[..., 2]) + (pb[..., 1] - pa[..., 1]) * torch.sin(pa[..., 2])) > 0
     # An agent counts when it is ahead of the ego at its first contact (it overtaking from behind does not).
     first = _first_true(hit.transpose(2, 3))  # (B, C, K), T when never
