@@ -99,11 +99,34 @@ def test_oncoming_traffic_does_not_block_but_a_stopped_or_crossing_car_does():
     assert _clear([_straight(10.0)], _agents(cut_in)) != [2 * F]
 
 
-def test_stop_short_holds_the_path_at_the_last_clear_waypoint():
+def test_stop_short_brakes_at_one_deceleration_to_the_last_clear_waypoint():
     plans = torch.tensor(np.stack([_straight(10.0)] * 3), dtype=torch.float32)
     out = stop_short(plans, torch.tensor([2 * F, 6, 1])).numpy()
     np.testing.assert_array_equal(out[0], plans[0].numpy())  # clear all the way: unchanged
-    # Contact first seen at half step 6 (1.75 s): waypoints 0..2 (0.5, 1.0, 1.5 s) are clear; it stops at the third.
-    np.testing.assert_array_equal(out[1, :3], plans[1, :3].numpy())
-    np.testing.assert_array_equal(out[1, 3:], np.repeat(plans[1, 2:3].numpy(), F - 3, axis=0))
+    # Contact first seen at half step 6 (1.75 s): waypoints 0..2 are clear, so it stops at the third (15 m),
+    # braking from 10 m/s at 10^2 / (2 * 15) = 3.3 m/s^2, which takes 3 s.
+    x = out[1, :, 0]
+    np.testing.assert_allclose(out[1, :, 1:], 0.0, atol=1e-6)  # on the candidate's path
+    assert np.all(x <= plans[1, :, 0].numpy() + 1e-5)  # never ahead of the candidate
+    np.testing.assert_allclose(x[-1], 15.0, atol=1e-4)
+    t = DT * np.arange(1, F + 1)
+    np.testing.assert_allclose(x, 15.0 * (1.0 - np.clip(1.0 - t / 3.0, 0.0, None) ** 2), atol=1e-4)
+    accel = np.diff(np.concatenate([[0.0], x]), 2) / DT**2
+    assert np.all(accel[:4] > -3.4) and np.all(accel <= 1e-3)  # no step harder than the one deceleration
     np.testing.assert_array_equal(out[2], np.zeros((F, 3)))  # not even the first waypoint is clear: standstill
+
+
+def test_stop_short_follows_a_curved_path():
+    yaw = np.linspace(0.1, 0.8, F)
+    seg = 4.0 * np.column_stack([np.cos(yaw), np.sin(yaw)])
+    plan = np.column_stack([np.cumsum(seg, 0), yaw])
+    out = stop_short(torch.tensor(plan[None], dtype=torch.float32), torch.tensor([6])).numpy()[0]
+    last = plan[2]  # half step 6: waypoints 0..2 are clear (12 m of path; from 8 m/s it stops within 3 s)
+    np.testing.assert_allclose(out[-1], last, atol=1e-4)
+    # Every braked pose lies on a segment of the candidate's polyline, its heading between the segment's ends.
+    pts = np.vstack([np.zeros(3), plan])
+    for p in out:
+        d = [np.linalg.norm(np.cross(b[:2] - a[:2], p[:2] - a[:2])) / np.linalg.norm(b[:2] - a[:2])
+             for a, b in zip(pts[:-1], pts[1:])]
+        assert min(d) < 1e-3
+    assert np.all(np.diff(out[:, 2]) >= -1e-6)

@@ -2,7 +2,7 @@
 
 Clearance: how long each candidate stays clear of the agents ahead under a
 constant-velocity forecast (selection keeps to the clearest; the kept plan
-stops short of a forecast contact). Standstill hold: a plan that barely
+brakes to a stop short of a forecast contact). Standstill hold: a plan that barely
 moves is held still.
 
 A learned selection ranks candidates by what it has seen in training; it
@@ -176,20 +176,37 @@ def moves(poses: Tensor, hold_below_m: float) -> Tensor:
     return poses[:, -1, :2].pow(2).sum(-1) >= hold_below_m * hold_below_m
 
 
-def stop_short(plans: Tensor, steps: Tensor) -> Tensor:
-    """Plans ``(B, F, 3)`` that stop at their last waypoint clear of a forecast contact; ``steps`` (B,) from :func:`clearance_steps`.
+def stop_short(plans: Tensor, steps: Tensor, dt: float = DT) -> Tensor:
+    """Plans ``(B, F, 3)`` that brake along their path to a stop clear of a forecast contact; ``steps`` (B,) from :func:`clearance_steps`.
 
     The kept candidate may still run into something when every candidate
     does (the sampled set has no stop in it). Its path is kept and its
-    progress ends at the last waypoint before the contact, so the tracker
-    brakes along the same path; with no clear waypoint the plan is
-    standstill. A plan clear all the way (``steps == 2F``) is unchanged.
+    progress ends at the last waypoint before the contact. The ego brakes
+    there at one constant deceleration from the plan's first-step speed,
+    beginning now, and never runs ahead of the candidate's own timing.
+    Holding the path at that waypoint instead would ask for full speed
+    until the stop and then an instant halt: a jerk no tracker follows and
+    no comfort bound allows. With no clear waypoint the plan is standstill;
+    a plan clear all the way (``steps == 2F``) is unchanged.
     """
-    F = plans.shape[1]
+    B, F, _ = plans.shape
     count = steps // 2  # waypoint j lies at half step 2j + 1: clear iff 2j + 1 < steps
-    j = torch.minimum(torch.arange(F, device=plans.device)[None], (count - 1).clamp_min(0)[:, None])  # (B, F)
-    held = torch.gather(plans, 1, j[..., None].expand(-1, -1, plans.shape[2]))
-    return held * (count > 0).to(plans.dtype)[:, None, None]
+    pts = torch.cat([torch.zeros_like(plans[:, :1]), plans], dim=1)  # (B, F + 1, 3), the ego at the origin first
+    seg = (pts[:, 1:, :2] - pts[:, :-1, :2]).norm(dim=-1)  # (B, F)
+    arc = torch.cat([torch.zeros_like(seg[:, :1]), torch.cumsum(seg, dim=1)], dim=1)  # (B, F + 1)
+    s_stop = torch.gather(arc, 1, count.clamp(0, F)[:, None])  # (B, 1): arc length of the last clear waypoint
+    v0 = (seg[:, :1] / dt).clamp_min(1e-3)
+    brake_s = 2.0 * s_stop / v0  # time to stop at constant deceleration v0^2 / (2 s_stop)
+    t = dt * torch.arange(1, F + 1, dtype=plans.dtype, device=plans.device)[None]
+    left = (1.0 - t / brake_s.clamp_min(1e-6)).clamp_min(0.0)
+    s = torch.minimum(arc[:, 1:], s_stop * (1.0 - left * left))  # (B, F) arc length at each waypoint time
+    k = (s[:, :, None] > arc[:, None, 1:]).sum(-1).clamp_max(F - 1)  # the path segment each one falls on
+    a = torch.gather(pts, 1, k[..., None].expand(-1, -1, 3))
+    b = torch.gather(pts, 1, (k + 1)[..., None].expand(-1, -1, 3))
+    frac = ((s - torch.gather(arc, 1, k)) / torch.gather(seg, 1, k).clamp_min(1e-6)).clamp(0.0, 1.0)[..., None]
+    turn = torch.atan2(torch.sin(b[..., 2] - a[..., 2]), torch.cos(b[..., 2] - a[..., 2]))[..., None]
+    braked = torch.cat([a[..., :2] + frac * (b[..., :2] - a[..., :2]), a[..., 2:] + frac * turn], dim=-1)
+    return torch.where((steps >= 2 * F)[:, None, None], plans, braked)
 
 
 def clearest(steps: Tensor | None) -> Tensor | None:
