@@ -55,6 +55,11 @@ def test_a_plan_into_a_stopped_car_loses_its_clearance_when_the_boxes_meet():
     c = torch.tensor(_straight(10.0)[None, None], dtype=torch.float32)
     assert int(clearance_steps(c, *agents, EGO, 0.3, DT, horizon_s=1.5)) == 2 * F
     assert int(clearance_steps(c, *agents, EGO, 0.3, DT, horizon_s=2.0)) == 6
+    # A 4 m stopping gap in front: the box's front reaches 6.34 m ahead of the centre, which passes 11.62 m at
+    # 1.16 s; the first check to see it is at 1.25 s (index 4). It reaches ahead only, not sideways or back.
+    assert int(clearance_steps(c, *agents, EGO, 0.3, DT, horizon_s=2.0, front_m=4.0)) == 4
+    beside = _agents((np.array([10.0, 2.3, 0.0]), np.array([10.0, 2.3, 0.0])))
+    assert int(clearance_steps(c, *beside, EGO, 0.3, DT, front_m=4.0)) == 2 * F
 
 
 def test_moving_traffic_ahead_and_cars_behind_or_beside_do_not_block():

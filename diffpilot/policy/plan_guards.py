@@ -43,6 +43,7 @@ class GuardConfig:
     clearance_check: bool = True  # keep to the candidates that stay clear longest of the agents ahead
     clearance_margin_m: float = 0.3  # the ego's box is grown by this on every side for that check
     clearance_horizon_s: float = 2.0  # forecast contacts later than this are not counted
+    clearance_front_m: float = 4.0  # the ego's box also reaches this much further ahead: the gap a stop keeps
     ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
 
 
@@ -56,9 +57,9 @@ def check_guards(cfg: GuardConfig) -> None:
     """A ValueError naming the first guard option out of range."""
     if not cfg.hold_below_m >= 0:
         raise ValueError(f"hold_below_m must be >= 0 (0 turns the standstill hold off), got {cfg.hold_below_m}")
-    if not cfg.clearance_margin_m >= 0 or not cfg.clearance_horizon_s > 0:
-        raise ValueError(f"clearance_margin_m must be >= 0 and clearance_horizon_s > 0, got "
-                         f"{cfg.clearance_margin_m} and {cfg.clearance_horizon_s}")
+    if not cfg.clearance_margin_m >= 0 or not cfg.clearance_horizon_s > 0 or not cfg.clearance_front_m >= 0:
+        raise ValueError(f"clearance_margin_m and clearance_front_m must be >= 0 and clearance_horizon_s > 0, got "
+                         f"{cfg.clearance_margin_m}, {cfg.clearance_front_m} and {cfg.clearance_horizon_s}")
     if len(cfg.ego_size) != 2 or not all(float(v) > 0 for v in cfg.ego_size):
         raise ValueError(f"ego_size must be [length, width] in metres, both > 0, got {cfg.ego_size}")
 
@@ -69,7 +70,7 @@ def candidate_clearance(cfg: GuardConfig, batch: Mapping[str, Tensor], cands: Te
         return None
     return clearance_steps(cands, batch["agents_pose"], batch["agents_valid"], batch["agents_size"],
                            (float(cfg.ego_size[0]), float(cfg.ego_size[1])), float(cfg.clearance_margin_m), DT,
-                           float(cfg.clearance_horizon_s))
+                           float(cfg.clearance_horizon_s), float(cfg.clearance_front_m))
 
 
 def pick(cands: Tensor, idx: Tensor) -> Tensor:
@@ -103,12 +104,14 @@ def obb_overlap(pa: Tensor, ha: Tensor, pb: Tensor, hb: Tensor) -> Tensor:
 
 
 def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, agents_size: Tensor,
-                    ego_size: tuple[float, float], margin_m: float, dt: float, horizon_s: float | None = None) -> Tensor:
+                    ego_size: tuple[float, float], margin_m: float, dt: float, horizon_s: float | None = None,
+                    front_m: float = 0.0) -> Tensor:
     """Half-steps ``(B, C)`` each candidate stays clear of the forecast agents ahead (2F: clear all the way).
 
     ``cands`` (B, C, F, 3): ego-frame poses at ``dt`` spacing; ``agents_pose`` (B, K, H, 3) and
     ``agents_valid`` (B, K, H): the agents' past and present (present last), ego frame;
-    ``agents_size`` (B, K, 2) length and width. The ego's box is grown by ``margin_m`` on every side.
+    ``agents_size`` (B, K, 2) length and width. The ego's box is grown by ``margin_m`` on every side
+    and by ``front_m`` more at its front: the gap a stop keeps to the car ahead.
     Contacts later than ``horizon_s`` count as clear: a constant-velocity forecast of a car on a curve
     or in a turn is wrong within seconds, and a distant false contact would only make the ego timid.
     """
@@ -129,15 +132,18 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     xy = now[:, :, None, :2] + vel[:, :, None] * times[None, None, :, None]  # (B, K, T, 2)
     agents = torch.cat([xy, now[:, :, None, 2:].expand(-1, -1, 2 * F, -1)], dim=-1)
 
-    ego_half = torch.tensor([0.5 * ego_size[0] + margin_m, 0.5 * ego_size[1] + margin_m], dtype=dtype, device=cands.device)
+    ego_half = torch.tensor([0.5 * (ego_size[0] + front_m) + margin_m, 0.5 * ego_size[1] + margin_m], dtype=dtype,
+                            device=cands.device)
     pa = ego[:, :, :, None]  # (B, C, T, 1, 3)
+    head = torch.stack([torch.cos(pa[..., 2]), torch.sin(pa[..., 2])], dim=-1)
+    box = torch.cat([pa[..., :2] + (0.5 * front_m) * head, pa[..., 2:]], dim=-1)  # the box's centre moves up by half
     pb = agents.transpose(1, 2)[:, None]  # (B, 1, T, K, 3)
     hb = (0.5 * agents_size.to(dtype))[:, None, None]  # (B, 1, 1, K, 2)
     # Oncoming traffic (moving, heading more than 120 degrees from the ego's) is left to the map: a straight-line
     # forecast of a car in the opposite lane of a curve sweeps across the ego's lane and would stop it for nothing.
     moving = vel.norm(dim=-1) > ONCOMING_MIN_SPEED  # (B, K)
     oncoming = (torch.cos(pb[..., 2] - pa[..., 2]) < ONCOMING_COS) & moving[:, None, None, :]
-    hit = obb_overlap(pa, ego_half, pb, hb) & seen_now[:, None, None, :] & ~oncoming  # (B, C, T, K)
+    hit = obb_overlap(box, ego_half, pb, hb) & seen_now[:, None, None, :] & ~oncoming  # (B, C, T, K)
     ahead = ((pb[..., 0] - pa[..., 0]) * torch.cos(pa[..., 2]) + (pb[..., 1] - pa[..., 1]) * torch.sin(pa[..., 2])) > 0
     # An agent counts when it is ahead of the ego at its first contact (it overtaking from behind does not).
     first = _first_true(hit.transpose(2, 3))  # (B, C, K), T when never
