@@ -43,7 +43,7 @@ class GuardConfig:
     clearance_check: bool = True  # keep to the candidates that stay clear longest of the agents ahead
     clearance_margin_m: float = 0.3  # the ego's box is grown by this on every side for that check
     clearance_horizon_s: float = 2.0  # forecast contacts later than this are not counted
-    clearance_front_m: float = 4.0  # the ego's box also reaches this much further ahead: the gap a stop keeps
+    clearance_front_m: float = 0.0  # the ego's box also reaches this much further ahead: the gap a stop keeps
     ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
 
 
