@@ -136,7 +136,7 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
                             device=cands.device)
     pa = ego[:, :, :, None]  # (B, C, T, 1, 3)
     head = torch.stack([torch.cos(pa[..., 2]), torch.sin(pa[..., 2])], dim=-1)
-    box = torch.cat([pa[..., :2] + (0.5 * front_m) * head, pa[..., 2:]], dim=-1)  # the box's centre moves up by half
+    box = torch.cat([pa[..., :2] + (0.5 * front_m) * head, pa[..., 2:]], dim=-1)  # its centre moves forward by half the reach
     pb = agents.transpose(1, 2)[:, None]  # (B, 1, T, K, 3)
     hb = (0.5 * agents_size.to(dtype))[:, None, None]  # (B, 1, 1, K, 2)
     # Oncoming traffic (moving, heading more than 120 degrees from the ego's) is left to the map: a straight-line
@@ -195,7 +195,7 @@ def stop_short(plans: Tensor, steps: Tensor, dt: float = DT) -> Tensor:
     no comfort bound allows. With no clear waypoint the plan is standstill;
     a plan clear all the way (``steps == 2F``) is unchanged.
     """
-    B, F, _ = plans.shape
+    F = plans.shape[1]
     count = steps // 2  # waypoint j lies at half step 2j + 1: clear iff 2j + 1 < steps
     pts = torch.cat([torch.zeros_like(plans[:, :1]), plans], dim=1)  # (B, F + 1, 3), the ego at the origin first
     seg = (pts[:, 1:, :2] - pts[:, :-1, :2]).norm(dim=-1)  # (B, F)
