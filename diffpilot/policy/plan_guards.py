@@ -135,7 +135,7 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     ego_half = torch.tensor([0.5 * (ego_size[0] + front_m) + margin_m, 0.5 * ego_size[1] + margin_m], dtype=dtype,
                             device=cands.device)
     pa = ego[:, :, :, None]  # (B, C, T, 1, 3)
-    head = torch.stack([torch.cos(pa[..., 2]), torch.sin(pa[..., 2])], dim=-1)
+    head = torch.stack([torch.cos(pa[..., 2]), torch.sin(pa[..., 2])], dim=-1)  # (B, C, T, 1, 2)
     box = torch.cat([pa[..., :2] + (0.5 * front_m) * head, pa[..., 2:]], dim=-1)  # its centre moves forward by half the reach
     pb = agents.transpose(1, 2)[:, None]  # (B, 1, T, K, 3)
     hb = (0.5 * agents_size.to(dtype))[:, None, None]  # (B, 1, 1, K, 2)
@@ -144,7 +144,7 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     moving = vel.norm(dim=-1) > ONCOMING_MIN_SPEED  # (B, K)
     oncoming = (torch.cos(pb[..., 2] - pa[..., 2]) < ONCOMING_COS) & moving[:, None, None, :]
     hit = obb_overlap(box, ego_half, pb, hb) & seen_now[:, None, None, :] & ~oncoming  # (B, C, T, K)
-    ahead = ((pb[..., 0] - pa[..., 0]) * torch.cos(pa[..., 2]) + (pb[..., 1] - pa[..., 1]) * torch.sin(pa[..., 2])) > 0
+    ahead = ((pb[..., :2] - pa[..., :2]) * head).sum(-1) > 0
     # An agent counts when it is ahead of the ego at its first contact (it overtaking from behind does not).
     first = _first_true(hit.transpose(2, 3))  # (B, C, K), T when never
     ahead_then = torch.gather(torch.cat([ahead, torch.zeros_like(ahead[:, :, :1])], dim=2).transpose(2, 3), 3,
