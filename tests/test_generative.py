@@ -329,6 +329,19 @@ def test_meanflow_time_sampling_share_and_order():
     assert int((r == t).sum()) == 250
 
 
+def test_meanflow_uniform_times_reach_the_one_step_jump():
+    """The one-step sampler jumps from t = 1 to r = 0: uniform draws train near that pair, logit-normal ones barely."""
+    gen = torch.Generator().manual_seed(0)
+    near = {}
+    for sampling in ("uniform", "logit_normal"):
+        r, t = MeanFlow(time_sampling=sampling, ratio_r_equals_t=0.0).sample_times(50_000, generator=gen)
+        assert bool((r <= t).all())
+        near[sampling] = float(((t > 0.9) & (r < 0.1)).float().mean())
+    assert 0.015 < near["uniform"] < 0.025 and near["logit_normal"] < 0.001
+    with pytest.raises(ValueError, match="unknown time sampling 'beta'"):
+        MeanFlow(time_sampling="beta")
+
+
 # --- schedules, metrics --------------------------------------------------------
 
 

@@ -80,6 +80,10 @@ def test_bad_input_is_refused_with_the_field_named(tmp_path: Path):
         TransDiffuser(sampler="euler")
     with pytest.raises(ValueError, match="use_raster"):
         TransDiffuser(modality_order=["lanes", "raster"])
+    with pytest.raises(ValueError, match="bad arguments for objective 'meanflow'.*time_sampler"):
+        TransDiffuser(objective="meanflow", sampler="meanflow", objective_options={"time_sampler": "uniform"})
+    with pytest.raises(ValueError, match="objective_options are for flow / meanflow"):
+        TransDiffuser(objective_options={"time_sampling": "uniform"})
     # a checkpoint of another kind
     other = build_policy({"name": "ego_status_mlp", "hidden": 8, "depth": 1})
     other.save(tmp_path / "mlp")
@@ -184,9 +188,14 @@ def test_training_learns_to_plan_the_logged_future():
     assert after < 0.5 * before, (before, after)
 
 
-@pytest.mark.parametrize("objective,sampler", [("flow", "euler"), ("meanflow", "meanflow")])
-def test_flow_and_one_step_meanflow_variants_train_and_plan(objective, sampler):
-    policy = _fitted(objective=objective, sampler=sampler, sampler_steps=1 if sampler == "meanflow" else 2)
+@pytest.mark.parametrize("objective,sampler,options", [("flow", "euler", {}), ("meanflow", "meanflow", {}),
+                                                       ("meanflow", "meanflow", {"time_sampling": "uniform"})])
+def test_flow_and_one_step_meanflow_variants_train_and_plan(tmp_path: Path, objective, sampler, options):
+    policy = _fitted(objective=objective, sampler=sampler, sampler_steps=1 if sampler == "meanflow" else 2,
+                     objective_options=options)
+    if options:  # the options reach the objective and survive the checkpoint
+        policy.save(tmp_path / "p")
+        assert load_policy(tmp_path / "p").objective.time_sampling == policy.objective.time_sampling == "uniform"
     batch = policy.example_batch(8, torch.Generator().manual_seed(1))
     loss, metrics = policy.compute_loss(batch, torch.Generator().manual_seed(2))
     loss.backward()

@@ -85,6 +85,7 @@ class TransDiffuserConfig(GuardConfig):
     objective: str = "ddpm"  # ddpm | flow | meanflow
     prediction: str = "sample"  # ddpm: sample (x0, robust at few steps) | epsilon
     num_train_steps: int = 100
+    objective_options: dict[str, Any] = field(default_factory=dict)  # flow / meanflow: e.g. time_sampling, ratio_r_equals_t
     sampler: str = "ddim"  # ddim (ddpm), euler/heun (flow), meanflow
     sampler_steps: int = 5
     num_candidates: int = 8
@@ -436,6 +437,8 @@ class TransDiffuser(PolicyBase):
             raise ValueError("modality_order names 'raster' but use_raster is false; set use_raster=true or drop it")
         if cfg.objective not in SAMPLERS_FOR:
             raise ValueError(f"objective must be one of {list(SAMPLERS_FOR)}, got {cfg.objective!r}")
+        if cfg.objective == "ddpm" and cfg.objective_options:
+            raise ValueError("objective_options are for flow / meanflow; ddpm reads prediction and num_train_steps")
         if cfg.sampler not in SAMPLERS_FOR[cfg.objective]:
             raise ValueError(f"sampler {cfg.sampler!r} does not fit objective {cfg.objective!r}; use one of {SAMPLERS_FOR[cfg.objective]}")
         if cfg.selection not in SELECTIONS:
@@ -460,7 +463,7 @@ class TransDiffuser(PolicyBase):
         if cfg.objective == "ddpm":
             return build_objective("ddpm", num_train_steps=int(cfg.num_train_steps), prediction=cfg.prediction,
                                    clip_sample=5.0)
-        return build_objective(cfg.objective)
+        return build_objective(cfg.objective, **dict(cfg.objective_options))
 
     @classmethod
     def from_options(cls, options: dict[str, Any], obs_dim: int | None = None, action_dim: int | None = None) -> "TransDiffuser":
