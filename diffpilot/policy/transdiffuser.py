@@ -64,6 +64,9 @@ SUBSCORES = ("nc", "dac", "ttc", "ep", "comfort", "pdms")
 """What the score head predicts per candidate, in the order of the scored-candidate rows."""
 MAP_KEYS = ("stop_lines", "stop_lines_valid", "zones", "zones_valid")
 SAMPLERS_FOR = {"ddpm": ("ddim",), "flow": ("euler", "heun"), "meanflow": ("meanflow",)}
+MEANFLOW_DEFAULTS = {"time_sampling": "uniform"}
+"""One-step plans need training pairs near the jump (t, r) = (1, 0), which logit-normal times almost never draw:
+on the 200-scene set, 2,500 steps, one-step minADE of 8 candidates 1.71 m logit-normal, 0.65 m uniform (DDPM 5 steps: 0.44 m)."""
 POS_SCALE_M = 20.0
 MODE_BANDWIDTH_M = 2.0
 """Kernel width (m) of the ``mode`` selection's density estimate."""
@@ -463,7 +466,8 @@ class TransDiffuser(PolicyBase):
         if cfg.objective == "ddpm":
             return build_objective("ddpm", num_train_steps=int(cfg.num_train_steps), prediction=cfg.prediction,
                                    clip_sample=5.0)
-        return build_objective(cfg.objective, **dict(cfg.objective_options))
+        defaults = MEANFLOW_DEFAULTS if cfg.objective == "meanflow" else {}
+        return build_objective(cfg.objective, **{**defaults, **cfg.objective_options})
 
     @classmethod
     def from_options(cls, options: dict[str, Any], obs_dim: int | None = None, action_dim: int | None = None) -> "TransDiffuser":
