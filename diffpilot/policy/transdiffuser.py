@@ -102,6 +102,7 @@ class TransDiffuserConfig(GuardConfig):
     guidance_scale: float = 1.5
     guidance_refine: int = 3
     consistency: bool = True  # keep the clear candidate nearest the previous moving plan, shifted (torch and graph)
+    clearance_horizon_s: float = 4.0  # the whole plan: a contact seen early is met by braking gently (the peer keeps 2 s)
     seed: int = 0
 
 
