@@ -7,9 +7,10 @@ the scene only; the graph now projects them once per plan (``TransDiffuserNet.de
 each of the sampler's steps. This times both graphs of the same weights on the same scenes, rounds
 interleaved so machine load hits both alike, checks that they plan the same, and writes
 ``benchmarks/results/transdiffuser_latency.{json,md}``. Latency does not depend on the weights: without
-``--checkpoint`` the default config is built untrained.
+``--checkpoint`` the default config is built untrained. ``--one-step`` also times the one-step MeanFlow
+graph of the same architecture in the same rounds (the one-step target: >= 5x lower than the DDIM default).
 
-Run: python benchmarks/transdiffuser_latency.py [--checkpoint runs/.../policy] [--plans 100] [--rounds 5]
+Run: python benchmarks/transdiffuser_latency.py [--checkpoint runs/.../policy] [--plans 100] [--rounds 5] [--one-step]
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ NAME = "transdiffuser_latency"
 CONFIG = Path(__file__).resolve().parents[1] / "diffpilot" / "conf" / "policy" / "transdiffuser.yaml"
 
 
-def planner(checkpoint: str | None) -> Any:
+def planner(checkpoint: str | None, **changes: Any) -> Any:
     if checkpoint:
         return load_policy(checkpoint, kind="transdiffuser")
     torch.manual_seed(0)
-    policy = build_policy(yaml.safe_load(CONFIG.read_text()))
+    policy = build_policy({**yaml.safe_load(CONFIG.read_text()), **changes})
     policy.fit_to_batch(policy.example_batch(32, torch.Generator().manual_seed(0)))
     return policy.eval()
 
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--plans", type=int, default=100, help="plans timed per graph and round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sampler-steps", type=int, nargs="+", default=[10, 5], help="DDIM steps of the graphs timed")
+    ap.add_argument("--one-step", action="store_true", help="also time the one-step MeanFlow graph (untrained weights)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     policy = planner(args.checkpoint)
@@ -79,6 +81,13 @@ def main() -> None:
         noise = np.random.default_rng(1).standard_normal(runtimes[next(iter(runtimes))].noise_shape).astype(np.float32)
         plans = {name: rt.plan(samples[0], noise=noise[None]) for name, rt in runtimes.items()}
         gap = max(float(np.abs(plans[a] - plans[b]).max()) for a, b in zip(list(plans)[::2], list(plans)[1::2]))
+        if args.one_step:
+            name = "one-step MeanFlow, shared scene memory"
+            one = planner(None, objective="meanflow", sampler="meanflow", sampler_steps=1)
+            variants[name] = (False, 1)
+            paths[name] = export(one, Path(tmp) / "one_step.onnx", False, 1)
+            nodes[name] = len(onnx.load(str(paths[name])).graph.node)
+            runtimes[name] = load_runtime(paths[name], threads=1)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, rt in runtimes.items():
@@ -88,18 +97,22 @@ def main() -> None:
                     rt.plan(s)
                     times[name].append(1e3 * (time.perf_counter() - t0))
     base = float(np.median(times[f"projected at every step (before), {args.sampler_steps[0]} DDIM steps"]))
+    default = float(np.median(times[f"shared scene memory (now), {args.sampler_steps[-1]} DDIM steps"]))
     rows = [{"graph": name, "plan_ms_p50": float(np.median(t)), "plan_ms_p90": float(np.percentile(t, 90)),
-             "speedup_vs_before": base / float(np.median(t)), "graph_nodes": nodes[name],
+             "speedup_vs_before": base / float(np.median(t)),
+             f"speedup_vs_{args.sampler_steps[-1]}_ddim_steps": default / float(np.median(t)), "graph_nodes": nodes[name],
              "sampler_steps": variants[name][1], "candidates": int(policy.cfg.num_candidates)}
             for name, t in times.items()]
     notes = (f"onnxruntime, batch 1, 1 thread, {args.plans} plans x {args.rounds} interleaved rounds per graph, "
              f"{'weights of ' + args.checkpoint if args.checkpoint else 'default config, untrained weights'}; "
              f"scenes from example_scene_arrays. `speedup_vs_before`: against the previous graph at "
-             f"{args.sampler_steps[0]} DDIM steps. Largest waypoint difference between the two forms' plans at the "
+             f"{args.sampler_steps[0]} DDIM steps; `speedup_vs_{args.sampler_steps[-1]}_ddim_steps`: against the shared "
+             f"graph at {args.sampler_steps[-1]} steps. Largest waypoint difference between the two forms' plans at the "
              f"same steps for the same scene and noise: {gap:.2e} m. Plan time includes the runtime's feature building "
              "and plan memory (consistency).")
     command = "python benchmarks/transdiffuser_latency.py" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") \
-        + f" --plans {args.plans} --rounds {args.rounds} --sampler-steps {' '.join(map(str, args.sampler_steps))}"
+        + f" --plans {args.plans} --rounds {args.rounds} --sampler-steps {' '.join(map(str, args.sampler_steps))}" \
+        + (" --one-step" if args.one_step else "")
     write_results(NAME, command, rows, notes=notes)
     for r in rows:
         print(f"{r['graph']:55s} p50 {r['plan_ms_p50']:.2f} ms  x{r['speedup_vs_before']:.2f}  {r['graph_nodes']} nodes")
