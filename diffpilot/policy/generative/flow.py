@@ -35,10 +35,23 @@ def sample_time(
     Logit-normal (Esser et al., SD3) puts more weight on intermediate times,
     where the velocity is hardest to predict.
     """
+    return shard.local_rows(draw_time(shard.global_rows(n), sampling, mean=mean, std=std, generator=generator, device=device))
+
+
+def draw_time(
+    n: int,
+    sampling: str,
+    *,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draws ``n`` times in (0, 1) for the whole batch, unsharded (:func:`sample_time` keeps this process's rows)."""
     if sampling == "uniform":
-        return shard.rand(n, generator=generator, device=device)
+        return torch.rand(n, generator=generator, device=device)
     if sampling == "logit_normal":
-        return torch.sigmoid(mean + std * shard.randn(n, generator=generator, device=device))
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
     raise ValueError(f"unknown time sampling {sampling!r}; choose one of {list(TIME_SAMPLINGS)}")
 
 

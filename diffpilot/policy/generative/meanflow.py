@@ -21,7 +21,7 @@ from diffpilot.policy.generative import shard
 from diffpilot.policy.generative.base import Denoiser, SampleResult, StepHook, call_hook
 from diffpilot.policy.generative.conditions import Condition
 from diffpilot.policy.generative.diffusion import resolve_start
-from diffpilot.policy.generative.flow import TIME_SAMPLINGS, FlowMatching, uniform_grid, velocity_step_info
+from diffpilot.policy.generative.flow import TIME_SAMPLINGS, FlowMatching, draw_time, uniform_grid, velocity_step_info
 
 
 class MeanFlow:
@@ -73,18 +73,14 @@ class MeanFlow:
         batch, whose first share has ``r = t``, and this process keeps its rows.
         """
         local, n = n, shard.global_rows(n)
-        a, b = self._draw(n, generator, device), self._draw(n, generator, device)
+        a, b = (draw_time(n, self.time_sampling, mean=self.logit_mean, std=self.logit_std, generator=generator, device=device)
+                for _ in range(2))
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         n_equal = int(round(self.ratio_r_equals_t * n))
         r = torch.where(torch.arange(n, device=r.device) < n_equal, t, r)
         if local != n:
             r, t = shard.local_rows(r), shard.local_rows(t)
         return r, t
-
-    def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
-        if self.time_sampling == "uniform":
-            return torch.rand(n, generator=generator, device=device)
-        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, device=device))
 
     def target(self, model: Denoiser, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         """Returns ``(u, u_tgt)``: the network's average velocity and its detached target.
