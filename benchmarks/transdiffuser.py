@@ -51,6 +51,8 @@ VARIANTS = {
     "transdiffuser (no decorrelation)": ["policy.decorrelation_weight=0.0"],
     "transdiffuser (logs + STL augmentation)": ["AUG"],
     "transdiffuser (MeanFlow 1 step)": ["policy.objective=meanflow", "policy.sampler=meanflow", "policy.sampler_steps=1"],
+    "transdiffuser (MeanFlow 1 step, distilled)": ["policy.objective=meanflow", "policy.sampler=meanflow",
+                                                   "policy.sampler_steps=1", "TEACHER"],
     "transdiffuser (no recovery windows)": ["data.recovery_copies=0"],
 }
 PLAN_TIME_VARIANTS = (
@@ -111,14 +113,19 @@ def train_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]
                               ("stl flow planner", "stl_flow_planner", [])):
         tasks.append((name, out / slug(name), [f"policy={kind}", *data_overrides(args), f"train.steps={args.steps}",
                                                f"train.batch_size={args.batch}", *extra]))
+    distilled: list[tuple[str, Path, list[str]]] = []  # trained after their teachers, the same seed's TransDiffuser
     for name, extra in VARIANTS.items():
-        extra = [f"data.augmented={aug}" if e == "AUG" else e for e in extra]
         steps = args.meanflow_steps if "policy.objective=meanflow" in extra and args.meanflow_steps else args.steps
         for seed in args.seeds:
-            tasks.append((name, out / f"{slug(name)}_s{seed}",
-                          ["policy=transdiffuser", *data_overrides(args), f"train.steps={steps}", f"train.batch_size={args.batch}",
-                           f"seed={seed}", f"policy.seed={seed}", *extra]))
+            teacher = out / f"{slug('transdiffuser')}_s{seed}" / "policy"
+            over = [{"AUG": f"data.augmented={aug}", "TEACHER": f"policy.teacher={teacher}"}.get(e, e) for e in extra]
+            (distilled if "TEACHER" in extra else tasks).append(
+                (name, out / f"{slug(name)}_s{seed}",
+                 ["policy=transdiffuser", *data_overrides(args), f"train.steps={steps}", f"train.batch_size={args.batch}",
+                  f"seed={seed}", f"policy.seed={seed}", *over]))
     infos = train_runs([(run, overrides) for _, run, overrides in tasks], args.jobs)
+    infos += train_runs([(run, overrides) for _, run, overrides in distilled], args.jobs)
+    tasks += distilled
     runs: dict[str, dict[str, Any]] = {}
     for (name, run, _), info in zip(tasks, infos):
         r = runs.setdefault(name, {"dirs": [], "train_s_per_1k_steps": [], "steps": info["steps"]})

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
+from diffpilot.policy.checkpoint import CheckpointError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import PolicyBase
@@ -89,6 +91,7 @@ class TransDiffuserConfig(GuardConfig):
     prediction: str = "sample"  # ddpm: sample (x0, robust at few steps) | epsilon
     num_train_steps: int = 100
     objective_options: dict[str, Any] = field(default_factory=dict)  # flow / meanflow: e.g. time_sampling, ratio_r_equals_t
+    teacher: str = ""  # flow / meanflow: a trained TransDiffuser folder; its plan of each noise is the target (distillation)
     sampler: str = "ddim"  # ddim (ddpm), euler/heun (flow), meanflow
     sampler_steps: int = 5
     num_candidates: int = 8
@@ -428,6 +431,7 @@ class TransDiffuser(PolicyBase):
             self.net = TransDiffuserNet(cfg)
         self._gen = torch.Generator().manual_seed(int(cfg.seed))
         self._memory = PlanMemory(self.F)  # the last kept plan (warm start, consistency)
+        self._teacher: list[TransDiffuser] = []  # loaded on first use; a list, so it is no submodule (not saved, not trained)
         self.last_candidates: np.ndarray | None = None
         self.last_nfe = 0
         self.eval()
@@ -443,6 +447,9 @@ class TransDiffuser(PolicyBase):
             raise ValueError(f"objective must be one of {list(SAMPLERS_FOR)}, got {cfg.objective!r}")
         if cfg.objective == "ddpm" and cfg.objective_options:
             raise ValueError("objective_options are for flow / meanflow; ddpm reads prediction and num_train_steps")
+        if cfg.teacher and cfg.objective == "ddpm":
+            raise ValueError("teacher distils a trained planner into a flow / meanflow one; set objective=meanflow "
+                             "(or flow) or drop teacher")
         if cfg.sampler not in SAMPLERS_FOR[cfg.objective]:
             raise ValueError(f"sampler {cfg.sampler!r} does not fit objective {cfg.objective!r}; use one of {SAMPLERS_FOR[cfg.objective]}")
         if cfg.selection not in SELECTIONS:
@@ -576,17 +583,51 @@ class TransDiffuser(PolicyBase):
         self.norm.load_state_dict(Normalizer.fit(np.asarray(rows["deltas"], dtype=np.float64), "gaussian").state_dict())
 
     # ------------------------------------------------------------------ training
+    def load_teacher(self) -> "TransDiffuser | None":
+        """The frozen planner of ``teacher``, checked (kind, plan size); None without one.
+
+        The trainer calls it before any data work, so a wrong path fails first.
+        """
+        if not self.cfg.teacher:
+            return None
+        if not self._teacher:
+            from diffpilot.policy.registry import load_policy
+
+            teacher = load_policy(Path(self.cfg.teacher).expanduser(), kind="transdiffuser")
+            if teacher.F != self.F:
+                raise CheckpointError(f"teacher {self.cfg.teacher} plans {teacher.F} waypoints, this planner {self.F}; "
+                                      "distil from a planner with the same future_steps")
+            self._teacher.append(teacher.eval().requires_grad_(False))
+        return self._teacher[0]
+
+    @torch.no_grad()
+    def _teacher_plans(self, teacher: "TransDiffuser", batch: Mapping[str, Tensor], noise: Tensor) -> Tensor:
+        """The teacher's sample of each row's ``noise`` (B, F, 3), in this planner's normalized deltas."""
+        cond = teacher.net.encode(batch)
+        x = teacher.sampler.sample(teacher.net.denoiser(cond), noise, cond).sample
+        deltas = teacher.norm.unnormalize(x.reshape(len(x), -1))
+        return self.norm.normalize(deltas).reshape(-1, self.F, 3)
+
     def compute_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Denoising loss + ``decorrelation_weight`` x decorrelation (+ ``score_weight`` x score-head BCE)."""
+        """Denoising loss + ``decorrelation_weight`` x decorrelation (+ ``score_weight`` x score-head BCE).
+
+        With a ``teacher`` the generative loss is taken on the teacher's coupling: each drawn noise is paired
+        with the teacher's plan of it, not with the logged plan.
+        """
         cond = self.net.encode(batch)
         x0 = self.norm.normalize(batch["deltas"]).reshape(-1, self.F, 3)
+        target, noise = x0, None
+        teacher = self.load_teacher()
+        if teacher is not None:
+            noise = shard.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            target = self._teacher_plans(teacher, batch, noise)
         if isinstance(self.objective, MeanFlow):  # the loss runs the network under jvp: take the features of a plain pass
-            gen_loss = self.objective.loss(self.net, x0, cond, generator=generator)
+            gen_loss = self.objective.loss(self.net, target, cond, generator=generator, noise=noise)
             t = shard.rand(x0.shape[0], generator=generator)
             fused = self.net.decode(x0 + t[:, None, None] * shard.randn(x0.shape, generator=generator), t, cond)[1]
         else:
             capture = _FusedCapture(self.net)
-            gen_loss = self.objective.loss(capture, x0, cond, generator=generator)
+            gen_loss = self.objective.loss(capture, target, cond, generator=generator, noise=noise)
             fused = capture.fused
         decor = decorrelation_loss(fused)
         loss = gen_loss + self.cfg.decorrelation_weight * decor

@@ -144,7 +144,10 @@ class Sampler(Protocol):
 
 
 class Objective(Protocol):
-    """A training loss for a denoiser on clean samples ``x0``; ``cond`` goes to the network unchanged."""
+    """A training loss for a denoiser on clean samples ``x0``; ``cond`` goes to the network unchanged.
+
+    ``noise`` (shaped like ``x0``) replaces the loss's own noise draw: a given coupling of noise and sample.
+    """
 
     def loss(
         self,
@@ -153,4 +156,5 @@ class Objective(Protocol):
         cond: Condition = None,
         *,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor: ...

@@ -84,11 +84,13 @@ class DDPM:
         cond: Condition = None,
         *,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """Mean squared error of the prediction at a uniformly drawn step."""
+        """Mean squared error of the prediction at a uniformly drawn step; ``noise`` fixes the draw."""
         b = x0.shape[0]
         k = shard.randint(0, self.num_train_steps, (b,), generator=generator, device=x0.device)
-        noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise is None:
+            noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_k = self.add_noise(x0, noise, k)
         pred = model(x_k, self.time_of(k).to(x0.dtype), cond)
         return F.mse_loss(pred, self.target(x0, noise, k))

@@ -80,11 +80,15 @@ class FlowMatching:
         cond: Condition = None,
         *,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
+        """Velocity regression at a drawn time; ``noise`` pairs each ``x0`` with a given end point (a teacher's
+        coupling, for distillation) instead of a fresh draw."""
         t = sample_time(
             x0.shape[0], self.time_sampling, mean=self.logit_mean, std=self.logit_std, generator=generator, device=x0.device
         ).to(x0.dtype)
-        noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise is None:
+            noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         pred = model(self.interpolate(x0, noise, t), t, cond)
         return F.mse_loss(pred, noise - x0)
 

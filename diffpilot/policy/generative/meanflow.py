@@ -108,10 +108,17 @@ class MeanFlow:
         cond: Condition = None,
         *,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
+        """Adaptively weighted average-velocity regression; ``noise`` pairs each ``x0`` with a given end point.
+
+        With a teacher's coupling (``x0`` the teacher's sample of ``noise``) the path from each noise ends at
+        one plan, so the one-step jump has a single answer to learn instead of the average over the data.
+        """
         r, t = self.sample_times(x0.shape[0], generator=generator, device=x0.device)
         r, t = r.to(x0.dtype), t.to(x0.dtype)
-        noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise is None:
+            noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         z = FlowMatching.interpolate(x0, noise, t)
         u, u_tgt = self.target(model, z, r, t, noise - x0, cond)
         sq = (u - u_tgt).pow(2).flatten(1).sum(dim=1)
