@@ -342,6 +342,29 @@ def test_meanflow_uniform_times_reach_the_one_step_jump():
         MeanFlow(time_sampling="beta")
 
 
+def test_meanflow_learns_the_one_step_map_of_a_given_coupling():
+    """Distillation's premise: trained on pairs (R z, z) with R a quarter turn, the one-step jump maps z to R z.
+    Trained on the same marginals drawn independently, it maps z near itself (a zero flow between equal laws)."""
+    R = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.randn(512, 2, generator=torch.Generator().manual_seed(2))
+    agreement = {}
+    for coupled in (True, False):
+        model = fresh_model(use_r=True)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(300):
+            z = torch.randn(256, 2, generator=gen)
+            x0 = z @ R.T if coupled else torch.randn(256, 2, generator=gen)
+            loss = MeanFlow(time_sampling="uniform").loss(model, x0, generator=gen, noise=z if coupled else None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            jump = MeanFlowSampler(1).sample(model.eval(), probe).sample
+        agreement[coupled] = float(torch.nn.functional.cosine_similarity(jump, probe @ R.T, dim=-1).mean())
+    assert agreement[True] > 0.9 and abs(agreement[False]) < 0.3, agreement
+
+
 # --- schedules, metrics --------------------------------------------------------
 
 

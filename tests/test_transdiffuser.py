@@ -89,6 +89,17 @@ def test_bad_input_is_refused_with_the_field_named(tmp_path: Path):
     other.save(tmp_path / "mlp")
     with pytest.raises(CheckpointError, match="holds a 'ego_status_mlp' policy, but a 'transdiffuser'"):
         load_policy(tmp_path / "mlp", kind="transdiffuser")
+    # a distillation teacher: only for flow / meanflow, a TransDiffuser folder with the same plan size
+    with pytest.raises(ValueError, match="set objective=meanflow"):
+        TransDiffuser(teacher=str(tmp_path / "mlp"))
+    meanflow = {**TINY, "objective": "meanflow", "sampler": "meanflow", "sampler_steps": 1}
+    with pytest.raises(CheckpointError, match="holds a 'ego_status_mlp' policy, but a 'transdiffuser'"):
+        TransDiffuser(**meanflow, teacher=str(tmp_path / "mlp")).load_teacher()
+    with pytest.raises(CheckpointError, match="no saved policy"):
+        TransDiffuser(**meanflow, teacher=str(tmp_path / "absent")).load_teacher()
+    TransDiffuser(**TINY, future_steps=6).save(tmp_path / "six")
+    with pytest.raises(CheckpointError, match="plans 6 waypoints, this planner 8"):
+        TransDiffuser(**meanflow, teacher=str(tmp_path / "six")).load_teacher()
 
 
 def test_decorrelation_loss_measures_redundant_features():
@@ -204,6 +215,30 @@ def test_flow_and_one_step_meanflow_variants_train_and_plan(tmp_path: Path, obje
     policy.reset(seed=0)
     plans = policy.plan_batch(example_scene_arrays(2, seed=0))
     assert plans.shape == (2, policy.F, 3) and np.isfinite(plans).all() and policy.last_nfe == policy.sampler.num_steps
+
+
+def test_a_distilled_student_plans_what_its_teacher_plans_not_what_the_logs_do(tmp_path: Path):
+    """The teacher learned half-length futures; a one-step MeanFlow student distilled from it on the true logs
+    plans half-length too, while the same student trained on the logs alone plans full length."""
+    arrays = example_scene_arrays(256, seed=3)
+    halved = {**arrays, "ego_future": arrays["ego_future"] * np.array([0.5, 0.5, 1.0])}
+    teacher = _fitted(selection="first")
+    fit(teacher, halved, steps=200, batch_size=64, lr=3e-3, warmup_steps=10, progress=False)
+    teacher.save(tmp_path / "teacher")
+
+    def reach(policy: TransDiffuser) -> float:
+        policy.reset(seed=0)
+        return float(np.linalg.norm(policy.plan_batch(arrays)[:, -1, :2], axis=-1).mean())
+
+    logged = float(np.linalg.norm(arrays["ego_future"][:, -1, :2], axis=-1).mean())
+    students = {}
+    for name, extra in (("distilled", {"teacher": str(tmp_path / "teacher")}), ("from logs", {})):
+        student = _fitted(objective="meanflow", sampler="meanflow", sampler_steps=1, selection="first", **extra)
+        fit(student, arrays, steps=200, batch_size=64, lr=3e-3, warmup_steps=10, progress=False)
+        students[name] = reach(student)
+    taught = reach(teacher)
+    assert taught < 0.7 * logged
+    assert abs(students["distilled"] - taught) < 0.25 * abs(students["from logs"] - taught), (taught, students, logged)
 
 
 def test_stl_guidance_raises_rule_robustness():
