@@ -41,6 +41,7 @@ from diffpilot.cli import load_config
 from diffpilot.data.nuscenes import NuScenesReader, load_scene_samples
 from diffpilot.data.scenario import SampleSpec
 from diffpilot.driving_jobs import driving_anchors_job, driving_data_job, driving_eval_job
+from diffpilot.fileio import atomic_write_text
 from diffpilot.jobs import train_job
 from diffpilot.policy.registry import load_policy
 from diffpilot.policy.transdiffuser import candidate_diversity
@@ -132,6 +133,36 @@ def train_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]
         r["dirs"].append(str(run / "policy"))
         r["train_s_per_1k_steps"].append(info["train_s_per_1k_steps"])
     return {name: runs[name] for name in [*VARIANTS, "diffusiondrive-style peer", "stl flow planner"]}
+
+
+def evaluate(planners: list[str], ev: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI's driving evaluation of ``planners`` in ``ev`` (resumable).
+
+    An evaluation of these planners is reused. Planners added since it ran are evaluated on their own, beside
+    the lane follower (the reference of EP), and their rows merged in, so a new row does not re-run the others.
+    """
+    def run(names: list[str], where: Path) -> dict[str, Any]:
+        driving_eval_job({"data": {"num_scenes": args.scenes, "workers": args.workers}, "planners": names,
+                          "max_scenes": args.max_val, "navsim": {"frames_per_scene": args.navsim_frames},
+                          "workers": args.workers, "out": str(where), "progress": True, "figures": {"scenes": 1}})
+        return json.loads((where / "results.json").read_text())
+
+    listed = ev / "bench_planners.json"
+    done = json.loads(listed.read_text()) if listed.exists() else []
+    if not done or not set(done) <= set(planners):
+        res = run(planners, ev)
+    else:
+        res = json.loads((ev / "results.json").read_text())
+        new = [p for p in planners if p not in done]
+        if new:
+            added = run(["lane_follower", *new], ev / f"added_{len(done)}")
+            res["summary"] += [r for r in added["summary"] if r["method"] != "lane_follower"]
+            res["navsim"] += [r for r in added.get("navsim", []) if r["method"] != "lane_follower"]
+            for key in ("per_scene", "navsim_per_scene"):
+                res[key].update({m: v for m, v in added.get(key, {}).items() if m != "lane_follower"})
+            atomic_write_text(ev / "results.json", json.dumps(res, indent=1))
+    atomic_write_text(listed, json.dumps([*done, *(p for p in planners if p not in done)] if done else planners))
+    return res
 
 
 def variant_copy(src: str, dst: Path, **changes: Any) -> str:
@@ -241,14 +272,7 @@ def main() -> None:
         for i, d in enumerate(r["dirs"]):
             planners.append(d)
             labels[d] = (name, i)
-    ev = out / "eval"
-    done = json.loads((ev / "bench_planners.json").read_text()) if (ev / "bench_planners.json").exists() else None
-    if done != planners:  # an evaluation of exactly these planners is reused (the benchmark resumes after it)
-        driving_eval_job({"data": {"num_scenes": args.scenes, "workers": args.workers}, "planners": planners,
-                          "max_scenes": args.max_val, "navsim": {"frames_per_scene": args.navsim_frames},
-                          "workers": args.workers, "out": str(ev), "progress": True, "figures": {"scenes": 1}})
-        (ev / "bench_planners.json").write_text(json.dumps(planners))
-    res = json.loads((ev / "results.json").read_text())
+    res = evaluate(planners, out / "eval", args)
     val = load_scene_samples(root, "v1.0-diffpilot", "val", SampleSpec(), progress=False)
     tmp = out / "onnx"
     tmp.mkdir(parents=True, exist_ok=True)
