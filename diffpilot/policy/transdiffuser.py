@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffpilot.data.errors import DatasetError
-from diffpilot.policy.checkpoint import CheckpointError
 from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import PolicyBase
+from diffpilot.policy.checkpoint import CheckpointError
 from diffpilot.policy.plan_guards import (GuardConfig, candidate_clearance, check_guards, clearest, guard_kept, moves,
                                          pick)
 from diffpilot.policy.replan import PlanMemory
@@ -603,6 +603,7 @@ class TransDiffuser(PolicyBase):
     @torch.no_grad()
     def _teacher_plans(self, teacher: "TransDiffuser", batch: Mapping[str, Tensor], noise: Tensor) -> Tensor:
         """The teacher's sample of each row's ``noise`` (B, F, 3), in this planner's normalized deltas."""
+        teacher.to(noise.device)  # not a submodule: it follows the batch, not ``self.to``
         cond = teacher.net.encode(batch)
         x = teacher.sampler.sample(teacher.net.denoiser(cond), noise, cond).sample
         deltas = teacher.norm.unnormalize(x.reshape(len(x), -1))
