@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import multiprocessing
 import shutil
@@ -136,11 +137,23 @@ def train_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]
     return {name: runs[name] for name in [*VARIANTS, "diffusiondrive-style peer", "stl flow planner"]}
 
 
+def fingerprint(planner: str) -> str:
+    """What an evaluation of ``planner`` depends on: a baseline's name, or a saved policy's config and weights."""
+    folder = Path(planner)
+    if not (folder / "config.yaml").is_file():
+        return planner
+    digest = hashlib.sha1()
+    for name in sorted(p.name for p in folder.iterdir() if p.is_file()):
+        digest.update(name.encode() + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
 def evaluate(planners: list[str], ev: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The CLI's driving evaluation of ``planners`` in ``ev`` (resumable).
 
-    An evaluation of these planners is reused. Planners added since it ran are evaluated on their own, beside
-    the lane follower (the reference of EP), and their rows merged in, so a new row does not re-run the others.
+    An evaluation of these planners is reused. Planners added since it ran, or saved anew (their config or
+    weights changed), are evaluated on their own, beside the lane follower (the reference of EP), and their
+    rows merged in, so a new row does not re-run the others.
     """
     def run(names: list[str], where: Path) -> dict[str, Any]:
         driving_eval_job({"data": {"num_scenes": args.scenes, "workers": args.workers}, "planners": names,
@@ -148,21 +161,33 @@ def evaluate(planners: list[str], ev: Path, args: argparse.Namespace) -> dict[st
                           "workers": args.workers, "out": str(where), "progress": True, "figures": {"scenes": 1}})
         return json.loads((where / "results.json").read_text())
 
+    def label_of(method: str, planner: str) -> bool:
+        return method == planner or method.endswith(":" + Path(planner).parent.name)
+
     listed = ev / "bench_planners.json"
-    done = json.loads(listed.read_text()) if listed.exists() else []
-    if not done or not set(done) <= set(planners):
+    done = json.loads(listed.read_text()) if listed.exists() else {}
+    prints = {p: fingerprint(p) for p in planners}
+    current = [p for p in planners if isinstance(done, dict) and done.get(p) == prints[p]]
+    if not isinstance(done, dict) or not set(done) <= set(planners) or "lane_follower" not in current:
         res = run(planners, ev)
     else:
         res = json.loads((ev / "results.json").read_text())
-        new = [p for p in planners if p not in done]
-        if new:
-            added = run(["lane_follower", *new], ev / f"added_{len(done)}")
+        todo = [p for p in planners if p not in current]
+        if todo:
+            added = run(["lane_follower", *todo], ev / f"added_{len(list(ev.glob('added_*')))}")
+
+            def stale(method: str) -> bool:
+                return any(label_of(method, p) for p in todo)
+
+            res["summary"] = [r for r in res["summary"] if not stale(r["method"])]
             res["summary"] += [r for r in added["summary"] if r["method"] != "lane_follower"]
+            res["navsim"] = [r for r in res.get("navsim", []) if not stale(r["method"])]
             res["navsim"] += [r for r in added.get("navsim", []) if r["method"] != "lane_follower"]
             for key in ("per_scene", "navsim_per_scene"):
+                res[key] = {m: v for m, v in res.get(key, {}).items() if not stale(m)}
                 res[key].update({m: v for m, v in added.get(key, {}).items() if m != "lane_follower"})
             atomic_write_text(ev / "results.json", json.dumps(res, indent=1))
-    atomic_write_text(listed, json.dumps([*done, *(p for p in planners if p not in done)] if done else planners))
+    atomic_write_text(listed, json.dumps(prints, indent=1))
     return res
 
 

@@ -97,6 +97,8 @@ def test_bad_input_is_refused_with_the_field_named(tmp_path: Path):
         TransDiffuser(**meanflow, teacher=str(tmp_path / "mlp")).load_teacher()
     with pytest.raises(CheckpointError, match="no saved policy"):
         TransDiffuser(**meanflow, teacher=str(tmp_path / "absent")).load_teacher()
+    with pytest.raises(ValueError, match="teacher_jump_weight must be >= 0"):
+        TransDiffuser(**meanflow, teacher_jump_weight=-1.0)
     TransDiffuser(**TINY, future_steps=6).save(tmp_path / "six")
     with pytest.raises(CheckpointError, match="plans 6 waypoints, this planner 8"):
         TransDiffuser(**meanflow, teacher=str(tmp_path / "six")).load_teacher()
@@ -236,6 +238,8 @@ def test_a_distilled_student_plans_what_its_teacher_plans_not_what_the_logs_do(t
         student = _fitted(objective="meanflow", sampler="meanflow", sampler_steps=1, selection="first", **extra)
         fit(student, arrays, steps=200, batch_size=64, lr=3e-3, warmup_steps=10, progress=False)
         students[name] = reach(student)
+        metrics = student.compute_loss(student.example_batch(8, torch.Generator().manual_seed(1)))[1]
+        assert ("teacher_jump" in metrics) == (name == "distilled")  # the one-step jump's own term, with a teacher only
     taught = reach(teacher)
     assert taught < 0.7 * logged
     assert abs(students["distilled"] - taught) < 0.25 * abs(students["from logs"] - taught), (taught, students, logged)

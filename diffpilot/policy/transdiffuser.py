@@ -92,6 +92,7 @@ class TransDiffuserConfig(GuardConfig):
     num_train_steps: int = 100
     objective_options: dict[str, Any] = field(default_factory=dict)  # flow / meanflow: e.g. time_sampling, ratio_r_equals_t
     teacher: str = ""  # flow / meanflow: a trained TransDiffuser folder; its plan of each noise is the target (distillation)
+    teacher_jump_weight: float = 1.0  # meanflow + teacher: the one-step jump from each noise regressed onto the teacher's plan
     sampler: str = "ddim"  # ddim (ddpm), euler/heun (flow), meanflow
     sampler_steps: int = 5
     num_candidates: int = 8
@@ -461,8 +462,8 @@ class TransDiffuser(PolicyBase):
         low = {k: getattr(cfg, k) for k, lo in ints.items() if int(getattr(cfg, k)) < lo}
         if low:
             raise ValueError(f"these options are too small: {low} (minimums {ints})")
-        if cfg.decorrelation_weight < 0 or cfg.score_weight < 0:
-            raise ValueError("decorrelation_weight and score_weight must be >= 0")
+        if cfg.decorrelation_weight < 0 or cfg.score_weight < 0 or cfg.teacher_jump_weight < 0:
+            raise ValueError("decorrelation_weight, score_weight and teacher_jump_weight must be >= 0")
         if cfg.guidance_scale <= 0 or cfg.guidance_refine < 0:
             raise ValueError(f"guidance_scale must be > 0 and guidance_refine >= 0, got {cfg.guidance_scale}, {cfg.guidance_refine}")
         if not 0.0 < cfg.warm_start_t < 1.0:
@@ -613,7 +614,9 @@ class TransDiffuser(PolicyBase):
         """Denoising loss + ``decorrelation_weight`` x decorrelation (+ ``score_weight`` x score-head BCE).
 
         With a ``teacher`` the generative loss is taken on the teacher's coupling: each drawn noise is paired
-        with the teacher's plan of it, not with the logged plan.
+        with the teacher's plan of it, not with the logged plan. For MeanFlow, ``teacher_jump_weight`` adds the
+        jump the one-step sampler makes, from ``t = 1`` to ``r = 0``, regressed straight onto that plan: on a
+        deterministic coupling it is the exact average velocity, and uniform ``(r, t)`` draws come near it rarely.
         """
         cond = self.net.encode(batch)
         x0 = self.norm.normalize(batch["deltas"]).reshape(-1, self.F, 3)
@@ -633,6 +636,11 @@ class TransDiffuser(PolicyBase):
         decor = decorrelation_loss(fused)
         loss = gen_loss + self.cfg.decorrelation_weight * decor
         metrics = {"denoise": float(gen_loss.detach()), "decorrelation": float(decor.detach())}
+        if noise is not None and isinstance(self.objective, MeanFlow) and self.cfg.teacher_jump_weight > 0:
+            ones = noise.new_ones(noise.shape[0])
+            jump = F.mse_loss(noise - self.net(noise, ones, cond, torch.zeros_like(ones)), target)
+            loss = loss + self.cfg.teacher_jump_weight * jump
+            metrics["teacher_jump"] = float(jump.detach())
         if "cand_poses" in batch and self.cfg.score_weight > 0:
             logits = self.net.scores(self.net.context(cond), batch["cand_poses"])
             per_row = F.binary_cross_entropy_with_logits(logits, batch["cand_scores"], reduction="none").mean((1, 2))
