@@ -161,7 +161,7 @@ def evaluate(planners: list[str], ev: Path, args: argparse.Namespace) -> dict[st
                           "workers": args.workers, "out": str(where), "progress": True, "figures": {"scenes": 1}})
         return json.loads((where / "results.json").read_text())
 
-    def label_of(method: str, planner: str) -> bool:
+    def is_row_of(method: str, planner: str) -> bool:  # a saved policy's rows are labelled <kind>:<run folder>
         return method == planner or method.endswith(":" + Path(planner).parent.name)
 
     listed = ev / "bench_planners.json"
@@ -177,7 +177,7 @@ def evaluate(planners: list[str], ev: Path, args: argparse.Namespace) -> dict[st
             added = run(["lane_follower", *todo], ev / f"added_{len(list(ev.glob('added_*')))}")
 
             def stale(method: str) -> bool:
-                return any(label_of(method, p) for p in todo)
+                return any(is_row_of(method, p) for p in todo)
 
             res["summary"] = [r for r in res["summary"] if not stale(r["method"])]
             res["summary"] += [r for r in added["summary"] if r["method"] != "lane_follower"]
