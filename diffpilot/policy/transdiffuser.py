@@ -21,7 +21,9 @@ candidate (our rule set, default parameters, the command's lane mode) steers
 the last sampler step through the sampler's step hook and refines the final
 samples, as for the STL flow planner. The generative process is DDPM (epsilon or x0,
 sampled with DDIM), flow matching (few Euler steps) or MeanFlow (one step);
-``warm_start`` replans from the previous plan shifted by the elapsed time.
+``teacher`` distils a trained planner into a flow or MeanFlow one (each noise
+paired with the teacher's plan of it); ``warm_start`` replans from the
+previous plan shifted by the elapsed time.
 
 ``plan()`` reads only the past and the present: the encoder cuts agents'
 poses to their past and present columns and nothing reads ``ego_future``.
