@@ -132,7 +132,7 @@ def test_user_mistakes_are_one_line_exit_2_and_leave_no_folder(tmp_path, capsys,
     msg = _one_line_exit_2(capsys, ["train", "policy=transdiffuser", "data=driving", "policy.objective=meanflow",
                                     "policy.sampler=meanflow", "policy.sampler_steps=1",
                                     f"policy.teacher={tmp_path / 'nope'}", f"out={out}"])
-    assert "no saved policy at" in msg and not out.exists() and not (tmp_path / "cache").exists()
+    assert "teacher: no checkpoint folder at" in msg and not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_eval_and_export_load_any_kind_by_its_stored_kind(tmp_path, capsys):

@@ -594,9 +594,10 @@ class TransDiffuser(PolicyBase):
         if not self.cfg.teacher:
             return None
         if not self._teacher:
-            from diffpilot.policy.registry import load_policy
-
-            teacher = load_policy(Path(self.cfg.teacher).expanduser(), kind="transdiffuser")
+            try:
+                teacher = type(self).load(Path(self.cfg.teacher).expanduser())
+            except CheckpointError as e:
+                raise CheckpointError(f"teacher: {e}") from None
             if teacher.F != self.F:
                 raise CheckpointError(f"teacher {self.cfg.teacher} plans {teacher.F} waypoints, this planner {self.F}; "
                                       "distil from a planner with the same future_steps")
