@@ -626,7 +626,7 @@ class TransDiffuser(PolicyBase):
         target, noise = x0, None
         teacher = self.load_teacher()
         if teacher is not None:
-            noise = shard.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            noise = shard.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             target = self._teacher_plans(teacher, batch, noise)
         if isinstance(self.objective, MeanFlow):  # the loss runs the network under jvp: take the features of a plain pass
             gen_loss = self.objective.loss(self.net, target, cond, generator=generator, noise=noise)
