@@ -56,6 +56,8 @@ VARIANTS = {
     "transdiffuser (MeanFlow 1 step)": ["policy.objective=meanflow", "policy.sampler=meanflow", "policy.sampler_steps=1"],
     "transdiffuser (MeanFlow 1 step, distilled)": ["policy.objective=meanflow", "policy.sampler=meanflow",
                                                    "policy.sampler_steps=1", "TEACHER"],
+    "transdiffuser (MeanFlow 1 step, distilled, 1 layer)": ["policy.objective=meanflow", "policy.sampler=meanflow",
+                                                            "policy.sampler_steps=1", "policy.layers=1", "TEACHER"],
     "transdiffuser (no recovery windows)": ["data.recovery_copies=0"],
 }
 PLAN_TIME_VARIANTS = (
