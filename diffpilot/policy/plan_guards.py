@@ -91,16 +91,18 @@ def obb_overlap(pa: Tensor, ha: Tensor, pb: Tensor, hb: Tensor) -> Tensor:
     """Whether oriented boxes overlap (separating-axis test), broadcast over leading dims.
 
     ``pa``/``pb``: (..., 3) centre and yaw; ``ha``/``hb``: (..., 2) half length and half width.
+    The four candidate axes (each box's length and width directions) are one trailing dimension, so the
+    test is a handful of tensor ops however it is run (a plan graph pays per op, not per element).
     """
-    ca, sa, cb, sb = torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]), torch.sin(pb[..., 2])
-    dx, dy = pb[..., 0] - pa[..., 0], pb[..., 1] - pa[..., 1]
-    axes = ((ca, sa), (-sa, ca), (cb, sb), (-sb, cb))
-    apart = torch.zeros_like(dx, dtype=torch.bool)
-    for ux, uy in axes:
-        ra = ha[..., 0] * (ca * ux + sa * uy).abs() + ha[..., 1] * (-sa * ux + ca * uy).abs()
-        rb = hb[..., 0] * (cb * ux + sb * uy).abs() + hb[..., 1] * (-sb * ux + cb * uy).abs()
-        apart = apart | ((dx * ux + dy * uy).abs() > ra + rb)
-    return ~apart
+    ca, sa, cb, sb = torch.broadcast_tensors(torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]),
+                                             torch.sin(pb[..., 2]))
+    ux = torch.stack([ca, -sa, cb, -sb], dim=-1)  # (..., 4)
+    uy = torch.stack([sa, ca, sb, cb], dim=-1)
+    ca, sa, cb, sb = ca[..., None], sa[..., None], cb[..., None], sb[..., None]
+    ra = ha[..., 0, None] * (ca * ux + sa * uy).abs() + ha[..., 1, None] * (ca * uy - sa * ux).abs()
+    rb = hb[..., 0, None] * (cb * ux + sb * uy).abs() + hb[..., 1, None] * (cb * uy - sb * ux).abs()
+    dx, dy = (pb[..., 0] - pa[..., 0])[..., None], (pb[..., 1] - pa[..., 1])[..., None]
+    return ((dx * ux + dy * uy).abs() <= ra + rb).all(dim=-1)
 
 
 def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, agents_size: Tensor,
