@@ -8,7 +8,9 @@ each of the sampler's steps. This times both graphs of the same weights on the s
 interleaved so machine load hits both alike, checks that they plan the same, and writes
 ``benchmarks/results/transdiffuser_latency.{json,md}``. Latency does not depend on the weights: without
 ``--checkpoint`` the default config is built untrained. ``--one-step`` also times the one-step MeanFlow
-graph of the same architecture in the same rounds (the one-step target: >= 5x lower than the DDIM default).
+graph of the same architecture and of a one-decoder-layer student (the distilled one-step row's shape) in the
+same rounds (the one-step target: >= 5x lower than the DDIM default). ``--clearance-before`` also times the
+default graph with the clearance check's box test in its previous form (one pass per separating axis).
 
 Run: python benchmarks/transdiffuser_latency.py [--checkpoint runs/.../policy] [--plans 100] [--rounds 5] [--one-step]
 """
@@ -31,6 +33,7 @@ from results_io import write_results
 from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
 from diffpilot.export.onnx import export_by_kind
 from diffpilot.export.runtime import load_runtime
+from diffpilot.policy import plan_guards
 from diffpilot.policy.registry import build_policy, load_policy
 from diffpilot.policy.transdiffuser import TransDiffuserNet
 
@@ -60,13 +63,37 @@ def export(policy: Any, path: Path, per_step: bool, steps: int) -> Path:
     return path
 
 
+def obb_overlap_per_axis(pa: torch.Tensor, ha: torch.Tensor, pb: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
+    """The box test's previous form: one projection pass per candidate separating axis (same result)."""
+    ca, sa, cb, sb = torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]), torch.sin(pb[..., 2])
+    dx, dy = pb[..., 0] - pa[..., 0], pb[..., 1] - pa[..., 1]
+    apart = torch.zeros_like(dx, dtype=torch.bool)
+    for ux, uy in ((ca, sa), (-sa, ca), (cb, sb), (-sb, cb)):
+        ra = ha[..., 0] * (ca * ux + sa * uy).abs() + ha[..., 1] * (-sa * ux + ca * uy).abs()
+        rb = hb[..., 0] * (cb * ux + sb * uy).abs() + hb[..., 1] * (-sb * ux + cb * uy).abs()
+        apart = apart | ((dx * ux + dy * uy).abs() > ra + rb)
+    return ~apart
+
+
+def export_clearance_before(policy: Any, path: Path, steps: int) -> Path:
+    now = plan_guards.obb_overlap
+    plan_guards.obb_overlap = obb_overlap_per_axis  # type: ignore[assignment]
+    try:
+        return export(policy, path, False, steps)
+    finally:
+        plan_guards.obb_overlap = now  # type: ignore[assignment]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None, help="a trained transdiffuser policy folder (default: untrained)")
     ap.add_argument("--plans", type=int, default=100, help="plans timed per graph and round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sampler-steps", type=int, nargs="+", default=[10, 5], help="DDIM steps of the graphs timed")
-    ap.add_argument("--one-step", action="store_true", help="also time the one-step MeanFlow graph (untrained weights)")
+    ap.add_argument("--one-step", action="store_true",
+                    help="also time the one-step MeanFlow graphs, 2 and 1 decoder layers (untrained weights)")
+    ap.add_argument("--clearance-before", action="store_true",
+                    help="also time the default graph with the box test's previous per-axis form")
     args = ap.parse_args()
     torch.set_num_threads(1)
     policy = planner(args.checkpoint)
@@ -81,13 +108,26 @@ def main() -> None:
         noise = np.random.default_rng(1).standard_normal(runtimes[next(iter(runtimes))].noise_shape).astype(np.float32)
         plans = {name: rt.plan(samples[0], noise=noise[None]) for name, rt in runtimes.items()}
         gap = max(float(np.abs(plans[a] - plans[b]).max()) for a, b in zip(list(plans)[::2], list(plans)[1::2]))
+        extra: dict[str, tuple[Path, int]] = {}
+        if args.clearance_before:
+            n = args.sampler_steps[-1]
+            extra[f"box test per axis (before), {n} DDIM steps"] = (
+                export_clearance_before(policy, Path(tmp) / "clear_before.onnx", n), n)
         if args.one_step:
-            name = "one-step MeanFlow, shared scene memory"
-            one = planner(None, objective="meanflow", sampler="meanflow", sampler_steps=1)
-            variants[name] = (False, 1)
-            paths[name] = export(one, Path(tmp) / "one_step.onnx", False, 1)
-            nodes[name] = len(onnx.load(str(paths[name])).graph.node)
-            runtimes[name] = load_runtime(paths[name], threads=1)
+            for name, layers in (("one-step MeanFlow, shared scene memory", None), ("one-step MeanFlow, 1 decoder layer", 1)):
+                shape = {} if layers is None else {"layers": layers}
+                one = planner(None, objective="meanflow", sampler="meanflow", sampler_steps=1, **shape)
+                extra[name] = (export(one, Path(tmp) / f"one_step_{layers}.onnx", False, 1), 1)
+        for name, (path, n) in extra.items():
+            variants[name] = (False, n)
+            paths[name] = path
+            nodes[name] = len(onnx.load(str(path)).graph.node)
+            runtimes[name] = load_runtime(path, threads=1)
+        box_gap = None
+        if args.clearance_before:  # the two box tests must plan alike, scene by scene
+            n = args.sampler_steps[-1]
+            a, b = runtimes[f"shared scene memory (now), {n} DDIM steps"], runtimes[f"box test per axis (before), {n} DDIM steps"]
+            box_gap = max(float(np.abs(a.plan(s, noise=noise[None]) - b.plan(s, noise=noise[None])).max()) for s in samples)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, rt in runtimes.items():
@@ -109,10 +149,12 @@ def main() -> None:
              f"{args.sampler_steps[0]} DDIM steps; `speedup_vs_{args.sampler_steps[-1]}_ddim_steps`: against the shared "
              f"graph at {args.sampler_steps[-1]} steps. Largest waypoint difference between the two forms' plans at the "
              f"same steps for the same scene and noise: {gap:.2e} m. Plan time includes the runtime's feature building "
-             "and plan memory (consistency).")
+             "and plan memory (consistency)."
+             + ("" if box_gap is None else f" Largest waypoint difference between the two box tests' plans over the "
+                f"{args.plans} scenes: {box_gap:.2e} m."))
     command = "python benchmarks/transdiffuser_latency.py" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") \
         + f" --plans {args.plans} --rounds {args.rounds} --sampler-steps {' '.join(map(str, args.sampler_steps))}" \
-        + (" --one-step" if args.one_step else "")
+        + (" --one-step" if args.one_step else "") + (" --clearance-before" if args.clearance_before else "")
     write_results(NAME, command, rows, notes=notes)
     for r in rows:
         print(f"{r['graph']:55s} p50 {r['plan_ms_p50']:.2f} ms  x{r['speedup_vs_before']:.2f}  {r['graph_nodes']} nodes")
