@@ -51,6 +51,7 @@ NAME = "transdiffuser"
 VARIANTS = {
     "transdiffuser": [],
     "transdiffuser (no decorrelation)": ["policy.decorrelation_weight=0.0"],
+    "transdiffuser (decorrelation 0.07)": ["policy.decorrelation_weight=0.07"],
     "transdiffuser (decorrelation 0.2)": ["policy.decorrelation_weight=0.2"],
     "transdiffuser (logs + STL augmentation)": ["AUG"],
     "transdiffuser (MeanFlow 1 step)": ["policy.objective=meanflow", "policy.sampler=meanflow", "policy.sampler_steps=1"],
