@@ -206,17 +206,21 @@ def variant_copy(src: str, dst: Path, **changes: Any) -> str:
     return str(dst)
 
 
-def latency_and_diversity(policy_dir: str, arrays: dict[str, np.ndarray], tmp: Path, n: int = 40,
-                          onnx: bool = True) -> dict[str, float]:
-    """Plan p50 (ms) in torch and in onnxruntime at batch 1 on 1 thread, and candidate diversity on val windows."""
+def val_samples(arrays: dict[str, np.ndarray], n: int = 40) -> list[Any]:
+    """``n`` val windows spread over the split: the scenes every latency and diversity figure is taken on."""
     from diffpilot.data.scene_sample import scene_samples_from_arrays
+
+    idx = np.linspace(0, len(arrays["command"]) - 1, n).astype(int)
+    return [scene_samples_from_arrays(arrays, int(i)) for i in idx]
+
+
+def latency_and_diversity(policy_dir: str, samples: list[Any], tmp: Path, onnx: bool = True) -> dict[str, Any]:
+    """Plan p50 (ms) in torch at batch 1 on 1 thread and candidate diversity on ``samples``; with ``onnx``, the
+    exported graph's path under ``onnx_path`` (timed with the others by :func:`ort_latencies`)."""
     from diffpilot.export.onnx import export_by_kind
-    from diffpilot.export.runtime import load_runtime
 
     torch.set_num_threads(1)
     policy = load_policy(policy_dir)
-    idx = np.linspace(0, len(arrays["command"]) - 1, n).astype(int)
-    samples = [scene_samples_from_arrays(arrays, int(i)) for i in idx]
     policy.reset(seed=0)
     times, div = [], []
     for s in samples:
@@ -225,20 +229,32 @@ def latency_and_diversity(policy_dir: str, arrays: dict[str, np.ndarray], tmp: P
         times.append(1e3 * (time.perf_counter() - t0))
         if getattr(policy, "last_candidates", None) is not None:
             div.append(float(candidate_diversity(torch.as_tensor(policy.last_candidates)[None])[0]))
-    out = {"plan_ms_p50_torch": float(np.median(times[3:])), "diversity_m": float(np.mean(div)) if div else None}
+    out: dict[str, Any] = {"plan_ms_p50_torch": float(np.median(times[3:])),
+                           "diversity_m": float(np.mean(div)) if div else None}
     cfg = getattr(policy, "cfg", None)
     if not onnx or getattr(cfg, "warm_start", False) or getattr(cfg, "guidance", False):
         return out  # plan-time options that stay in torch
     path = tmp / (Path(policy_dir).parent.name + ".onnx")
     export_by_kind(policy, path)
-    rt = load_runtime(path, threads=1)
-    ort = []
-    for s in samples:
-        t0 = time.perf_counter()
-        rt.plan(s)
-        ort.append(1e3 * (time.perf_counter() - t0))
-    out["plan_ms_p50_onnxruntime"] = float(np.median(ort[3:]))
+    out["onnx_path"] = str(path)
     return out
+
+
+def ort_latencies(paths: dict[str, str], samples: list[Any], rounds: int = 5) -> dict[str, float]:
+    """Plan p50 (ms) of each exported graph in onnxruntime, batch 1, 1 thread: ``rounds`` passes over ``samples``,
+    every graph once per round in turn, so a slow spell of the machine falls on all of them alike."""
+    from diffpilot.export.runtime import load_runtime
+
+    runtimes = {name: load_runtime(path, threads=1) for name, path in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, rt in runtimes.items():
+            rt.plan(samples[0])  # warm
+            for s in samples:
+                t0 = time.perf_counter()
+                rt.plan(s)
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def oracle_navsim(policy_dir: str, root: Path, frames: int) -> dict[str, float]:
@@ -321,10 +337,14 @@ def main() -> None:
         name, _ = method_of(row["method"])
         groups.setdefault((name, "navsim one-shot"), []).append(row)
     extra: dict[str, dict[str, Any]] = {}
+    samples = val_samples(val)
+    graphs: dict[str, str] = {}
     for name, r in runs.items():
         if not Path(r["dirs"][0]).exists():
             continue
-        stats = [latency_and_diversity(d, val, tmp, onnx=i == 0) for i, d in enumerate(r["dirs"])]
+        stats = [latency_and_diversity(d, samples, tmp, onnx=i == 0) for i, d in enumerate(r["dirs"])]
+        if "onnx_path" in stats[0]:
+            graphs[name] = stats[0].pop("onnx_path")
         extra[name] = {k: float(np.mean([s[k] for s in stats if s.get(k) is not None]))
                        for k in stats[0] if any(s.get(k) is not None for s in stats)}
         times = [t for t in r["train_s_per_1k_steps"] if t is not None]
@@ -332,6 +352,8 @@ def main() -> None:
             extra[name]["train_s_per_1k_steps"] = float(np.mean(times))
         if r.get("steps"):
             extra[name]["train_steps"] = int(r["steps"])
+    for name, ms in ort_latencies(graphs, samples).items():
+        extra[name]["plan_ms_p50_onnxruntime"] = ms
     for (name, mode), rs in groups.items():
         row = {"method": name, "mode": mode, "seeds": len(rs)}
         for k in (*SUB, "progress_m", "collision", *OPEN):
@@ -361,7 +383,8 @@ def main() -> None:
              f"{args.navsim_frames} keyframes per scene, tracked and scored with the agents replaying the log. "
              "`diversity_m`: mean pairwise distance of the candidates (m, mean over waypoints). `train_s_per_1k_steps`: the "
              "trainer's own clock, one torch thread, two trainings at once. `plan_ms_p50_*`: one plan "
-             "of the policy at batch 1, 1 thread, median over 40 val scenes (warm start and guidance run in torch only). "
+             "of the policy at batch 1, 1 thread, median over 40 val scenes (warm start and guidance run in torch only); "
+             "onnxruntime: 5 rounds over them, every row's graph once per round in turn, so compare within one run. "
              "The oracle row picks, among the seed-0 TransDiffuser's candidates, the one the ground-truth scorer rates "
              "best: it is an upper bound for the selection rule, not a planner.")
     write_results(NAME, cmd, rows, notes)
