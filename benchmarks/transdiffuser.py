@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from plan_timing import interleaved_plan_ms
 from results_io import write_results
 
 from diffpilot.cli import load_config
@@ -246,15 +247,7 @@ def ort_latencies(paths: dict[str, str], samples: list[Any], rounds: int = 5) ->
     from diffpilot.export.runtime import load_runtime
 
     runtimes = {name: load_runtime(path, threads=1) for name, path in paths.items()}
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, rt in runtimes.items():
-            rt.plan(samples[0])  # warm
-            for s in samples:
-                t0 = time.perf_counter()
-                rt.plan(s)
-                times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: float(np.median(t)) for name, t in interleaved_plan_ms(runtimes, samples, rounds).items()}
 
 
 def oracle_navsim(policy_dir: str, root: Path, frames: int) -> dict[str, float]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import onnx
 import torch
 import yaml
 
+from plan_timing import interleaved_plan_ms
 from results_io import write_results
 
 from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
@@ -128,14 +128,7 @@ def main() -> None:
             n = args.sampler_steps[-1]
             a, b = runtimes[f"shared scene memory (now), {n} DDIM steps"], runtimes[f"box test per axis (before), {n} DDIM steps"]
             box_gap = max(float(np.abs(a.plan(s, noise=noise[None]) - b.plan(s, noise=noise[None])).max()) for s in samples)
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, rt in runtimes.items():
-                rt.plan(samples[0])  # warm
-                for s in samples:
-                    t0 = time.perf_counter()
-                    rt.plan(s)
-                    times[name].append(1e3 * (time.perf_counter() - t0))
+        times = interleaved_plan_ms(runtimes, samples, args.rounds)
     base = float(np.median(times[f"projected at every step (before), {args.sampler_steps[0]} DDIM steps"]))
     default = float(np.median(times[f"shared scene memory (now), {args.sampler_steps[-1]} DDIM steps"]))
     rows = [{"graph": name, "plan_ms_p50": float(np.median(t)), "plan_ms_p90": float(np.percentile(t, 90)),
