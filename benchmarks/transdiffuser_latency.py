@@ -13,6 +13,7 @@ same rounds (the one-step target: >= 5x lower than the DDIM default). ``--cleara
 default graph with the clearance check's box test in its previous form (one pass per separating axis).
 
 Run: python benchmarks/transdiffuser_latency.py [--checkpoint runs/.../policy] [--plans 100] [--rounds 5] [--one-step]
+     [--clearance-before]
 """
 
 from __future__ import annotations
