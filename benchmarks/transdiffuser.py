@@ -215,9 +215,10 @@ def val_samples(arrays: dict[str, np.ndarray], n: int = 40) -> list[Any]:
     return [scene_samples_from_arrays(arrays, int(i)) for i in idx]
 
 
-def latency_and_diversity(policy_dir: str, samples: list[Any], tmp: Path, onnx: bool = True) -> dict[str, Any]:
-    """Plan p50 (ms) in torch at batch 1 on 1 thread and candidate diversity on ``samples``; with ``onnx``, the
-    exported graph's path under ``onnx_path`` (timed with the others by :func:`ort_latencies`)."""
+def latency_and_diversity(policy_dir: str, samples: list[Any], tmp: Path,
+                          onnx: bool = True) -> tuple[dict[str, float | None], str | None]:
+    """Plan p50 (ms) in torch at batch 1 on 1 thread and candidate diversity on ``samples``, and with ``onnx`` the
+    exported graph's path (timed with the others by :func:`ort_latencies`; None where the options stay in torch)."""
     from diffpilot.export.onnx import export_by_kind
 
     torch.set_num_threads(1)
@@ -230,15 +231,13 @@ def latency_and_diversity(policy_dir: str, samples: list[Any], tmp: Path, onnx: 
         times.append(1e3 * (time.perf_counter() - t0))
         if getattr(policy, "last_candidates", None) is not None:
             div.append(float(candidate_diversity(torch.as_tensor(policy.last_candidates)[None])[0]))
-    out: dict[str, Any] = {"plan_ms_p50_torch": float(np.median(times[3:])),
-                           "diversity_m": float(np.mean(div)) if div else None}
+    out = {"plan_ms_p50_torch": float(np.median(times[3:])), "diversity_m": float(np.mean(div)) if div else None}
     cfg = getattr(policy, "cfg", None)
     if not onnx or getattr(cfg, "warm_start", False) or getattr(cfg, "guidance", False):
-        return out  # plan-time options that stay in torch
+        return out, None  # plan-time options that stay in torch
     path = tmp / (Path(policy_dir).parent.name + ".onnx")
     export_by_kind(policy, path)
-    out["onnx_path"] = str(path)
-    return out
+    return out, str(path)
 
 
 def ort_latencies(paths: dict[str, str], samples: list[Any], rounds: int = 5) -> dict[str, float]:
@@ -335,9 +334,10 @@ def main() -> None:
     for name, r in runs.items():
         if not Path(r["dirs"][0]).exists():
             continue
-        stats = [latency_and_diversity(d, samples, tmp, onnx=i == 0) for i, d in enumerate(r["dirs"])]
-        if "onnx_path" in stats[0]:
-            graphs[name] = stats[0].pop("onnx_path")
+        measured = [latency_and_diversity(d, samples, tmp, onnx=i == 0) for i, d in enumerate(r["dirs"])]
+        stats = [m for m, _ in measured]
+        if measured[0][1] is not None:
+            graphs[name] = measured[0][1]
         extra[name] = {k: float(np.mean([s[k] for s in stats if s.get(k) is not None]))
                        for k in stats[0] if any(s.get(k) is not None for s in stats)}
         times = [t for t in r["train_s_per_1k_steps"] if t is not None]
