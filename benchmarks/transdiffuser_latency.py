@@ -4,16 +4,19 @@ projected again at every step (the previous graph), side by side in one run, at 
 The exported graph runs the encoder once, the decoder once per sampler step on all candidates, then the
 score head, the clearance check and the selection. The decoder's cross-attention keys and values depend on
 the scene only; the graph now projects them once per plan (``TransDiffuserNet.denoiser``) instead of at
-each of the sampler's steps. This times both graphs of the same weights on the same scenes, rounds
+each of the sampler's steps, and once per scene rather than for each candidate's copy of it (a scene's
+candidates query its memory together). This times both graphs of the same weights on the same scenes, rounds
 interleaved so machine load hits both alike, checks that they plan the same, and writes
 ``benchmarks/results/transdiffuser_latency.{json,md}``. Latency does not depend on the weights: without
-``--checkpoint`` the default config is built untrained. ``--one-step`` also times the one-step MeanFlow
+``--checkpoint`` the default config is built untrained (random output layers, so candidates differ). ``--one-step`` also times the one-step MeanFlow
 graph of the same architecture and of a one-decoder-layer student (the distilled one-step row's shape) in the
 same rounds (the one-step target: >= 5x lower than the DDIM default). ``--clearance-before`` also times the
-default graph with the clearance check's box test in its previous form (one pass per separating axis).
+default graph with the clearance check's box test in its previous form (one pass per separating axis);
+``--memory-before`` the default graph (and the one-layer one-step graph) with the scene memory projected for
+every candidate's copy of the scene, its previous form.
 
 Run: python benchmarks/transdiffuser_latency.py [--checkpoint runs/.../policy] [--plans 100] [--rounds 5] [--one-step]
-     [--clearance-before]
+     [--clearance-before] [--memory-before]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from
 from diffpilot.export.onnx import export_by_kind
 from diffpilot.export.runtime import load_runtime
 from diffpilot.policy import plan_guards
+from diffpilot.policy.generative import cond_repeat_interleave
 from diffpilot.policy.registry import build_policy, load_policy
 from diffpilot.policy.transdiffuser import TransDiffuserNet
 
@@ -48,15 +52,32 @@ def planner(checkpoint: str | None, **changes: Any) -> Any:
     torch.manual_seed(0)
     policy = build_policy({**yaml.safe_load(CONFIG.read_text()), **changes})
     policy.fit_to_batch(policy.example_batch(32, torch.Generator().manual_seed(0)))
+    with torch.no_grad():  # zero-initialised output and time layers would make every candidate the same plan
+        for layer in (policy.net.out, *(block.film for block in policy.net.layers)):
+            torch.nn.init.normal_(layer.weight, std=0.1)
     return policy.eval()
 
 
-def export(policy: Any, path: Path, per_step: bool, steps: int) -> Path:
-    """The planner's graph at ``steps`` DDIM steps; ``per_step`` rebuilds the previous form (keys and values
-    projected at every step)."""
+FORMS = ("shared", "per_candidate", "per_step")
+"""How the graph's decoder gets the scene's cross-attention keys and values: projected once per scene (now);
+projected once per plan but for every candidate's copy of the scene (before); projected again at every step,
+for every candidate's copy (earlier)."""
+
+
+def export(policy: Any, path: Path, form: str, steps: int) -> Path:
+    """The planner's graph at ``steps`` sampler steps, its scene memory in ``form`` (one of FORMS)."""
     shared = TransDiffuserNet.denoiser
-    if per_step:
-        TransDiffuserNet.denoiser = lambda net, cond: net  # type: ignore[method-assign]
+
+    def per_candidate(net: TransDiffuserNet, cond: Any, candidates: int = 1) -> Any:
+        inner = shared(net, cond_repeat_interleave(cond, candidates))
+        return lambda x, t, _cond, r=None: inner(x, t, inner.cond, r)
+
+    def per_step(net: TransDiffuserNet, cond: Any, candidates: int = 1) -> Any:
+        rep = cond_repeat_interleave(cond, candidates)
+        return lambda x, t, _cond, r=None: net(x, t, rep, r)
+
+    if form != "shared":
+        TransDiffuserNet.denoiser = {"per_candidate": per_candidate, "per_step": per_step}[form]  # type: ignore[method-assign]
     try:
         export_by_kind(policy, path, sampler={"name": policy.cfg.sampler, "num_steps": steps})
     finally:
@@ -80,7 +101,7 @@ def export_clearance_before(policy: Any, path: Path, steps: int) -> Path:
     now = plan_guards.obb_overlap
     plan_guards.obb_overlap = obb_overlap_per_axis  # type: ignore[assignment]
     try:
-        return export(policy, path, False, steps)
+        return export(policy, path, "shared", steps)
     finally:
         plan_guards.obb_overlap = now  # type: ignore[assignment]
 
@@ -95,13 +116,16 @@ def main() -> None:
                     help="also time the one-step MeanFlow graphs, 2 and 1 decoder layers (untrained weights)")
     ap.add_argument("--clearance-before", action="store_true",
                     help="also time the default graph with the box test's previous per-axis form")
+    ap.add_argument("--memory-before", action="store_true",
+                    help="also time the default (and with --one-step the 1-layer one-step) graph with the scene memory "
+                         "projected for every candidate's copy of the scene (the previous form)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     policy = planner(args.checkpoint)
     arrays = example_scene_arrays(args.plans, seed=0)
     samples = [scene_samples_from_arrays(arrays, i) for i in range(args.plans)]
-    variants = {(f"{label}, {n} DDIM steps"): (per_step, n) for n in args.sampler_steps
-                for label, per_step in (("shared scene memory (now)", False), ("projected at every step (before)", True))}
+    variants = {(f"{label}, {n} DDIM steps"): (form, n) for n in args.sampler_steps
+                for label, form in (("shared scene memory (now)", "shared"), ("projected at every step (before)", "per_step"))}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: export(policy, Path(tmp) / f"g{i}.onnx", *form) for i, (name, form) in enumerate(variants.items())}
         nodes = {name: len(onnx.load(str(p)).graph.node) for name, p in paths.items()}
@@ -114,21 +138,39 @@ def main() -> None:
             n = args.sampler_steps[-1]
             extra[f"box test per axis (before), {n} DDIM steps"] = (
                 export_clearance_before(policy, Path(tmp) / "clear_before.onnx", n), n)
+        if args.memory_before:
+            n = args.sampler_steps[-1]
+            extra[f"scene memory per candidate (before), {n} DDIM steps"] = (
+                export(policy, Path(tmp) / "memory_before.onnx", "per_candidate", n), n)
         if args.one_step:
             for name, layers in (("one-step MeanFlow, shared scene memory", None), ("one-step MeanFlow, 1 decoder layer", 1)):
                 shape = {} if layers is None else {"layers": layers}
                 one = planner(None, objective="meanflow", sampler="meanflow", sampler_steps=1, **shape)
-                extra[name] = (export(one, Path(tmp) / f"one_step_{layers}.onnx", False, 1), 1)
+                extra[name] = (export(one, Path(tmp) / f"one_step_{layers}.onnx", "shared", 1), 1)
+                if args.memory_before and layers == 1:
+                    extra[name + ", scene memory per candidate (before)"] = (
+                        export(one, Path(tmp) / "one_step_1_before.onnx", "per_candidate", 1), 1)
         for name, (path, n) in extra.items():
-            variants[name] = (False, n)
+            variants[name] = ("shared", n)
             paths[name] = path
             nodes[name] = len(onnx.load(str(path)).graph.node)
             runtimes[name] = load_runtime(path, threads=1)
-        box_gap = None
-        if args.clearance_before:  # the two box tests must plan alike, scene by scene
-            n = args.sampler_steps[-1]
-            a, b = runtimes[f"shared scene memory (now), {n} DDIM steps"], runtimes[f"box test per axis (before), {n} DDIM steps"]
-            box_gap = max(float(np.abs(a.plan(s, noise=noise[None]) - b.plan(s, noise=noise[None])).max()) for s in samples)
+        def plan_gap(a: str, b: str) -> float:  # two forms of one graph must plan alike, scene by scene
+            ra, rb = runtimes[a], runtimes[b]
+            n = np.random.default_rng(2).standard_normal(ra.noise_shape).astype(np.float32)[None]
+            return max(float(np.abs(ra.plan(s, noise=n) - rb.plan(s, noise=n)).max()) for s in samples)
+
+        n = args.sampler_steps[-1]
+        gaps = {}
+        if args.clearance_before:
+            gaps["the two box tests"] = plan_gap(f"shared scene memory (now), {n} DDIM steps",
+                                                 f"box test per axis (before), {n} DDIM steps")
+        if args.memory_before:
+            gaps["the two scene-memory forms"] = plan_gap(
+                f"shared scene memory (now), {n} DDIM steps", f"scene memory per candidate (before), {n} DDIM steps")
+            if args.one_step:
+                gaps["the one-step graph's two scene-memory forms"] = plan_gap(
+                    "one-step MeanFlow, 1 decoder layer", "one-step MeanFlow, 1 decoder layer, scene memory per candidate (before)")
         times = interleaved_plan_ms(runtimes, samples, args.rounds)
     base = float(np.median(times[f"projected at every step (before), {args.sampler_steps[0]} DDIM steps"]))
     default = float(np.median(times[f"shared scene memory (now), {args.sampler_steps[-1]} DDIM steps"]))
@@ -144,11 +186,12 @@ def main() -> None:
              f"graph at {args.sampler_steps[-1]} steps. Largest waypoint difference between the two forms' plans at the "
              f"same steps for the same scene and noise: {gap:.2e} m. Plan time includes the runtime's feature building "
              "and plan memory (consistency)."
-             + ("" if box_gap is None else f" Largest waypoint difference between the two box tests' plans over the "
-                f"{args.plans} scenes: {box_gap:.2e} m."))
+             + "".join(f" Largest waypoint difference between {what}' plans over the {args.plans} scenes: {g:.2e} m."
+                       for what, g in gaps.items()))
     command = "python benchmarks/transdiffuser_latency.py" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") \
         + f" --plans {args.plans} --rounds {args.rounds} --sampler-steps {' '.join(map(str, args.sampler_steps))}" \
-        + (" --one-step" if args.one_step else "") + (" --clearance-before" if args.clearance_before else "")
+        + (" --one-step" if args.one_step else "") + (" --clearance-before" if args.clearance_before else "") \
+        + (" --memory-before" if args.memory_before else "")
     write_results(NAME, command, rows, notes=notes)
     for r in rows:
         print(f"{r['graph']:55s} p50 {r['plan_ms_p50']:.2f} ms  x{r['speedup_vs_before']:.2f}  {r['graph_nodes']} nodes")

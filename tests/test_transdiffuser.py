@@ -13,6 +13,7 @@ from diffpilot.data.errors import DatasetError
 from diffpilot.data.scenario import SampleSpec
 from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
 from diffpilot.policy.checkpoint import CheckpointError
+from diffpilot.policy.generative import cond_repeat_interleave
 from diffpilot.policy.registry import build_policy, load_policy
 from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.transdiffuser import (
@@ -137,6 +138,12 @@ def test_the_shared_scene_memory_denoises_exactly_as_the_plain_decoder():
         assert denoiser(x, t, cond).abs().max() > 1e-3
         with pytest.raises(ValueError, match="another condition"):
             denoiser(x, t, policy.net.encode(batch))
+        # C candidates per scene query the scene's memory together: the same as repeating the scene C times
+        C = 4
+        xc = torch.randn(3 * C, policy.F, 3, generator=torch.Generator().manual_seed(6))
+        tc = torch.randint(0, 10, (3 * C,), generator=torch.Generator().manual_seed(7))
+        repeated = policy.net(xc, tc, cond_repeat_interleave(cond, C))
+        torch.testing.assert_close(policy.net.denoiser(cond, C)(xc, tc, cond), repeated, atol=1e-6, rtol=1e-5)
 
 
 def test_selection_rules_and_diversity():
@@ -217,6 +224,35 @@ def test_flow_and_one_step_meanflow_variants_train_and_plan(tmp_path: Path, obje
     policy.reset(seed=0)
     plans = policy.plan_batch(example_scene_arrays(2, seed=0))
     assert plans.shape == (2, policy.F, 3) and np.isfinite(plans).all() and policy.last_nfe == policy.sampler.num_steps
+
+
+def test_joint_fusion_plans_the_same_in_torch_and_onnxruntime_with_fewer_graph_ops(tmp_path: Path):
+    """One cross-attention over all the modalities' tokens: it trains, survives its checkpoint, exports, and its
+    graph is smaller than the per-modality one."""
+    import onnx
+
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        _fitted(fusion="parallel")
+    one_step = dict(objective="meanflow", sampler="meanflow", sampler_steps=1, layers=1)
+    policy = _fitted(fusion="joint", **one_step)
+    loss, _ = policy.compute_loss(policy.example_batch(8, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))
+    loss.backward()
+    assert torch.isfinite(loss) and policy.net.layers[0].cross.keys() == {"joint"}
+    torch.nn.init.normal_(policy.net.out.weight, std=0.5)  # spread the candidates
+    policy.save(tmp_path / "p")
+    loaded = load_policy(tmp_path / "p")
+    assert loaded.cfg.fusion == "joint"
+    runtime = load_runtime(export_by_kind(loaded, tmp_path / "joint.onnx"))
+    sample = scene_samples_from_arrays(example_scene_arrays(2, seed=4), 0)
+    noise = np.random.default_rng(0).standard_normal(loaded.noise_shape(1)).astype(np.float32)
+    loaded.reset(seed=0)
+    np.testing.assert_allclose(runtime.plan(sample, noise=noise), loaded.plan(sample, noise=noise), atol=2e-4)
+    sequential = export_by_kind(_fitted(**one_step), tmp_path / "sequential.onnx")
+    nodes = [len(onnx.load(str(p)).graph.node) for p in (tmp_path / "joint.onnx", sequential)]
+    assert nodes[0] < nodes[1], nodes
 
 
 def test_a_distilled_student_plans_what_its_teacher_plans_not_what_the_logs_do(tmp_path: Path):

@@ -7,7 +7,8 @@ CNN). The decoder denoises the plan, 8 waypoints ``(x, y, heading)`` as deltas
 that sum to the trajectory, as one token per waypoint; each decoder layer runs
 self-attention over the waypoints, then one cross-attention per modality in a
 configurable order (``modality_order``), then a feed-forward block and a FiLM
-of the diffusion time. A decorrelation loss on the batch-standardized fused
+of the diffusion time (``fusion: joint``: one cross-attention over all the
+modalities' tokens instead, a cheaper decoder for a distilled one-step student). A decorrelation loss on the batch-standardized fused
 representation (the mean over waypoints of the last layer's tokens) pushes its
 features apart against mode collapse; it is logged on its own.
 
@@ -51,7 +52,7 @@ from diffpilot.policy.plan_guards import (GuardConfig, candidate_clearance, chec
 from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import shard
-from diffpilot.policy.generative import Sampler, TokenSets, build_objective, build_sampler, cond_repeat_interleave
+from diffpilot.policy.generative import Sampler, TokenSets, build_objective, build_sampler
 from diffpilot.policy.generative.diffusion import DDPM
 from diffpilot.policy.generative.meanflow import MeanFlow
 from diffpilot.policy.generative.warm_start import WarmStartConfig, WarmStarter
@@ -64,6 +65,9 @@ __all__ = ["MODALITY_ORDER", "SELECTIONS", "SUBSCORES", "TransDiffuser", "TransD
 MODALITY_ORDER = ("ego_status", "ego_history", "agents", "lanes", "map_elements", "raster")
 """Every modality the decoder can fuse; ``raster`` needs ``use_raster``."""
 SELECTIONS = ("score", "medoid", "mode", "first")
+FUSIONS = ("sequential", "joint")
+JOINT = "joint"
+"""The one cross-attention of a ``joint`` fusion layer (its key in the layer's modules and memory)."""
 SUBSCORES = ("nc", "dac", "ttc", "ep", "comfort", "pdms")
 """What the score head predicts per candidate, in the order of the scored-candidate rows."""
 MAP_KEYS = ("stop_lines", "stop_lines_valid", "zones", "zones_valid")
@@ -87,6 +91,7 @@ class TransDiffuserConfig(GuardConfig):
     heads: int = 4
     layers: int = 2
     modality_order: list[str] = field(default_factory=lambda: ["ego_status", "ego_history", "agents", "lanes", "map_elements"])
+    fusion: str = "sequential"  # sequential: one cross-attention per modality in order | joint: one over all their tokens
     use_raster: bool = False
     raster_tokens: int = 4
     objective: str = "ddpm"  # ddpm | flow | meanflow
@@ -202,15 +207,21 @@ class Attention(nn.Module):
 
 
 class FusionLayer(nn.Module):
-    """Self-attention over waypoints, one cross-attention per modality in order, FFN, then a FiLM of the time."""
+    """Self-attention over waypoints, one cross-attention per modality in order, FFN, then a FiLM of the time.
 
-    def __init__(self, d_model: int, heads: int, order: Sequence[str]) -> None:
+    ``joint``: one cross-attention over every modality's tokens at once instead (fewer graph ops per
+    step, for a cheap one-step student).
+    """
+
+    def __init__(self, d_model: int, heads: int, order: Sequence[str], joint: bool = False) -> None:
         super().__init__()
         self.order = tuple(order)
+        self.joint = joint
+        self.keys = (JOINT,) if joint else self.order
         self.self_norm = nn.LayerNorm(d_model)
         self.self_attn = Attention(d_model, heads)
-        self.cross_norm = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in self.order})
-        self.cross = nn.ModuleDict({m: Attention(d_model, heads) for m in self.order})
+        self.cross_norm = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in self.keys})
+        self.cross = nn.ModuleDict({m: Attention(d_model, heads) for m in self.keys})
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
         self.film = nn.Linear(d_model, 2 * d_model)
@@ -218,14 +229,23 @@ class FusionLayer(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def memory(self, groups: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
-        """Each modality's cross-attention keys, values and mask bias (:meth:`Attention.memory`)."""
+        """Each modality's cross-attention keys, values and mask bias (:meth:`Attention.memory`); ``joint``: those
+        of all the modalities' tokens together."""
+        if self.joint:
+            tokens = torch.cat([groups[m][0] for m in self.order], dim=1)
+            mask = torch.cat([groups[m][1] for m in self.order], dim=1)
+            return {JOINT: self.cross[JOINT].memory(tokens, mask)}
         return {m: self.cross[m].memory(*groups[m]) for m in self.order}
 
-    def forward(self, h: Tensor, temb: Tensor, memory: Mapping[str, tuple[Tensor, Tensor, Tensor | None]]) -> Tensor:
+    def forward(self, h: Tensor, temb: Tensor, memory: Mapping[str, tuple[Tensor, Tensor, Tensor | None]],
+                candidates: int = 1) -> Tensor:
+        """``h`` (B * candidates, F, d): ``candidates`` consecutive rows share one scene row of ``memory``."""
         q = self.self_norm(h)
         h = h + self.self_attn(q, q)
-        for m in self.order:
-            h = h + self.cross[m].attend(self.cross_norm[m](h), memory[m])
+        n, d = h.shape[1:]
+        for m in self.keys:  # a scene's candidates query its memory together: one (C * F)-query attention per scene
+            x = self.cross_norm[m](h).reshape(-1, candidates * n, d)
+            h = h + self.cross[m].attend(x, memory[m]).reshape(h.shape)
         h = h + self.ffn(self.ffn_norm(h))
         scale, shift = self.film(temb).chunk(2, dim=-1)
         return h * (1.0 + scale[:, None]) + shift[:, None]
@@ -245,7 +265,7 @@ class TransDiffuserNet(nn.Module):
         self.in_proj = nn.Linear(3, d)
         self.pos = nn.Parameter(torch.randn(1, cfg.future_steps, d) * 0.02)
         self.time = TimeEmbedding(d, use_r=cfg.objective == "meanflow")
-        self.layers = nn.ModuleList(FusionLayer(d, cfg.heads, self.order) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(FusionLayer(d, cfg.heads, self.order, cfg.fusion == "joint") for _ in range(cfg.layers))
         self.out_norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, 3)
         nn.init.zeros_(self.out.weight)
@@ -279,25 +299,29 @@ class TransDiffuserNet(nn.Module):
         return [layer.memory(groups) for layer in self.layers]
 
     def decode(self, x: Tensor, t: Tensor, cond: TokenSets, r: Tensor | None = None,
-               memory: list[dict[str, tuple[Tensor, Tensor, Tensor | None]]] | None = None) -> tuple[Tensor, Tensor]:
+               memory: list[dict[str, tuple[Tensor, Tensor, Tensor | None]]] | None = None,
+               candidates: int = 1) -> tuple[Tensor, Tensor]:
         """The denoiser output and the fused representation ``(B, d)`` (last layer's tokens, mean over waypoints).
 
-        ``memory`` (from :meth:`memory` of the same ``cond``) skips projecting the scene tokens again.
+        ``memory`` (from :meth:`memory` of the same ``cond``) skips projecting the scene tokens again. With
+        ``candidates`` > 1, ``x`` holds that many consecutive rows per row of ``cond``: the scene's tokens are
+        projected once per scene rather than once per candidate, which is the same attention.
         """
         h = self.in_proj(x) + self.pos
         temb = self.time(t, r)
         memory = self.memory(cond) if memory is None else memory
         for layer, mem in zip(self.layers, memory):
-            h = layer(h, temb, mem)
+            h = layer(h, temb, mem, candidates)
         return self.out(self.out_norm(h)), h.mean(dim=1)
 
     def forward(self, x: Tensor, t: Tensor, cond: TokenSets, r: Tensor | None = None) -> Tensor:
         return self.decode(x, t, cond, r)[0]
 
-    def denoiser(self, cond: TokenSets) -> "_SceneDenoiser":
+    def denoiser(self, cond: TokenSets, candidates: int = 1) -> "_SceneDenoiser":
         """This decoder as a sampler's denoiser for the one scene batch ``cond``: the scene's keys and values are
-        projected once, not at every sampler step (18 % fewer exported graph nodes at 10 DDIM steps)."""
-        return _SceneDenoiser(self, cond)
+        projected once, not at every sampler step (18 % fewer exported graph nodes at 10 DDIM steps), and once per
+        scene for its ``candidates`` samples (the sampler's rows: ``candidates`` consecutive ones per scene)."""
+        return _SceneDenoiser(self, cond, candidates)
 
     def scores(self, context: Tensor, poses: Tensor) -> Tensor:
         """Sub-score logits ``(B, C, 6)`` for candidates ``poses`` (B, C, F, 3) in scenes ``context`` (B, d)."""
@@ -307,15 +331,16 @@ class TransDiffuserNet(nn.Module):
 
 
 class _SceneDenoiser:
-    """:meth:`TransDiffuserNet.decode` with the cross-attention memory of one ``cond`` computed once."""
+    """:meth:`TransDiffuserNet.decode` with the cross-attention memory of one ``cond`` computed once; ``x`` has
+    ``candidates`` rows per scene row of ``cond``."""
 
-    def __init__(self, net: TransDiffuserNet, cond: TokenSets) -> None:
-        self.net, self.cond, self.memory = net, cond, net.memory(cond)
+    def __init__(self, net: TransDiffuserNet, cond: TokenSets, candidates: int = 1) -> None:
+        self.net, self.cond, self.memory, self.candidates = net, cond, net.memory(cond), int(candidates)
 
     def __call__(self, x: Tensor, t: Tensor, cond: TokenSets, r: Tensor | None = None) -> Tensor:
         if cond is not self.cond:
             raise ValueError("this denoiser holds the memory of another condition; build it with net.denoiser(cond)")
-        return self.net.decode(x, t, cond, r, memory=self.memory)[0]
+        return self.net.decode(x, t, cond, r, memory=self.memory, candidates=self.candidates)[0]
 
 
 class _FusedCapture:
@@ -444,6 +469,8 @@ class TransDiffuser(PolicyBase):
         bad = [m for m in cfg.modality_order if m not in MODALITY_ORDER]
         if bad or not cfg.modality_order or len(set(cfg.modality_order)) != len(cfg.modality_order):
             raise ValueError(f"modality_order must list distinct modalities from {list(MODALITY_ORDER)}, got {cfg.modality_order}")
+        if cfg.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {cfg.fusion!r}")
         if "raster" in cfg.modality_order and not cfg.use_raster:
             raise ValueError("modality_order names 'raster' but use_raster is false; set use_raster=true or drop it")
         if cfg.objective not in SAMPLERS_FOR:
@@ -689,21 +716,20 @@ class TransDiffuser(PolicyBase):
 
         B, C = noise.shape[:2]
         sampler = self.sampler if sampler is None else sampler
-        rep = cond_repeat_interleave(cond, C)
         flat = noise.reshape(B * C, self.F, 3).to(self.norm.scale.dtype)
         hook = None
         if guide is not None:
             hook = GuidanceHook(guide, sampler.num_steps, guide.config.steps,
                                 move_sample=not isinstance(self.objective, DDPM))
-        denoiser = self.net.denoiser(rep)
+        denoiser = self.net.denoiser(cond, C)  # the sampler's rows: C per scene
         if previous is None:
-            res = sampler.sample(denoiser, flat, rep, hook=hook)
+            res = sampler.sample(denoiser, flat, cond, hook=hook)
         else:
             guess = self.norm.normalize(self._deltas_t(previous).reshape(B, -1)).reshape(B, 1, self.F, 3)
             guess = guess.expand(B, C, self.F, 3).reshape(B * C, self.F, 3)
             starter = WarmStarter(self.objective, sampler,
                                   WarmStartConfig(self.cfg.warm_start_t, True, self.cfg.warm_start_steps))
-            res = starter.sample(denoiser, guess, 0, flat, rep, hook=hook)
+            res = starter.sample(denoiser, guess, 0, flat, cond, hook=hook)
         sample = res.sample
         if guide is not None:
             sample = guide.refine(sample)[0]
