@@ -8,15 +8,15 @@ each of the sampler's steps, and once per scene rather than for each candidate's
 candidates query its memory together). This times both graphs of the same weights on the same scenes, rounds
 interleaved so machine load hits both alike, checks that they plan the same, and writes
 ``benchmarks/results/transdiffuser_latency.{json,md}``. Latency does not depend on the weights: without
-``--checkpoint`` the default config is built untrained (random output layers, so candidates differ). ``--one-step`` also times the one-step MeanFlow
-graph of the same architecture and of a one-decoder-layer student (the distilled one-step row's shape) in the
-same rounds (the one-step target: >= 5x lower than the DDIM default). ``--clearance-before`` also times the
-default graph with the clearance check's box test in its previous form (one pass per separating axis);
-``--memory-before`` the default graph (and the one-layer one-step graph) with the scene memory projected for
-every candidate's copy of the scene, its previous form.
+``--checkpoint`` the default config is built untrained (random output layers, so candidates differ).
+``--one-step`` also times, in the same rounds, the one-step MeanFlow graph of the same architecture, of a
+one-decoder-layer student and of a one-layer student with joint fusion (one cross-attention over all the
+scene's tokens); the one-step target is >= 5x lower than the DDIM default. ``--memory-before`` also times
+the default graph (and the one-layer one-step graph) with the scene memory projected for every
+candidate's copy of the scene, its previous form.
 
 Run: python benchmarks/transdiffuser_latency.py [--checkpoint runs/.../policy] [--plans 100] [--rounds 5] [--one-step]
-     [--clearance-before] [--memory-before]
+     [--memory-before]
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from results_io import write_results
 from diffpilot.data.scene_sample import example_scene_arrays, scene_samples_from_arrays
 from diffpilot.export.onnx import export_by_kind
 from diffpilot.export.runtime import load_runtime
-from diffpilot.policy import plan_guards
 from diffpilot.policy.generative import cond_repeat_interleave
 from diffpilot.policy.registry import build_policy, load_policy
 from diffpilot.policy.transdiffuser import TransDiffuserNet
@@ -85,27 +84,6 @@ def export(policy: Any, path: Path, form: str, steps: int) -> Path:
     return path
 
 
-def obb_overlap_per_axis(pa: torch.Tensor, ha: torch.Tensor, pb: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
-    """The box test's previous form: one projection pass per candidate separating axis (same result)."""
-    ca, sa, cb, sb = torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]), torch.sin(pb[..., 2])
-    dx, dy = pb[..., 0] - pa[..., 0], pb[..., 1] - pa[..., 1]
-    apart = torch.zeros_like(dx, dtype=torch.bool)
-    for ux, uy in ((ca, sa), (-sa, ca), (cb, sb), (-sb, cb)):
-        ra = ha[..., 0] * (ca * ux + sa * uy).abs() + ha[..., 1] * (-sa * ux + ca * uy).abs()
-        rb = hb[..., 0] * (cb * ux + sb * uy).abs() + hb[..., 1] * (-sb * ux + cb * uy).abs()
-        apart = apart | ((dx * ux + dy * uy).abs() > ra + rb)
-    return ~apart
-
-
-def export_clearance_before(policy: Any, path: Path, steps: int) -> Path:
-    now = plan_guards.obb_overlap
-    plan_guards.obb_overlap = obb_overlap_per_axis  # type: ignore[assignment]
-    try:
-        return export(policy, path, "shared", steps)
-    finally:
-        plan_guards.obb_overlap = now  # type: ignore[assignment]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None, help="a trained transdiffuser policy folder (default: untrained)")
@@ -114,8 +92,6 @@ def main() -> None:
     ap.add_argument("--sampler-steps", type=int, nargs="+", default=[10, 5], help="DDIM steps of the graphs timed")
     ap.add_argument("--one-step", action="store_true",
                     help="also time the one-step MeanFlow graphs, 2 and 1 decoder layers (untrained weights)")
-    ap.add_argument("--clearance-before", action="store_true",
-                    help="also time the default graph with the box test's previous per-axis form")
     ap.add_argument("--memory-before", action="store_true",
                     help="also time the default (and with --one-step the 1-layer one-step) graph with the scene memory "
                          "projected for every candidate's copy of the scene (the previous form)")
@@ -134,20 +110,18 @@ def main() -> None:
         plans = {name: rt.plan(samples[0], noise=noise[None]) for name, rt in runtimes.items()}
         gap = max(float(np.abs(plans[a] - plans[b]).max()) for a, b in zip(list(plans)[::2], list(plans)[1::2]))
         extra: dict[str, tuple[Path, int]] = {}
-        if args.clearance_before:
-            n = args.sampler_steps[-1]
-            extra[f"box test per axis (before), {n} DDIM steps"] = (
-                export_clearance_before(policy, Path(tmp) / "clear_before.onnx", n), n)
         if args.memory_before:
             n = args.sampler_steps[-1]
             extra[f"scene memory per candidate (before), {n} DDIM steps"] = (
                 export(policy, Path(tmp) / "memory_before.onnx", "per_candidate", n), n)
         if args.one_step:
-            for name, layers in (("one-step MeanFlow, shared scene memory", None), ("one-step MeanFlow, 1 decoder layer", 1)):
-                shape = {} if layers is None else {"layers": layers}
+            for i, (name, shape) in enumerate((("one-step MeanFlow, shared scene memory", {}),
+                                               ("one-step MeanFlow, 1 decoder layer", {"layers": 1}),
+                                               ("one-step MeanFlow, 1 decoder layer, joint fusion",
+                                                {"layers": 1, "fusion": "joint"}))):
                 one = planner(None, objective="meanflow", sampler="meanflow", sampler_steps=1, **shape)
-                extra[name] = (export(one, Path(tmp) / f"one_step_{layers}.onnx", "shared", 1), 1)
-                if args.memory_before and layers == 1:
+                extra[name] = (export(one, Path(tmp) / f"one_step_{i}.onnx", "shared", 1), 1)
+                if args.memory_before and shape == {"layers": 1}:
                     extra[name + ", scene memory per candidate (before)"] = (
                         export(one, Path(tmp) / "one_step_1_before.onnx", "per_candidate", 1), 1)
         for name, (path, n) in extra.items():
@@ -162,9 +136,6 @@ def main() -> None:
 
         n = args.sampler_steps[-1]
         gaps = {}
-        if args.clearance_before:
-            gaps["the two box tests"] = plan_gap(f"shared scene memory (now), {n} DDIM steps",
-                                                 f"box test per axis (before), {n} DDIM steps")
         if args.memory_before:
             gaps["the two scene-memory forms"] = plan_gap(
                 f"shared scene memory (now), {n} DDIM steps", f"scene memory per candidate (before), {n} DDIM steps")
@@ -190,7 +161,7 @@ def main() -> None:
                        for what, g in gaps.items()))
     command = "python benchmarks/transdiffuser_latency.py" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "") \
         + f" --plans {args.plans} --rounds {args.rounds} --sampler-steps {' '.join(map(str, args.sampler_steps))}" \
-        + (" --one-step" if args.one_step else "") + (" --clearance-before" if args.clearance_before else "") \
+        + (" --one-step" if args.one_step else "") \
         + (" --memory-before" if args.memory_before else "")
     write_results(NAME, command, rows, notes=notes)
     for r in rows:

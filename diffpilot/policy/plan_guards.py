@@ -23,6 +23,7 @@ after the present is read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -91,14 +92,22 @@ def obb_overlap(pa: Tensor, ha: Tensor, pb: Tensor, hb: Tensor) -> Tensor:
     """Whether oriented boxes overlap (separating-axis test), broadcast over leading dims.
 
     ``pa``/``pb``: (..., 3) centre and yaw; ``ha``/``hb``: (..., 2) half length and half width.
-    Each box's extent along the other's axes needs only the cosine and sine of the yaw
-    difference, so the four axis tests are a few elementwise ops (a plan graph pays per op).
     """
-    ca, sa, cb, sb = torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]), torch.sin(pb[..., 2])
-    c, s = (ca * cb + sa * sb).abs(), (ca * sb - sa * cb).abs()  # |cos|, |sin| of the yaw difference
     dx, dy = pb[..., 0] - pa[..., 0], pb[..., 1] - pa[..., 1]
+    ca, sa, cb, sb = torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]), torch.sin(pb[..., 2])
+    return _overlap(dx, dy, ca, sa, cb, sb, ha, hb)
+
+
+def _overlap(dx: Tensor, dy: Tensor, ca: Tensor, sa: Tensor, cb: Tensor, sb: Tensor, ha: Tensor, hb: Tensor,
+             along_a: Tensor | None = None) -> Tensor:
+    """:func:`obb_overlap` from the centre offset ``(dx, dy)`` of box b from box a and each box's heading as cosine
+    and sine. Each box's extent along the other's axes needs only the cosine and sine of the yaw difference,
+    so the four axis tests are a few elementwise ops (a plan graph pays per op). ``along_a``: ``dx*ca + dy*sa``
+    when the caller has it already."""
+    c, s = (ca * cb + sa * sb).abs(), (ca * sb - sa * cb).abs()  # |cos|, |sin| of the yaw difference
     la, wa, lb, wb = ha[..., 0], ha[..., 1], hb[..., 0], hb[..., 1]
-    return (((dx * ca + dy * sa).abs() <= la + lb * c + wb * s) & ((dy * ca - dx * sa).abs() <= wa + lb * s + wb * c)
+    along_a = dx * ca + dy * sa if along_a is None else along_a
+    return ((along_a.abs() <= la + lb * c + wb * s) & ((dy * ca - dx * sa).abs() <= wa + lb * s + wb * c)
             & ((dx * cb + dy * sb).abs() <= lb + la * c + wa * s) & ((dy * cb - dx * sb).abs() <= wb + la * s + wa * c))
 
 
@@ -116,11 +125,21 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     """
     B, C, F, _ = cands.shape
     dtype = cands.dtype
-    prev = torch.cat([torch.zeros_like(cands[:, :, :1]), cands[:, :, :-1]], dim=2)
-    mid = 0.5 * (prev + cands)
-    mid_yaw = torch.atan2(torch.sin(prev[..., 2]) + torch.sin(cands[..., 2]), torch.cos(prev[..., 2]) + torch.cos(cands[..., 2]))
-    mid = torch.cat([mid[..., :2], mid_yaw[..., None]], dim=-1)
-    ego = torch.stack([mid, cands], dim=3).reshape(B, C, 2 * F, 3)  # 0.5 dt, dt, 1.5 dt, ...
+    # The ego at every half step (0.5 dt, dt, 1.5 dt, ...): midpoints and waypoints, headings as cosine and sine. A
+    # midpoint's heading is the circular mean of its ends': the direction of the sum of their unit vectors.
+    cw, sw = torch.cos(cands[..., 2]), torch.sin(cands[..., 2])  # (B, C, F)
+    first = torch.zeros_like(cw[:, :, :1])
+    cp, sp = torch.cat([first + 1.0, cw[:, :, :-1]], dim=2), torch.cat([first, sw[:, :, :-1]], dim=2)
+    cm, sm = cp + cw, sp + sw
+    norm = (cm * cm + sm * sm).sqrt()
+    turned = norm > 0  # ends facing opposite ways: heading 0, as atan2(0, 0)
+    cm = torch.where(turned, cm / norm.clamp_min(1e-30), torch.ones_like(cm))
+    sm = torch.where(turned, sm / norm.clamp_min(1e-30), torch.zeros_like(sm))
+    xy = cands[..., :2]
+    mid_xy = 0.5 * (torch.cat([torch.zeros_like(xy[:, :, :1]), xy[:, :, :-1]], dim=2) + xy)
+    ego_xy = torch.stack([mid_xy, xy], dim=3).reshape(B, C, 2 * F, 1, 2)  # (B, C, T, 1, 2)
+    ca = torch.stack([cm, cw], dim=3).reshape(B, C, 2 * F, 1)
+    sa = torch.stack([sm, sw], dim=3).reshape(B, C, 2 * F, 1)
     times = (0.5 * dt) * torch.arange(1, 2 * F + 1, dtype=dtype, device=cands.device)
 
     now = agents_pose[:, :, -1].to(dtype)  # (B, K, 3)
@@ -128,26 +147,29 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     before = agents_pose[:, :, -2].to(dtype) if agents_pose.shape[2] > 1 else now
     seen_before = agents_valid[:, :, -2] if agents_pose.shape[2] > 1 else seen_now
     vel = torch.where(seen_before[..., None], (now[..., :2] - before[..., :2]) / dt, torch.zeros_like(now[..., :2]))
-    xy = now[:, :, None, :2] + vel[:, :, None] * times[None, None, :, None]  # (B, K, T, 2)
-    agents = torch.cat([xy, now[:, :, None, 2:].expand(-1, -1, 2 * F, -1)], dim=-1)
+    agent_xy = now[:, None, :, :2] + vel[:, None] * times[None, :, None, None]  # (B, T, K, 2)
+    cb, sb = torch.cos(now[..., 2])[:, None, None], torch.sin(now[..., 2])[:, None, None]  # (B, 1, 1, K): headings kept
 
     ego_half = torch.tensor([0.5 * (ego_size[0] + front_m) + margin_m, 0.5 * ego_size[1] + margin_m], dtype=dtype,
                             device=cands.device)
-    pa = ego[:, :, :, None]  # (B, C, T, 1, 3)
-    head = torch.stack([torch.cos(pa[..., 2]), torch.sin(pa[..., 2])], dim=-1)  # (B, C, T, 1, 2)
-    box = torch.cat([pa[..., :2] + (0.5 * front_m) * head, pa[..., 2:]], dim=-1)  # its centre moves forward by half the reach
-    pb = agents.transpose(1, 2)[:, None]  # (B, 1, T, K, 3)
-    hb = (0.5 * agents_size.to(dtype))[:, None, None]  # (B, 1, 1, K, 2)
+    offset = agent_xy[:, None] - ego_xy  # (B, C, T, K, 2): each agent from the ego's centre
+    dx, dy = offset[..., 0], offset[..., 1]
+    along = dx * ca + dy * sa  # how far ahead of the ego's centre, along its heading
+    agent_half = (0.5 * agents_size.to(dtype))[:, None, None]
+    if front_m:  # the box reaching front_m further ahead has its centre half that further forward
+        hit = _overlap(dx - (0.5 * front_m) * ca, dy - (0.5 * front_m) * sa, ca, sa, cb, sb, ego_half, agent_half)
+    else:
+        hit = _overlap(dx, dy, ca, sa, cb, sb, ego_half, agent_half, along)
     # Oncoming traffic (moving, heading more than 120 degrees from the ego's) is left to the map: a straight-line
     # forecast of a car in the opposite lane of a curve sweeps across the ego's lane and would stop it for nothing.
     moving = vel.norm(dim=-1) > ONCOMING_MIN_SPEED  # (B, K)
-    oncoming = (torch.cos(pb[..., 2] - pa[..., 2]) < ONCOMING_COS) & moving[:, None, None, :]
-    hit = obb_overlap(box, ego_half, pb, hb) & seen_now[:, None, None, :] & ~oncoming  # (B, C, T, K)
-    ahead = ((pb[..., :2] - pa[..., :2]) * head).sum(-1) > 0
+    oncoming = (ca * cb + sa * sb < ONCOMING_COS) & moving[:, None, None, :]
+    hit = hit & seen_now[:, None, None, :] & ~oncoming  # (B, C, T, K)
+    ahead = along > 0
     # An agent counts when it is ahead of the ego at its first contact (it overtaking from behind does not).
-    first = _first_true(hit.transpose(2, 3))  # (B, C, K), T when never
+    first_hit = _first_true(hit.transpose(2, 3))  # (B, C, K), T when never
     ahead_then = torch.gather(torch.cat([ahead, torch.zeros_like(ahead[:, :, :1])], dim=2).transpose(2, 3), 3,
-                              first[..., None]).squeeze(-1)
+                              first_hit[..., None]).squeeze(-1)
     any_hit = (hit & ahead_then[:, :, None, :]).any(dim=-1)  # (B, C, T)
     steps = _first_true(any_hit)
     if horizon_s is None:
@@ -209,7 +231,8 @@ def stop_short(plans: Tensor, steps: Tensor, dt: float = DT) -> Tensor:
     a = torch.gather(pts, 1, k[..., None].expand(-1, -1, 3))
     b = torch.gather(pts, 1, (k + 1)[..., None].expand(-1, -1, 3))
     frac = ((s - torch.gather(arc, 1, k)) / torch.gather(seg, 1, k).clamp_min(1e-6)).clamp(0.0, 1.0)[..., None]
-    turn = torch.atan2(torch.sin(b[..., 2] - a[..., 2]), torch.cos(b[..., 2] - a[..., 2]))[..., None]
+    d = b[..., 2:] - a[..., 2:]
+    turn = d - (2 * math.pi) * torch.floor((d + math.pi) / (2 * math.pi))  # wrapped into [-pi, pi)
     braked = torch.cat([a[..., :2] + frac * (b[..., :2] - a[..., :2]), a[..., 2:] + frac * turn], dim=-1)
     return torch.where((steps >= 2 * F)[:, None, None], plans, braked)
 
