@@ -1,0 +1,147 @@
+"""One-step TransDiffuser students against their multi-step teacher: PDMS and plan latency side by side.
+
+The one-step target of the TransDiffuser issue: within 0.02 PDMS of the multi-step planner at >= 5x lower plan
+latency. Trains (resumably, the same runs and folders as ``benchmarks/transdiffuser.py``) the DDPM planner over
+``--seeds`` and, per seed, each student in ``--students``: a one-step MeanFlow planner distilled from that seed's
+DDPM planner (``policy.teacher``), ``--student-steps`` steps. Then evaluates all of them with the CLI's driving
+evaluation on the val split (closed loop non-reactive and reactive, NAVSIM-style one-shot), beside log replay and
+the lane follower, and times the seed-0 graphs in onnxruntime (batch 1, 1 thread, rounds interleaved over 40 val
+scenes). Each student row gives its PDMS gap to the teacher (mean over seeds) and its speed-up over the
+teacher's graph in the same run. Writes ``benchmarks/results/transdiffuser_one_step.{json,md}``.
+
+Run: python benchmarks/transdiffuser_one_step.py [--scenes 200] [--steps 10000] [--student-steps 20000]
+     [--seeds 0 1] [--students "1 layer, joint fusion" ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from results_io import write_results
+from transdiffuser import (
+    VARIANTS,
+    data_overrides,
+    evaluate,
+    latency_and_diversity,
+    ort_latencies,
+    slug,
+    train_runs,
+    val_samples,
+)
+
+from diffpilot.data.nuscenes import load_scene_samples
+from diffpilot.data.scenario import SampleSpec
+from diffpilot.driving_jobs import driving_data_job
+
+NAME = "transdiffuser_one_step"
+TEACHER = "transdiffuser"
+ONE_STEP = [e for e in VARIANTS["transdiffuser (MeanFlow 1 step, distilled)"] if e != "TEACHER"]
+STUDENTS = {
+    "2 layers": [],
+    "1 layer": ["policy.layers=1"],
+    "1 layer, joint fusion": ["policy.layers=1", "policy.fusion=joint"],
+}
+"""Distilled one-step students by name: their config overrides on top of the one-step MeanFlow ones."""
+MODES = ("non-reactive", "reactive", "navsim one-shot")
+"""Closed loop (agents replaying the log, or reacting) and the NAVSIM-style one-shot score."""
+
+
+def student_name(key: str, steps: int) -> str:
+    return f"transdiffuser (MeanFlow 1 step, distilled, {key}, {steps // 1000}k steps)"
+
+
+def train(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Teacher and student runs: name -> {"dirs": [policy folder per seed], "train_s_per_1k_steps": [...]}"""
+    out = Path(args.out)
+    base = ["policy=transdiffuser", *data_overrides(args), f"train.batch_size={args.batch}"]
+    teachers = [(out / f"{slug(TEACHER)}_s{s}", [*base, f"train.steps={args.steps}", f"seed={s}", f"policy.seed={s}"])
+                for s in args.seeds]  # the table's TransDiffuser runs: trained once for both benchmarks
+    students: list[tuple[str, Path, list[str]]] = []
+    for key in args.students:
+        name = student_name(key, args.student_steps)
+        for s in args.seeds:
+            students.append((name, out / f"{slug(name)}_s{s}",
+                             [*base, f"train.steps={args.student_steps}", f"seed={s}", f"policy.seed={s}", *ONE_STEP,
+                              *STUDENTS[key], f"policy.teacher={teachers[args.seeds.index(s)][0] / 'policy'}"]))
+    infos = train_runs(teachers, args.jobs) + train_runs([(run, o) for _, run, o in students], args.jobs)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, (run, _), info in zip([TEACHER] * len(teachers) + [n for n, _, _ in students],
+                                    teachers + [(run, o) for _, run, o in students], infos):
+        r = runs.setdefault(name, {"dirs": [], "train_s_per_1k_steps": []})
+        r["dirs"].append(str(run / "policy"))
+        r["train_s_per_1k_steps"].append(info["train_s_per_1k_steps"])
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=10000, help="training steps of the multi-step (DDPM) teacher")
+    ap.add_argument("--student-steps", type=int, default=20000)
+    ap.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--score-every", type=int, default=4, help="score candidates of every n-th train window")
+    ap.add_argument("--recovery", type=int, default=1, help="recovery windows per logged keyframe")
+    ap.add_argument("--navsim-frames", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=2, help="trainings at once, one torch thread each")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over the 40 val scenes")
+    ap.add_argument("--max-val", type=int, default=None)
+    ap.add_argument("--out", default="runs/bench/transdiffuser")
+    args = ap.parse_args()
+    out = Path(args.out)
+    root = driving_data_job({"num_scenes": args.scenes, "seed": 0, "workers": args.workers})
+    runs = train(args)
+    labels = {d: name for name, r in runs.items() for d in r["dirs"]}
+    res = evaluate(["log_replay", "lane_follower", *labels], out / "eval_one_step", args)
+
+    def name_of(method: str) -> str:  # a saved policy's rows are labelled <kind>:<run folder>
+        return next((n for d, n in labels.items() if method.endswith(":" + Path(d).parent.name)), method)
+
+    scores: dict[tuple[str, str], list[float]] = {}
+    for row in [*res["summary"], *({**r, "mode": "navsim one-shot"} for r in res.get("navsim", []))]:
+        if row.get("mode") in MODES:
+            scores.setdefault((name_of(row["method"]), row["mode"]), []).append(float(row["pdms"]))
+    samples = val_samples(load_scene_samples(root, "v1.0-diffpilot", "val", SampleSpec(), progress=False))
+    graphs = {}
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    for name, r in runs.items():
+        graphs[name] = latency_and_diversity(r["dirs"][0], samples, out / "onnx")[1]
+    ms = ort_latencies(graphs, samples, args.rounds)
+    rows = []
+    for name in ["log_replay", "lane_follower", *runs]:
+        row: dict[str, Any] = {"planner": name}
+        for mode in MODES:
+            vals = scores.get((name, mode), [])
+            if vals:
+                row[f"pdms {mode}"] = float(np.mean(vals))
+                if len(vals) > 1:
+                    row[f"pdms std {mode}"] = float(np.std(vals, ddof=1))
+                if name in runs and name != TEACHER and scores.get((TEACHER, mode)):
+                    row[f"gap to teacher {mode}"] = float(np.mean(vals) - np.mean(scores[(TEACHER, mode)]))
+        if name in ms:
+            row["plan_ms_p50_onnxruntime"] = ms[name]
+            row["speedup_vs_teacher"] = ms[TEACHER] / ms[name]
+            row["train_s_per_1k_steps"] = float(np.mean(runs[name]["train_s_per_1k_steps"]))
+        rows.append(row)
+    cmd = (f"python benchmarks/transdiffuser_one_step.py --scenes {args.scenes} --steps {args.steps} "
+           f"--student-steps {args.student_steps} --seeds {' '.join(map(str, args.seeds))} --students "
+           + " ".join(f'"{s}"' for s in args.students) + f" --workers {args.workers} --jobs {args.jobs} "
+           f"--recovery {args.recovery}")
+    notes = (f"{args.scenes} embedded scenes; the teacher is the table's TransDiffuser (DDPM, {args.steps} steps, 5 DDIM "
+             f"steps per plan); each student is one-step MeanFlow distilled from the same seed's teacher, "
+             f"{args.student_steps} steps; PDMS: mean over seeds {args.seeds} (`pdms std`: std over seeds). "
+             "`gap to teacher`: student minus teacher, mean PDMS (target: >= -0.02). `plan_ms_p50_onnxruntime`: the seed-0 "
+             f"graph, batch 1, 1 thread, {args.rounds} rounds over 40 val scenes, every graph once per round in turn, "
+             "including the runtime's feature building; `speedup_vs_teacher`: the teacher's p50 over the row's "
+             "(target: >= 5). Closed loop as in `transdiffuser.md`.")
+    write_results(NAME, cmd, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
