@@ -8,9 +8,10 @@ that sum to the trajectory, as one token per waypoint; each decoder layer runs
 self-attention over the waypoints, then one cross-attention per modality in a
 configurable order (``modality_order``), then a feed-forward block and a FiLM
 of the diffusion time (``fusion: joint``: one cross-attention over all the
-modalities' tokens instead, a cheaper decoder for a distilled one-step student). A decorrelation loss on the batch-standardized fused
-representation (the mean over waypoints of the last layer's tokens) pushes its
-features apart against mode collapse; it is logged on its own.
+modalities' tokens instead, a cheaper decoder for a distilled one-step
+student). A decorrelation loss on the batch-standardized fused representation
+(the mean over waypoints of the last layer's tokens) pushes its features apart
+against mode collapse; it is logged on its own.
 
 Planning draws ``num_candidates`` plans per scene and keeps one without a
 scorer (``selection``): ``score`` (a learned head that predicts each
