@@ -79,6 +79,17 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
             f"data.score_every={args.score_every}", f"data.recovery_copies={args.recovery}", "progress=false"]
 
 
+def run_overrides(args: argparse.Namespace, steps: int, seed: int, extra: list[str]) -> list[str]:
+    """A TransDiffuser run's training overrides: the driving data, steps, batch and seed, then ``extra``."""
+    return ["policy=transdiffuser", *data_overrides(args), f"train.steps={steps}", f"train.batch_size={args.batch}",
+            f"seed={seed}", f"policy.seed={seed}", *extra]
+
+
+def teacher_dir(out: Path, seed: int) -> Path:
+    """The seed's TransDiffuser policy folder: the teacher of the distilled rows."""
+    return out / f"{slug('transdiffuser')}_s{seed}" / "policy"
+
+
 def train_one(out: Path, overrides: list[str]) -> dict[str, Any]:
     """Train (or resume) one run on one torch thread; its training seconds per 1k steps by the trainer's own clock
     (``train_s`` of the last log row: optimisation only, resumed runs add up, the candidate bank's scoring excluded)."""
@@ -124,12 +135,10 @@ def train_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]
     for name, extra in VARIANTS.items():
         steps = args.meanflow_steps if "policy.objective=meanflow" in extra and args.meanflow_steps else args.steps
         for seed in args.seeds:
-            teacher = out / f"{slug('transdiffuser')}_s{seed}" / "policy"
-            over = [{"AUG": f"data.augmented={aug}", "TEACHER": f"policy.teacher={teacher}"}.get(e, e) for e in extra]
+            over = [{"AUG": f"data.augmented={aug}", "TEACHER": f"policy.teacher={teacher_dir(out, seed)}"}.get(e, e)
+                    for e in extra]
             (distilled if "TEACHER" in extra else tasks).append(
-                (name, out / f"{slug(name)}_s{seed}",
-                 ["policy=transdiffuser", *data_overrides(args), f"train.steps={steps}", f"train.batch_size={args.batch}",
-                  f"seed={seed}", f"policy.seed={seed}", *over]))
+                (name, out / f"{slug(name)}_s{seed}", run_overrides(args, steps, seed, over)))
     infos = train_runs([(run, overrides) for _, run, overrides in tasks], args.jobs)
     infos += train_runs([(run, overrides) for _, run, overrides in distilled], args.jobs)
     tasks += distilled

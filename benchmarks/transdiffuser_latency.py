@@ -57,14 +57,10 @@ def planner(checkpoint: str | None, **changes: Any) -> Any:
     return policy.eval()
 
 
-FORMS = ("shared", "per_candidate", "per_step")
-"""How the graph's decoder gets the scene's cross-attention keys and values: projected once per scene (now);
-projected once per plan but for every candidate's copy of the scene (before); projected again at every step,
-for every candidate's copy (earlier)."""
-
-
 def export(policy: Any, path: Path, form: str, steps: int) -> Path:
-    """The planner's graph at ``steps`` sampler steps, its scene memory in ``form`` (one of FORMS)."""
+    """The planner's graph at ``steps`` sampler steps. ``form``: how its decoder gets the scene's cross-attention
+    keys and values: ``shared``, projected once per scene (now); ``per_candidate``, once per plan but for every
+    candidate's copy of the scene (before); ``per_step``, again at every step for every copy (earlier)."""
     shared = TransDiffuserNet.denoiser
 
     def per_candidate(net: TransDiffuserNet, cond: Any, candidates: int = 1) -> Any:
@@ -129,6 +125,7 @@ def main() -> None:
             paths[name] = path
             nodes[name] = len(onnx.load(str(path)).graph.node)
             runtimes[name] = load_runtime(path, threads=1)
+
         def plan_gap(a: str, b: str) -> float:  # two forms of one graph must plan alike, scene by scene
             ra, rb = runtimes[a], runtimes[b]
             n = np.random.default_rng(2).standard_normal(ra.noise_shape).astype(np.float32)[None]

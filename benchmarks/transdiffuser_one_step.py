@@ -24,11 +24,11 @@ import numpy as np
 from results_io import write_results
 from transdiffuser import (
     VARIANTS,
-    data_overrides,
     evaluate,
-    latency_and_diversity,
     ort_latencies,
+    run_overrides,
     slug,
+    teacher_dir,
     train_runs,
     val_samples,
 )
@@ -36,6 +36,8 @@ from transdiffuser import (
 from diffpilot.data.nuscenes import load_scene_samples
 from diffpilot.data.scenario import SampleSpec
 from diffpilot.driving_jobs import driving_data_job
+from diffpilot.export.onnx import export_by_kind
+from diffpilot.policy.registry import load_policy
 
 NAME = "transdiffuser_one_step"
 TEACHER = "transdiffuser"
@@ -57,20 +59,14 @@ def student_name(key: str, steps: int) -> str:
 def train(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Teacher and student runs: name -> {"dirs": [policy folder per seed], "train_s_per_1k_steps": [...]}"""
     out = Path(args.out)
-    base = ["policy=transdiffuser", *data_overrides(args), f"train.batch_size={args.batch}"]
-    teachers = [(out / f"{slug(TEACHER)}_s{s}", [*base, f"train.steps={args.steps}", f"seed={s}", f"policy.seed={s}"])
-                for s in args.seeds]  # the table's TransDiffuser runs: trained once for both benchmarks
-    students: list[tuple[str, Path, list[str]]] = []
-    for key in args.students:
-        name = student_name(key, args.student_steps)
-        for s in args.seeds:
-            students.append((name, out / f"{slug(name)}_s{s}",
-                             [*base, f"train.steps={args.student_steps}", f"seed={s}", f"policy.seed={s}", *ONE_STEP,
-                              *STUDENTS[key], f"policy.teacher={teachers[args.seeds.index(s)][0] / 'policy'}"]))
-    infos = train_runs(teachers, args.jobs) + train_runs([(run, o) for _, run, o in students], args.jobs)
+    # the table's TransDiffuser runs (trained once for both benchmarks), then the students distilled from them
+    teachers = [(TEACHER, teacher_dir(out, s).parent, run_overrides(args, args.steps, s, [])) for s in args.seeds]
+    students = [(name, out / f"{slug(name)}_s{s}",
+                 run_overrides(args, args.student_steps, s, [*ONE_STEP, *STUDENTS[key], f"policy.teacher={teacher_dir(out, s)}"]))
+                for key in args.students for name in [student_name(key, args.student_steps)] for s in args.seeds]
+    infos = [info for group in (teachers, students) for info in train_runs([(run, o) for _, run, o in group], args.jobs)]
     runs: dict[str, dict[str, Any]] = {}
-    for name, (run, _), info in zip([TEACHER] * len(teachers) + [n for n, _, _ in students],
-                                    teachers + [(run, o) for _, run, o in students], infos):
+    for (name, run, _), info in zip(teachers + students, infos):
         r = runs.setdefault(name, {"dirs": [], "train_s_per_1k_steps": []})
         r["dirs"].append(str(run / "policy"))
         r["train_s_per_1k_steps"].append(info["train_s_per_1k_steps"])
@@ -108,10 +104,9 @@ def main() -> None:
         if row.get("mode") in MODES:
             scores.setdefault((name_of(row["method"]), row["mode"]), []).append(float(row["pdms"]))
     samples = val_samples(load_scene_samples(root, "v1.0-diffpilot", "val", SampleSpec(), progress=False))
-    graphs = {}
     (out / "onnx").mkdir(parents=True, exist_ok=True)
-    for name, r in runs.items():
-        graphs[name] = latency_and_diversity(r["dirs"][0], samples, out / "onnx")[1]
+    graphs = {name: str(export_by_kind(load_policy(r["dirs"][0]), out / "onnx" / f"{Path(r['dirs'][0]).parent.name}.onnx"))
+              for name, r in runs.items()}
     ms = ort_latencies(graphs, samples, args.rounds)
     rows = []
     for name in ["log_replay", "lane_follower", *runs]:
