@@ -46,6 +46,7 @@ STUDENTS = {
     "2 layers": [],
     "1 layer": ["policy.layers=1"],
     "1 layer, joint fusion": ["policy.layers=1", "policy.fusion=joint"],
+    "1 layer, joint fusion, teacher init": ["policy.layers=1", "policy.fusion=joint", "policy.teacher_init=true"],
 }
 """Distilled one-step students by name: their config overrides on top of the one-step MeanFlow ones."""
 MODES = ("non-reactive", "reactive", "navsim one-shot")

@@ -190,6 +190,7 @@ def _train_driving(cfg: dict[str, Any], kind: str, options: dict[str, Any], tcfg
     _check_driving_extras(policy, data_cfg)
     if hasattr(policy, "load_teacher"):
         policy.load_teacher()  # a distillation teacher that is missing or of another kind fails before any data work
+        policy.start_from_teacher()
     with distributed.rank_zero_first():
         root = driving_data_job({k: data_cfg[k] for k in DRIVING_DATA_KEYS})
     spec = SampleSpec(past_steps=int(policy.config.get("past_steps", SampleSpec.past_steps)),

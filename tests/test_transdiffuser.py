@@ -281,6 +281,30 @@ def test_a_distilled_student_plans_what_its_teacher_plans_not_what_the_logs_do(t
     assert abs(students["distilled"] - taught) < 0.25 * abs(students["from logs"] - taught), (taught, students, logged)
 
 
+def test_teacher_init_starts_a_smaller_student_from_its_teachers_scene_encoding_and_score_head(tmp_path: Path):
+    teacher = TransDiffuser(**{**TINY, "layers": 2}, seed=0)
+    torch.nn.init.normal_(teacher.net.score_head[0].weight, std=0.3)
+    teacher.save(tmp_path / "teacher")
+    student_options = {**TINY, "objective": "meanflow", "sampler": "meanflow", "sampler_steps": 1, "layers": 1,
+                       "fusion": "joint", "teacher": str(tmp_path / "teacher"), "seed": 1}
+    batch = teacher.example_batch(4, torch.Generator().manual_seed(0))
+
+    def scores(policy: TransDiffuser) -> torch.Tensor:
+        with torch.no_grad():
+            return policy.net.scores(policy.net.context(policy.net.encode(batch)), batch["cand_poses"])
+
+    cold = TransDiffuser(**student_options)
+    assert cold.start_from_teacher() == []  # teacher_init off: distillation alone leaves the student's own init
+    assert not torch.allclose(scores(cold), scores(teacher))
+    warm = TransDiffuser(**student_options, teacher_init=True)
+    copied = warm.start_from_teacher()
+    torch.testing.assert_close(scores(warm), scores(teacher))  # same scene encoding, same score head
+    assert any(k.startswith("encoder.") for k in copied) and any(k.startswith("score_head.") for k in copied)
+    assert not any(k.startswith("layers.1.") or ".cross.joint." in k for k in copied)  # nothing the student lacks or shapes otherwise
+    with pytest.raises(ValueError, match="teacher_init starts a student from its teacher's weights; set teacher="):
+        TransDiffuser(**TINY, teacher_init=True)
+
+
 def test_stl_guidance_raises_rule_robustness():
     policy = _fitted(guidance=True, selection="first", num_candidates=4)
     torch.nn.init.normal_(policy.net.out.weight, std=0.5)  # wild plans that break rules

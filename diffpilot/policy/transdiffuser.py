@@ -101,6 +101,7 @@ class TransDiffuserConfig(GuardConfig):
     objective_options: dict[str, Any] = field(default_factory=dict)  # flow / meanflow: e.g. time_sampling, ratio_r_equals_t
     teacher: str = ""  # flow / meanflow: a trained TransDiffuser folder; its plan of each noise is the target (distillation)
     teacher_jump_weight: float = 1.0  # meanflow + teacher: the one-step jump from each noise regressed onto the teacher's plan
+    teacher_init: bool = False  # with teacher: training starts from the teacher's weights wherever name and shape match
     sampler: str = "ddim"  # ddim (ddpm), euler/heun (flow), meanflow
     sampler_steps: int = 5
     num_candidates: int = 8
@@ -478,6 +479,8 @@ class TransDiffuser(PolicyBase):
             raise ValueError(f"objective must be one of {list(SAMPLERS_FOR)}, got {cfg.objective!r}")
         if cfg.objective == "ddpm" and cfg.objective_options:
             raise ValueError("objective_options are for flow / meanflow; ddpm reads prediction and num_train_steps")
+        if cfg.teacher_init and not cfg.teacher:
+            raise ValueError("teacher_init starts a student from its teacher's weights; set teacher=<folder> or drop it")
         if cfg.teacher and cfg.objective == "ddpm":
             raise ValueError("teacher distils a trained planner into a flow / meanflow one; set objective=meanflow "
                              "(or flow) or drop teacher")
@@ -631,6 +634,20 @@ class TransDiffuser(PolicyBase):
                                       "distil from a planner with the same future_steps")
             self._teacher.append(teacher.eval().requires_grad_(False))
         return self._teacher[0]
+
+    @torch.no_grad()
+    def start_from_teacher(self) -> list[str]:
+        """With ``teacher_init``, copy the teacher's weights into every parameter and buffer of the same name and
+        shape (its encoders, embeddings and score head; its first decoder layers where the fusion matches), so the
+        student starts from a trained scene encoding. Returns the names copied; the trainer calls it once, before
+        a resumed checkpoint would overwrite them."""
+        teacher = self.load_teacher()
+        if teacher is None or not self.cfg.teacher_init:
+            return []
+        own = self.net.state_dict()
+        theirs = {k: v for k, v in teacher.net.state_dict().items() if k in own and own[k].shape == v.shape}
+        self.net.load_state_dict(theirs, strict=False)
+        return sorted(theirs)
 
     @torch.no_grad()
     def _teacher_plans(self, teacher: "TransDiffuser", batch: Mapping[str, Tensor], noise: Tensor) -> Tensor:
