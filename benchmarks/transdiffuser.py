@@ -204,6 +204,18 @@ def evaluate(planners: list[str], ev: Path, args: argparse.Namespace) -> dict[st
     return res
 
 
+def pdms_by_planner(res: dict[str, Any], names: dict[str, str]) -> dict[tuple[str, str], list[float]]:
+    """PDMS of each (planner name, mode) of an :func:`evaluate` result, one value per seed: closed-loop modes and
+    ``navsim one-shot``. ``names`` maps a saved policy folder to its planner name (rows of other planners keep theirs)."""
+    def name_of(method: str) -> str:  # a saved policy's rows are labelled <kind>:<run folder>
+        return next((n for d, n in names.items() if method.endswith(":" + Path(d).parent.name)), method)
+
+    scores: dict[tuple[str, str], list[float]] = {}
+    for row in [*res["summary"], *({**r, "mode": "navsim one-shot"} for r in res.get("navsim", []))]:
+        scores.setdefault((name_of(row["method"]), row["mode"]), []).append(float(row["pdms"]))
+    return scores
+
+
 def variant_copy(src: str, dst: Path, **changes: Any) -> str:
     """A trained planner with changed plan-time options (warm start, guidance, guards), saved as its own folder."""
     policy = load_policy(src)

@@ -25,6 +25,7 @@ from results_io import write_results
 from transdiffuser import (
     VARIANTS,
     evaluate,
+    pdms_by_planner,
     ort_latencies,
     run_overrides,
     slug,
@@ -97,13 +98,7 @@ def main() -> None:
     labels = {d: name for name, r in runs.items() for d in r["dirs"]}
     res = evaluate(["log_replay", "lane_follower", *labels], out / "eval_one_step", args)
 
-    def name_of(method: str) -> str:  # a saved policy's rows are labelled <kind>:<run folder>
-        return next((n for d, n in labels.items() if method.endswith(":" + Path(d).parent.name)), method)
-
-    scores: dict[tuple[str, str], list[float]] = {}
-    for row in [*res["summary"], *({**r, "mode": "navsim one-shot"} for r in res.get("navsim", []))]:
-        if row.get("mode") in MODES:
-            scores.setdefault((name_of(row["method"]), row["mode"]), []).append(float(row["pdms"]))
+    scores = pdms_by_planner(res, labels)
     samples = val_samples(load_scene_samples(root, "v1.0-diffpilot", "val", SampleSpec(), progress=False))
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     graphs = {name: str(export_by_kind(load_policy(r["dirs"][0]), out / "onnx" / f"{Path(r['dirs'][0]).parent.name}.onnx"))
