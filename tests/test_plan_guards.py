@@ -1,4 +1,5 @@
-"""The candidate clearance check: box overlap in torch, constant-velocity forecasts, and its use in selection."""
+"""The candidate guards: box overlap in torch, constant-velocity forecasts, the drivable-area count, and their use in
+selection."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.data.scenario import DT
-from diffpilot.policy.plan_guards import clearance_steps, obb_overlap, stop_short
+from diffpilot.policy.plan_guards import clearance_steps, clearest, obb_overlap, offroad_corners, stop_short
 from diffpilot.policy.transdiffuser import select_candidates
 
 EGO = (4.084, 1.85)
@@ -85,6 +86,40 @@ def test_selection_keeps_to_the_admissible_candidates():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
     assert int(select_candidates(cands, "score", scores, ok)) == 3
     assert int(select_candidates(cands, "score", scores)) == 0
+
+
+def _road(half_width_m: float, R: int = 64) -> torch.Tensor:
+    """A straight road along the ego's heading, ``half_width_m`` each side of it, as a 1-m drivable raster (1, R, R)."""
+    left = R / 2 - np.arange(R) - 0.5  # column centres, metres to the left
+    return torch.tensor(np.tile(np.abs(left) < half_width_m, (R, 1))[None], dtype=torch.float32)
+
+
+def test_offroad_corners_count_the_box_corners_off_the_drivable_area():
+    t = DT * np.arange(1, F + 1)
+    straight = _straight(6.0)
+    drift = np.column_stack([6.0 * t, 0.9 * t ** 2, np.arctan(1.8 * t / 6.0)])  # ends 14 m to the left
+    fast = _straight(20.0)  # past the 32-m raster from its 30-m waypoint on: unknown ground counts as drivable
+    cands = torch.tensor(np.stack([straight, drift, fast])[None], dtype=torch.float32)
+    road = offroad_corners(cands, _road(2.5), EGO, 1.0)[0].tolist()
+    assert road[0] == 0 and road[2] == 0
+    # the drifting plan: corner y against the road edge, waypoint by waypoint, as a numpy reference
+    c, s = np.cos(drift[:, 2:]), np.sin(drift[:, 2:])
+    ys = drift[:, 1:2] + s * np.array([1, 1, -1, -1]) * EGO[0] / 2 + c * np.array([1, -1, 1, -1]) * EGO[1] / 2
+    left = np.floor(32 - ys)  # column of each corner
+    assert road[1] == int((np.abs(32 - left - 0.5) >= 2.5).sum()) > 0
+    nowhere = offroad_corners(cands, torch.zeros(1, 64, 64), EGO, 1.0)[0].tolist()
+    # only corners inside the raster are judged: at 10 and 20 m all four, at 30 m the two rear ones (the front
+    # ones lie 32.04 m ahead, past the raster's 32 m)
+    assert nowhere[0] == 4 * F and nowhere[2] == 4 + 4 + 2
+
+
+def test_clearest_keeps_to_the_fewest_offroad_corners_then_the_longest_clearance():
+    steps = torch.tensor([[16, 3, 16, 9]])
+    offroad = torch.tensor([[5, 0, 2, 0]])
+    assert clearest(steps).tolist() == [[True, False, True, False]]
+    assert clearest(steps, offroad).tolist() == [[False, False, False, True]]
+    assert clearest(None, offroad).tolist() == [[False, True, False, True]]
+    assert clearest(None) is None
 
 
 def test_oncoming_traffic_does_not_block_but_a_stopped_or_crossing_car_does():

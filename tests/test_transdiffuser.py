@@ -376,6 +376,32 @@ def test_consistency_keeps_the_candidate_nearest_the_previous_moving_plan():
     assert not memory.moving
 
 
+def test_drivable_check_keeps_to_the_road_in_torch_and_onnxruntime(tmp_path: Path):
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+    from diffpilot.policy.plan_guards import offroad_corners
+
+    policy = _fitted(drivable_check=True, consistency=False, hold_below_m=0.0, clearance_check=False, selection="first",
+                     num_candidates=6)
+    torch.nn.init.normal_(policy.net.out.weight, std=0.5)  # candidates that wander off a narrow road
+    arrays = example_scene_arrays(8, seed=5)
+    R = arrays["drivable"].shape[-1]
+    arrays["drivable"] = np.tile(np.abs(R / 2 - np.arange(R) - 0.5) < 3.0, (len(arrays["drivable"]), R, 1)).astype(np.uint8)
+    noise = torch.randn(policy.noise_shape(8), generator=torch.Generator().manual_seed(0))
+    kept = policy.plan_batch(arrays, noise=noise)
+    cands = torch.as_tensor(policy.last_candidates, dtype=torch.float32)
+    off = offroad_corners(cands, torch.as_tensor(arrays["drivable"]), tuple(policy.cfg.ego_size), 1.0)
+    idx = [int(np.abs(policy.last_candidates[b, :, :, :2] - kept[b, :, :2]).max((1, 2)).argmin()) for b in range(8)]
+    assert [int(off[b, i]) for b, i in enumerate(idx)] == off.min(1).values.tolist()  # every kept plan: fewest off-road corners
+    assert (off[:, 0] > off.min(1).values).any()  # where selection alone would have left the road
+    runtime = load_runtime(export_by_kind(policy, tmp_path / "td.onnx"))
+    assert "drivable" in runtime.info.inputs
+    for i in range(8):
+        sample = scene_samples_from_arrays(arrays, i)
+        np.testing.assert_allclose(runtime.plan(sample, noise=noise[i:i + 1].numpy()),
+                                   policy.plan(sample, noise=noise[i:i + 1]), atol=2e-4)
+
+
 def test_consistency_is_the_same_in_torch_and_onnxruntime(tmp_path: Path):
     from diffpilot.export.onnx import export_by_kind
     from diffpilot.export.runtime import load_runtime

@@ -49,7 +49,8 @@ from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_expor
 from diffpilot.policy.generative import shard
 from diffpilot.policy.generative import build_objective
 from diffpilot.policy.kinds import register_policy
-from diffpilot.policy.plan_guards import GuardConfig, candidate_clearance, check_guards, clearest, guard_kept
+from diffpilot.policy.plan_guards import (GuardConfig, candidate_clearance, candidate_offroad, check_guards, clearest,
+                                         guard_kept, reads_drivable)
 from diffpilot.policy.networks.scene_encoder import SCENE_KEYS, SceneEncoder, batch_from_arrays
 
 __all__ = ["DiffusionDriveConfig", "DiffusionDrivePlanner", "cluster_anchors", "load_anchors", "plot_anchors",
@@ -369,13 +370,13 @@ class DiffusionDrivePlanner(PolicyBase):
 
     # ------------------------------------------------------------------ data
     def _scene_keys(self) -> tuple[str, ...]:
-        return SCENE_KEYS + (("drivable",) if self.cfg.use_raster else ())
+        return SCENE_KEYS + (("drivable",) if reads_drivable(self.cfg) else ())
 
     def scene_batch(self, arrays: Mapping[str, Any]) -> dict[str, Tensor]:
         """The encoder's tensors from stacked SceneSample arrays; agents cut to the past and present."""
         missing = [k for k in self._scene_keys() if k not in arrays]
         if missing:
-            hint = " (this planner was built with use_raster=true)" if "drivable" in missing else ""
+            hint = " (this planner reads the drivable-area raster: use_raster or drivable_check)" if "drivable" in missing else ""
             raise DatasetError(f"scene arrays lack {missing}{hint}; pass stack_samples(...) or load_scene_samples(...) output")
         H = self.cfg.past_steps + 1
         past = np.asarray(arrays["ego_past"])
@@ -390,7 +391,7 @@ class DiffusionDrivePlanner(PolicyBase):
         cut["agents_pose"] = pose[:, :, :H]
         cut["agents_valid"] = np.asarray(arrays["agents_valid"])[:, :, :H]
         try:
-            return batch_from_arrays(cut, raster=bool(self.cfg.use_raster))
+            return batch_from_arrays(cut, raster=reads_drivable(self.cfg))
         except ValueError as err:
             raise DatasetError(str(err)) from None
 
@@ -557,7 +558,7 @@ class DiffusionDrivePlanner(PolicyBase):
         export share it)."""
         poses, logits = self.candidates(batch, noise)
         clear = candidate_clearance(self.cfg, batch, poses)
-        ok = clearest(clear)
+        ok = clearest(clear, candidate_offroad(self.cfg, batch, poses))
         idx = (logits if ok is None else torch.where(ok, logits, torch.full_like(logits, -1e9))).argmax(dim=1)
         return guard_kept(self.cfg, poses, idx, clear)
 
@@ -601,7 +602,7 @@ class DiffusionDrivePlanner(PolicyBase):
         if sampler:
             raise ValueError(f"sampler= does not apply to a {self.KIND!r} planner (truncated DDIM from its anchors: "
                              "set policy.trunc_step / policy.sampler_steps at training); drop it")
-        K, L, N, R = scene_export_sizes(num_agents, num_lanes, lane_points, raster_size, self.cfg.use_raster)
+        K, L, N, R = scene_export_sizes(num_agents, num_lanes, lane_points, raster_size, reads_drivable(self.cfg))
         H = self.cfg.past_steps + 1
 
         def feeds(b: int, g: torch.Generator) -> dict[str, Tensor]:

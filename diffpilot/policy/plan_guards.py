@@ -2,8 +2,9 @@
 
 Clearance: how long each candidate stays clear of the agents ahead under a
 constant-velocity forecast (selection keeps to the clearest; the kept plan
-brakes to a stop short of a forecast contact). Standstill hold: a plan that barely
-moves is held still.
+brakes to a stop short of a forecast contact). Drivable area (off by default):
+selection first keeps to the candidates whose box leaves the map's drivable
+area least. Standstill hold: a plan that barely moves is held still.
 
 A learned selection ranks candidates by what it has seen in training; it
 has no hard notion of "this plan runs into the car in front". A car's
@@ -30,10 +31,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from diffpilot.data.scenario import DT
+from diffpilot.data.scenario import DT, SampleSpec
 
-__all__ = ["GuardConfig", "candidate_clearance", "check_guards", "clearance_steps", "clearest", "guard_kept",
-           "hold_standstill", "moves", "obb_overlap", "pick", "stop_short"]
+__all__ = ["GuardConfig", "candidate_clearance", "candidate_offroad", "check_guards", "clearance_steps", "clearest",
+           "guard_kept", "hold_standstill", "moves", "obb_overlap", "offroad_corners", "pick", "reads_drivable",
+           "stop_short"]
 
 
 @dataclass
@@ -45,6 +47,7 @@ class GuardConfig:
     clearance_margin_m: float = 0.3  # the ego's box is grown by this on every side for that check
     clearance_horizon_s: float = 2.0  # forecast contacts later than this are not counted
     clearance_front_m: float = 0.0  # the ego's box also reaches this much further ahead: the gap a stop keeps
+    drivable_check: bool = False  # keep first to the candidates whose box leaves the drivable-area raster least
     ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
 
 
@@ -72,6 +75,38 @@ def candidate_clearance(cfg: GuardConfig, batch: Mapping[str, Tensor], cands: Te
     return clearance_steps(cands, batch["agents_pose"], batch["agents_valid"], batch["agents_size"],
                            (float(cfg.ego_size[0]), float(cfg.ego_size[1])), float(cfg.clearance_margin_m), DT,
                            float(cfg.clearance_horizon_s), float(cfg.clearance_front_m))
+
+
+def reads_drivable(cfg: GuardConfig) -> bool:
+    """Whether a planner with ``cfg`` reads the drivable-area raster: its encoder's (``use_raster``) or the guard's."""
+    return bool(getattr(cfg, "use_raster", False) or cfg.drivable_check)
+
+
+def candidate_offroad(cfg: GuardConfig, batch: Mapping[str, Tensor], cands: Tensor) -> Tensor | None:
+    """:func:`offroad_corners` of ``cands`` (B, C, F, 3) on the scene's ``drivable`` raster (None: check off)."""
+    if not cfg.drivable_check:
+        return None
+    return offroad_corners(cands, batch["drivable"], (float(cfg.ego_size[0]), float(cfg.ego_size[1])),
+                           SampleSpec.raster_m_per_px)
+
+
+def offroad_corners(cands: Tensor, drivable: Tensor, ego_size: tuple[float, float], m_per_px: float) -> Tensor:
+    """How many corners of the ego's box, over every waypoint of each candidate, fall on a cell off the drivable
+    area (B, C). ``drivable`` (B, R, R): row 0 most forward, column 0 most left, the ego at the centre, ``m_per_px``
+    per cell. A corner beyond the raster counts as on the drivable area: the map says nothing of it."""
+    B, C, F, _ = cands.shape
+    R = drivable.shape[-1]
+    c, s = torch.cos(cands[..., 2:3]), torch.sin(cands[..., 2:3])  # (B, C, F, 1)
+    along = cands.new_tensor([1.0, 1.0, -1.0, -1.0]) * (ego_size[0] / 2)
+    across = cands.new_tensor([1.0, -1.0, 1.0, -1.0]) * (ego_size[1] / 2)
+    x = cands[..., 0:1] + c * along - s * across  # (B, C, F, 4)
+    y = cands[..., 1:2] + s * along + c * across
+    row = torch.floor(R / 2 - x / m_per_px)
+    col = torch.floor(R / 2 - y / m_per_px)
+    inside = (row >= 0) & (row < R) & (col >= 0) & (col < R)
+    cell = (row.clamp(0, R - 1) * R + col.clamp(0, R - 1)).to(torch.int64).reshape(B, -1)
+    on = torch.gather(drivable.reshape(B, -1).to(cands.dtype), 1, cell).reshape(x.shape) > 0.5
+    return (inside & ~on).reshape(B, C, -1).sum(-1)
 
 
 def pick(cands: Tensor, idx: Tensor) -> Tensor:
@@ -237,6 +272,12 @@ def stop_short(plans: Tensor, steps: Tensor, dt: float = DT) -> Tensor:
     return torch.where((steps >= 2 * F)[:, None, None], plans, braked)
 
 
-def clearest(steps: Tensor | None) -> Tensor | None:
-    """The candidates ``(B, C)`` whose clearance ``steps`` (B, C) is the longest of their scene (None passes through)."""
-    return None if steps is None else steps == steps.max(dim=1, keepdim=True).values
+def clearest(steps: Tensor | None, offroad: Tensor | None = None) -> Tensor | None:
+    """The candidates ``(B, C)`` the guards allow: with ``offroad`` (B, C) those with the fewest off-road corners of
+    their scene, then among them those whose clearance ``steps`` (B, C) is the longest (None: both checks off)."""
+    ok = None if offroad is None else offroad == offroad.min(dim=1, keepdim=True).values
+    if steps is None:
+        return ok
+    if ok is not None:
+        steps = steps.masked_fill(~ok, -1)  # clearance counts from 0: a disallowed candidate never ties
+    return steps == steps.max(dim=1, keepdim=True).values

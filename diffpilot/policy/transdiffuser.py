@@ -48,8 +48,8 @@ from diffpilot.data.normalizer import Normalizer
 from diffpilot.data.scenario import DT, SampleSpec, SceneSample, wrap_angle
 from diffpilot.policy.base import PolicyBase
 from diffpilot.policy.checkpoint import CheckpointError
-from diffpilot.policy.plan_guards import (GuardConfig, candidate_clearance, check_guards, clearest, guard_kept, moves,
-                                         pick)
+from diffpilot.policy.plan_guards import (GuardConfig, candidate_clearance, candidate_offroad, check_guards, clearest,
+                                         guard_kept, moves, pick, reads_drivable)
 from diffpilot.policy.replan import PlanMemory
 from diffpilot.policy.export_spec import ExportSpec, poses_metadata, scene_export_sizes, stochastic_sampler
 from diffpilot.policy.generative import shard
@@ -522,7 +522,7 @@ class TransDiffuser(PolicyBase):
 
     # ------------------------------------------------------------------ data
     def _scene_keys(self) -> tuple[str, ...]:
-        return SCENE_KEYS + (("drivable",) if self.cfg.use_raster else ()) + (MAP_KEYS if self.net.map_encoder else ())
+        return SCENE_KEYS + (("drivable",) if reads_drivable(self.cfg) else ()) + (MAP_KEYS if self.net.map_encoder else ())
 
     def scene_batch(self, arrays: Mapping[str, np.ndarray], index: Any = None) -> dict[str, Tensor]:
         """Rows of stacked SceneSample arrays as the encoder's tensors, checked; agents cut to past + present."""
@@ -533,7 +533,7 @@ class TransDiffuser(PolicyBase):
                 f"with past_steps={self.cfg.past_steps}, i.e. ({H}, 3); build the samples with that history"
             )
         try:
-            out = batch_from_arrays(arrays, index, raster=self.cfg.use_raster)
+            out = batch_from_arrays(arrays, index, raster=reads_drivable(self.cfg))
         except ValueError as err:
             raise DatasetError(str(err)) from None
         out["agents_pose"] = out["agents_pose"][:, :, :H].contiguous()
@@ -762,7 +762,8 @@ class TransDiffuser(PolicyBase):
 
     def plan_candidates(self, batch: Mapping[str, Tensor], noise: Tensor, previous: Tensor | None = None,
                         guide: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(candidates (B, C, F, 3), kept index (B,), predicted PDMS (B, C) or None)`` for a scene batch."""
+        """``(candidates (B, C, F, 3), kept index (B,), predicted PDMS (B, C) or None, clearance half-steps (B, C) or
+        None, the candidates the guards allow (B, C) or None)`` for a scene batch."""
         self._check_batch(batch, noise)
         cond = self.net.encode(batch)
         cands, nfe = self._candidates(cond, noise, previous, guide)
@@ -771,8 +772,8 @@ class TransDiffuser(PolicyBase):
         if self.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(self.net.scores(self.net.context(cond), cands)))
         clear = candidate_clearance(self.cfg, batch, cands)
-        ok = clearest(clear)
-        return cands, select_candidates(cands, self.cfg.selection, pdms, ok), pdms, clear
+        ok = clearest(clear, candidate_offroad(self.cfg, batch, cands))
+        return cands, select_candidates(cands, self.cfg.selection, pdms, ok), pdms, clear, ok
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
@@ -780,7 +781,7 @@ class TransDiffuser(PolicyBase):
         B = batch["ego_status"].shape[0]
         if noise is None:
             noise = torch.randn(self.noise_shape(B), generator=self._gen)
-        cands, idx, _, clear = self.plan_candidates(batch, noise)
+        cands, idx, _, clear, _ = self.plan_candidates(batch, noise)
         return self.kept(cands, idx, clear)
 
     def kept(self, cands: Tensor, idx: Tensor, clear: Tensor | None = None) -> Tensor:
@@ -812,7 +813,7 @@ class TransDiffuser(PolicyBase):
         B = len(batch["command"])
         noise = torch.randn(self.noise_shape(B), generator=self._gen) if noise is None else noise
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
-        cands, idx, _, clear = self.plan_candidates(batch, noise, guide=guide)
+        cands, idx, _, clear, _ = self.plan_candidates(batch, noise, guide=guide)
         self.last_candidates = cands.double().numpy()
         out = self.kept(cands, idx, clear).double().numpy()
         out[..., 2] = wrap_angle(out[..., 2])
@@ -833,10 +834,10 @@ class TransDiffuser(PolicyBase):
         last = self._memory.shifted(origin, float(sample.frame)) if remembered else None
         shifted = None if last is None else torch.as_tensor(last[0][None], dtype=torch.float32)
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
-        cands, idx, _, clear = self.plan_candidates(batch, noise, shifted if self.cfg.warm_start else None, guide)
+        cands, idx, _, clear, ok = self.plan_candidates(batch, noise, shifted if self.cfg.warm_start else None, guide)
         if self.cfg.consistency and last is not None:
             covered = torch.as_tensor(last[1][None] & self._memory.moving)
-            idx = keep_course(cands, idx, shifted, covered, float(self.cfg.hold_below_m), clearest(clear))
+            idx = keep_course(cands, idx, shifted, covered, float(self.cfg.hold_below_m), ok)
         self.last_candidates = cands[0].double().numpy()
         out = self.kept(cands, idx, clear)[0].double().numpy()
         out[:, 2] = wrap_angle(out[:, 2])
@@ -860,7 +861,7 @@ class TransDiffuser(PolicyBase):
         from diffpilot.policy.stl_flow import _random_scene
 
         spec = SampleSpec()
-        K, L, N, R = scene_export_sizes(num_agents, num_lanes, lane_points, raster_size, self.cfg.use_raster)
+        K, L, N, R = scene_export_sizes(num_agents, num_lanes, lane_points, raster_size, reads_drivable(self.cfg))
         built = self.sampler
         if sampler:
             cfg = dict(sampler)
@@ -923,7 +924,7 @@ class _PosesGraph(nn.Module):
         if p.cfg.selection == "score":
             pdms = pdms_from_subscores(torch.sigmoid(p.net.scores(p.net.context(cond), cands)))
         clear = candidate_clearance(p.cfg, inputs, cands)
-        ok = clearest(clear)
+        ok = clearest(clear, candidate_offroad(p.cfg, inputs, cands))
         idx = select_candidates(cands, p.cfg.selection, pdms, ok)
         if previous is not None and previous_covered is not None:
             idx = keep_course(cands, idx, previous, previous_covered, float(p.cfg.hold_below_m), ok)
