@@ -7,10 +7,12 @@ DDPM planner (``policy.teacher``), ``--student-steps`` steps. Then evaluates all
 evaluation on the val split (closed loop non-reactive and reactive, NAVSIM-style one-shot), beside log replay and
 the lane follower, and times the seed-0 graphs in onnxruntime (batch 1, 1 thread, rounds interleaved over 40 val
 scenes). Each student row gives its PDMS gap to the teacher (mean over seeds) and its speed-up over the
-teacher's graph in the same run. Writes ``benchmarks/results/transdiffuser_one_step.{json,md}``.
+teacher's graph in the same run. ``--drivable-check`` adds every model again planning with the drivable-area check
+on (``policy.drivable_check``; the same weights), each student compared with the teacher of the same options.
+Writes ``benchmarks/results/transdiffuser_one_step.{json,md}``.
 
 Run: python benchmarks/transdiffuser_one_step.py [--scenes 200] [--steps 10000] [--student-steps 20000]
-     [--seeds 0 1] [--students "1 layer, joint fusion" ...]
+     [--seeds 0 1] [--students "1 layer, joint fusion" ...] [--drivable-check]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from transdiffuser import (
     teacher_dir,
     train_runs,
     val_samples,
+    variant_copy,
 )
 
 from diffpilot.data.nuscenes import load_scene_samples
@@ -50,6 +53,8 @@ STUDENTS = {
     "1 layer, joint fusion, teacher init": ["policy.layers=1", "policy.fusion=joint", "policy.teacher_init=true"],
 }
 """Distilled one-step students by name: their config overrides on top of the one-step MeanFlow ones."""
+DRIVABLE = " + drivable check"
+"""Suffix of the rows planned with ``drivable_check`` on: the same weights, a plan-time option."""
 MODES = ("non-reactive", "reactive", "navsim one-shot")
 """Closed loop (agents replaying the log, or reacting) and the NAVSIM-style one-shot score."""
 
@@ -89,12 +94,18 @@ def main() -> None:
     ap.add_argument("--navsim-frames", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2, help="trainings at once, one torch thread each")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over the 40 val scenes")
+    ap.add_argument("--drivable-check", action="store_true",
+                    help="also plan every model with the drivable-area check on (policy.drivable_check)")
     ap.add_argument("--max-val", type=int, default=None)
     ap.add_argument("--out", default="runs/bench/transdiffuser")
     args = ap.parse_args()
     out = Path(args.out)
     root = driving_data_job({"num_scenes": args.scenes, "seed": 0, "workers": args.workers})
     runs = train(args)
+    if args.drivable_check:  # every run again with the drivable-area check, each compared with the teacher's the same
+        runs.update({name + DRIVABLE: {**r, "dirs": [variant_copy(d, Path(d).parent.with_name(Path(d).parent.name + "_drivable")
+                                                                  / "policy", drivable_check=True) for d in r["dirs"]]}
+                     for name, r in list(runs.items())})
     labels = {d: name for name, r in runs.items() for d in r["dirs"]}
     res = evaluate(["log_replay", "lane_follower", *labels], out / "eval_one_step", args)
 
@@ -107,30 +118,32 @@ def main() -> None:
     rows = []
     for name in ["log_replay", "lane_follower", *runs]:
         row: dict[str, Any] = {"planner": name}
+        teacher = TEACHER + DRIVABLE if name.endswith(DRIVABLE) else TEACHER  # the same plan-time options
         for mode in MODES:
             vals = scores.get((name, mode), [])
             if vals:
                 row[f"pdms {mode}"] = float(np.mean(vals))
                 if len(vals) > 1:
                     row[f"pdms std {mode}"] = float(np.std(vals, ddof=1))
-                if name in runs and name != TEACHER and scores.get((TEACHER, mode)):
-                    row[f"gap to teacher {mode}"] = float(np.mean(vals) - np.mean(scores[(TEACHER, mode)]))
+                if name in runs and name != teacher and scores.get((teacher, mode)):
+                    row[f"gap to teacher {mode}"] = float(np.mean(vals) - np.mean(scores[(teacher, mode)]))
         if name in ms:
             row["plan_ms_p50_onnxruntime"] = ms[name]
-            row["speedup_vs_teacher"] = ms[TEACHER] / ms[name]
+            row["speedup_vs_teacher"] = ms[teacher] / ms[name]
             row["train_s_per_1k_steps"] = float(np.mean(runs[name]["train_s_per_1k_steps"]))
         rows.append(row)
     cmd = (f"python benchmarks/transdiffuser_one_step.py --scenes {args.scenes} --steps {args.steps} "
            f"--student-steps {args.student_steps} --seeds {' '.join(map(str, args.seeds))} --students "
            + " ".join(f'"{s}"' for s in args.students) + f" --workers {args.workers} --jobs {args.jobs} "
-           f"--recovery {args.recovery}")
+           f"--recovery {args.recovery}" + (" --drivable-check" if args.drivable_check else ""))
     notes = (f"{args.scenes} embedded scenes; the teacher is the table's TransDiffuser (DDPM, {args.steps} steps, 5 DDIM "
              f"steps per plan); each student is one-step MeanFlow distilled from the same seed's teacher, "
              f"{args.student_steps} steps; PDMS: mean over seeds {args.seeds} (`pdms std`: std over seeds). "
              "`gap to teacher`: student minus teacher, mean PDMS (target: >= -0.02). `plan_ms_p50_onnxruntime`: the seed-0 "
              f"graph, batch 1, 1 thread, {args.rounds} rounds over 40 val scenes, every graph once per round in turn, "
              "including the runtime's feature building; `speedup_vs_teacher`: the teacher's p50 over the row's "
-             "(target: >= 5). Closed loop as in `transdiffuser.md`.")
+             "(target: >= 5). Rows ending in '+ drivable check': the same weights planning with `drivable_check` on, "
+             "compared with the teacher's row of the same options. Closed loop as in `transdiffuser.md`.")
     write_results(NAME, cmd, rows, notes)
 
 
