@@ -116,7 +116,7 @@ def main() -> None:
         rows.append(row)
     cmd = (f"python benchmarks/transdiffuser_decorrelation.py --scenes {args.scenes} --steps {args.steps} --seeds "
            f"{' '.join(map(str, args.seeds))} --weights {' '.join(f'{w:g}' for w in args.weights)} --workers {args.workers} "
-           f"--jobs {args.jobs} --recovery {args.recovery}")
+           f"--jobs {args.jobs} --recovery {args.recovery}" + (f" --max-val {args.max_val}" if args.max_val else ""))
     notes = (f"{args.scenes} embedded scenes; TransDiffuser (DDPM, {args.steps} steps x batch {args.batch}, 5 DDIM steps "
              f"per plan, 8 candidates, learned selection, plan guards on) at each decorrelation weight, seeds {args.seeds} "
              "(the main table's folders where it trained the same run). `diversity m`: mean pairwise distance of a "
