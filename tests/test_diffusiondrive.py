@@ -121,6 +121,34 @@ def test_bad_input_is_named_and_more_agents_than_trained_is_fine(data, trained):
     assert np.isfinite(planner.plan_batch(empty, noise)).all()
 
 
+def test_drivable_check_keeps_the_peer_to_the_road_in_torch_and_onnxruntime(tmp_path, data, trained):
+    import copy
+
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+    from diffpilot.policy.plan_guards import offroad_corners
+
+    planner = copy.deepcopy(trained[0])
+    planner.cfg.drivable_check, planner.cfg.clearance_check, planner.cfg.hold_below_m = True, False, 0.0
+    arrays = {k: np.asarray(v)[:6] for k, v in data[1].items()}
+    R = arrays["drivable"].shape[-1]
+    arrays["drivable"] = np.tile(np.abs(R / 2 - np.arange(R) - 0.5) < 2.0, (6, R, 1)).astype(np.uint8)  # a 4-m road
+    noise = torch.randn(planner.noise_shape(6), generator=torch.Generator().manual_seed(0))
+    batch = planner.scene_batch(arrays)
+    with torch.no_grad():
+        poses, logits = planner.candidates(batch, noise)
+    off = offroad_corners(poses, batch["drivable"], tuple(planner.cfg.ego_size), 1.0)
+    kept = planner.plan_batch(arrays, noise)
+    idx = [int(np.abs(poses[b, :, :, :2].numpy() - kept[b, :, :2]).max((1, 2)).argmin()) for b in range(6)]
+    assert [int(off[b, i]) for b, i in enumerate(idx)] == off.min(1).values.tolist()  # fewest off-road corners
+    assert (off[torch.arange(6), logits.argmax(1)] > off.min(1).values).any()  # the best-scored mode alone left the road
+    runtime = load_runtime(export_by_kind(planner, tmp_path / "dd.onnx"))
+    assert "drivable" in runtime.info.inputs
+    for i in range(6):
+        got = runtime.plan(scene_samples_from_arrays(arrays, i), noise=noise[i:i + 1].numpy())
+        np.testing.assert_allclose(got, kept[i], atol=2e-4)
+
+
 def test_anchors_command_writes_the_file_the_planner_reads_and_refuses_bad_input(tmp_path, capsys, data):
     out = tmp_path / "anchors"
     assert main(["driving", "anchors", "data.num_scenes=6", "k=5", f"out={out}", "progress=false"]) == 0
