@@ -128,6 +128,9 @@ def test_drivable_check_keeps_the_peer_to_the_road_in_torch_and_onnxruntime(tmp_
     from diffpilot.export.runtime import load_runtime
     from diffpilot.policy.plan_guards import offroad_corners
 
+    checked = build_policy({"name": "diffusiondrive_planner", **SMALL, "drivable_check": True})
+    assert "drivable" not in checked.training_rows(data[0])  # a plan-time check: training never reads the raster
+    fit(checked, data[0], steps=3, batch_size=16, seed=0, progress=False)
     planner = copy.deepcopy(trained[0])
     planner.cfg.drivable_check, planner.cfg.clearance_check, planner.cfg.hold_below_m = True, False, 0.0
     arrays = {k: np.asarray(v)[:6] for k, v in data[1].items()}

@@ -387,6 +387,7 @@ def test_drivable_check_keeps_to_the_road_in_torch_and_onnxruntime(tmp_path: Pat
     arrays = example_scene_arrays(8, seed=5)
     R = arrays["drivable"].shape[-1]
     arrays["drivable"] = np.tile(np.abs(R / 2 - np.arange(R) - 0.5) < 3.0, (len(arrays["drivable"]), R, 1)).astype(np.uint8)
+    assert "drivable" not in policy.training_rows(arrays)  # a plan-time check: training never reads the raster
     noise = torch.randn(policy.noise_shape(8), generator=torch.Generator().manual_seed(0))
     kept = policy.plan_batch(arrays, noise=noise)
     cands = torch.as_tensor(policy.last_candidates, dtype=torch.float32)

@@ -412,7 +412,8 @@ class DiffusionDrivePlanner(PolicyBase):
             raise DatasetError("non-finite values in ego_future; clean the data set first")
         if len(fut) != scene["ego_status"].shape[0]:
             raise DatasetError(f"{scene['ego_status'].shape[0]} scene rows but {len(fut)} ego_future rows")
-        rows = {k: v.numpy() for k, v in scene.items()}
+        rows = {k: v.numpy() for k, v in scene.items()
+                if k != "drivable" or self.cfg.use_raster}  # the drivable check reads the raster at plan time only
         rows["ego_future"] = fut.astype(np.float32)
         rows["ego_future_valid"] = valid.astype(np.float32)
         return rows
@@ -454,7 +455,7 @@ class DiffusionDrivePlanner(PolicyBase):
     # ------------------------------------------------------------------ network
     def _encode(self, batch: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """Token sets for the three cross-attentions: map (lanes [+ raster]), agents, ego (status + history)."""
-        g = self.encoder.forward_groups({k: batch[k] for k in self._scene_keys()})
+        g = self.encoder.forward_groups({k: batch[k] for k in SCENE_KEYS + (("drivable",) if self.cfg.use_raster else ())})
         map_names = ["lanes"] + (["raster"] if "raster" in g else [])
         return {
             "map": (torch.cat([g[n][0] for n in map_names], 1), torch.cat([g[n][1] for n in map_names], 1)),

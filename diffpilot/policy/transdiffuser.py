@@ -582,7 +582,8 @@ class TransDiffuser(PolicyBase):
             window, traj = self._augmented_rows(augmented, len(fut))
             keep = np.concatenate([keep, window])
             targets = np.concatenate([targets, traj])
-        rows = {k: v.numpy() for k, v in self.scene_batch(arrays, keep).items()}
+        rows = {k: v.numpy() for k, v in self.scene_batch(arrays, keep).items()
+                if k != "drivable" or self.cfg.use_raster}  # the drivable check reads the raster at plan time only
         rows["deltas"] = deltas_from_poses(targets).reshape(len(keep), -1).astype(np.float32)
         if candidates is not None:
             cand, scores = np.asarray(candidates["candidates"]), np.asarray(candidates["scores"])
