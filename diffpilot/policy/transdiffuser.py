@@ -762,7 +762,7 @@ class TransDiffuser(PolicyBase):
         return torch.cat([d[..., :2], torch.atan2(torch.sin(d[..., 2:]), torch.cos(d[..., 2:]))], dim=-1)
 
     def plan_candidates(self, batch: Mapping[str, Tensor], noise: Tensor, previous: Tensor | None = None,
-                        guide: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                        guide: Any = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """``(candidates (B, C, F, 3), kept index (B,), predicted PDMS (B, C) or None, clearance half-steps (B, C) or
         None, the candidates the guards allow (B, C) or None)`` for a scene batch."""
         self._check_batch(batch, noise)
