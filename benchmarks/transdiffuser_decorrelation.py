@@ -93,18 +93,18 @@ def main() -> None:
     samples = val_samples(load_scene_samples(root, "v1.0-diffpilot", "val", SampleSpec(), progress=False))
     diversity = {w: [latency_and_diversity(str(run / "policy"), samples, out, onnx=False)[0]["diversity_m"] for run in rs]
                  for w, rs in runs.items()}
+    metrics = {"diversity": diversity, **{f"pdms {mode}": {v: scores.get((run_name(v), mode), []) for v in weights}
+                                          for mode in MODES}}
     rows = []
     for w in weights:
         row: dict[str, Any] = {"decorrelation weight": w, "seeds": len(args.seeds),
                                "diversity m": float(np.mean(diversity[w])),
                                "diversity std": float(np.std(diversity[w], ddof=1)) if len(args.seeds) > 1 else None}
-        metrics = {"diversity": {v: diversity[v] for v in weights}}
         for mode in MODES:
             vals = scores.get((run_name(w), mode), [])
             if vals:
                 row[f"pdms {mode}"] = float(np.mean(vals))
                 row[f"pdms std {mode}"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
-            metrics[f"pdms {mode}"] = {v: scores.get((run_name(v), mode), []) for v in weights}
         for metric, values in metrics.items():
             change = paired(values, w)
             if change:

@@ -94,7 +94,7 @@ def offroad_corners(cands: Tensor, drivable: Tensor, ego_size: tuple[float, floa
     """How many corners of the ego's box, over every waypoint of each candidate, fall on a cell off the drivable
     area (B, C). ``drivable`` (B, R, R): row 0 most forward, column 0 most left, the ego at the centre, ``m_per_px``
     per cell. A corner beyond the raster counts as on the drivable area: the map says nothing of it."""
-    B, C, F, _ = cands.shape
+    B, C = cands.shape[:2]
     R = drivable.shape[-1]
     c, s = torch.cos(cands[..., 2:3]), torch.sin(cands[..., 2:3])  # (B, C, F, 1)
     along = cands.new_tensor([1.0, 1.0, -1.0, -1.0]) * (ego_size[0] / 2)
