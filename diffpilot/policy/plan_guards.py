@@ -128,22 +128,41 @@ def obb_overlap(pa: Tensor, ha: Tensor, pb: Tensor, hb: Tensor) -> Tensor:
 
     ``pa``/``pb``: (..., 3) centre and yaw; ``ha``/``hb``: (..., 2) half length and half width.
     """
-    dx, dy = pb[..., 0] - pa[..., 0], pb[..., 1] - pa[..., 1]
-    ca, sa, cb, sb = torch.cos(pa[..., 2]), torch.sin(pa[..., 2]), torch.cos(pb[..., 2]), torch.sin(pb[..., 2])
-    return _overlap(dx, dy, ca, sa, cb, sb, ha, hb)
+    d = pb[..., :2] - pa[..., :2]
+    ha, hb = torch.broadcast_tensors(ha, hb)
+    gap, _, _ = _box_gap(d[..., :1], d[..., 1:], torch.cos(pa[..., 2:]), torch.sin(pa[..., 2:]), torch.cos(pb[..., 2:]),
+                         torch.sin(pb[..., 2:]), ha[..., :1], ha[..., 1:], hb[..., :1], hb[..., 1:])
+    return gap[..., 0] <= 0
 
 
-def _overlap(dx: Tensor, dy: Tensor, ca: Tensor, sa: Tensor, cb: Tensor, sb: Tensor, ha: Tensor, hb: Tensor,
-             along_a: Tensor | None = None) -> Tensor:
-    """:func:`obb_overlap` from the centre offset ``(dx, dy)`` of box b from box a and each box's heading as cosine
-    and sine. Each box's extent along the other's axes needs only the cosine and sine of the yaw difference,
-    so the four axis tests are a few elementwise ops (a plan graph pays per op). ``along_a``: ``dx*ca + dy*sa``
-    when the caller has it already."""
-    c, s = (ca * cb + sa * sb).abs(), (ca * sb - sa * cb).abs()  # |cos|, |sin| of the yaw difference
-    la, wa, lb, wb = ha[..., 0], ha[..., 1], hb[..., 0], hb[..., 1]
-    along_a = dx * ca + dy * sa if along_a is None else along_a
-    return ((along_a.abs() <= la + lb * c + wb * s) & ((dy * ca - dx * sa).abs() <= wa + lb * s + wb * c)
-            & ((dx * cb + dy * sb).abs() <= lb + la * c + wa * s) & ((dy * cb - dx * sb).abs() <= wb + la * s + wa * c))
+def _box_gap(dx: Tensor, dy: Tensor, ca: Tensor, sa: Tensor, cb: Tensor, sb: Tensor, la: Tensor, wa: Tensor,
+             lb: Tensor, wb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The largest gap between boxes a and b over the four separating axes (<= 0: they overlap), b's centre
+    ``(dx, dy)`` ahead of a's along a's heading, and the cosine of b's yaw less a's; all broadcast together.
+
+    ``(dx, dy)``: b's centre from a's; ``(ca, sa)``, ``(cb, sb)``: each box's heading as cosine and sine;
+    ``la``/``wa``, ``lb``/``wb``: half length and width. The last axis indexes the box pairs, so the four
+    axis tests stack along it and run as one set of ops: a plan graph pays per op, and a long last axis keeps
+    onnxruntime's broadcasts fast. On each axis, |the offset| is checked against both boxes' reach: a box's own
+    half size along its own axes, and along the other's its half length and width times |cos| and |sin| of the
+    yaw difference (|sin| and |cos| on a short axis).
+    """
+    along = dx * ca + dy * sa
+    cos, sin = ca * cb + sa * sb, ca * sb - sa * cb
+    proj = torch.cat([along, dy * ca - dx * sa, dx * cb + dy * sb, dy * cb - dx * sb], dim=-1).abs()
+    own, lengths, widths = (torch.cat(v, dim=-1) for v in ((la, wa, lb, wb), (lb, lb, la, la), (wb, wb, wa, wa)))
+    gap = (proj - own - torch.cat([cos, sin, cos, sin], dim=-1).abs() * lengths
+           - torch.cat([sin, cos, sin, cos], dim=-1).abs() * widths)
+    return gap.unflatten(-1, (4, -1)).amax(dim=-2), along, cos
+
+
+def _half_steps(F: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(2F, F + 1)``: the ego's poses at every half step (midpoint, waypoint, ...) from the origin and ``F`` waypoints."""
+    rows = [[0.0] * (F + 1) for _ in range(2 * F)]
+    for j in range(F):
+        rows[2 * j][j] = rows[2 * j][j + 1] = 0.5
+        rows[2 * j + 1][j + 1] = 1.0
+    return torch.tensor(rows, dtype=dtype, device=device)
 
 
 def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, agents_size: Tensor,
@@ -159,64 +178,57 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     or in a turn is wrong within seconds, and a distant false contact would only make the ego timid.
     """
     B, C, F, _ = cands.shape
+    K, T = agents_pose.shape[1], 2 * F
     dtype = cands.dtype
-    # The ego at every half step (0.5 dt, dt, 1.5 dt, ...): midpoints and waypoints, headings as cosine and sine. A
-    # midpoint's heading is the circular mean of its ends': the direction of the sum of their unit vectors.
-    cw, sw = torch.cos(cands[..., 2]), torch.sin(cands[..., 2])  # (B, C, F)
-    first = torch.zeros_like(cw[:, :, :1])
-    cp, sp = torch.cat([first + 1.0, cw[:, :, :-1]], dim=2), torch.cat([first, sw[:, :, :-1]], dim=2)
-    cm, sm = cp + cw, sp + sw
-    norm = (cm * cm + sm * sm).sqrt()
-    turned = norm > 0  # ends facing opposite ways: heading 0, as atan2(0, 0)
-    cm = torch.where(turned, cm / norm.clamp_min(1e-30), torch.ones_like(cm))
-    sm = torch.where(turned, sm / norm.clamp_min(1e-30), torch.zeros_like(sm))
-    xy = cands[..., :2]
-    mid_xy = 0.5 * (torch.cat([torch.zeros_like(xy[:, :, :1]), xy[:, :, :-1]], dim=2) + xy)
-    ego_xy = torch.stack([mid_xy, xy], dim=3).reshape(B, C, 2 * F, 1, 2)  # (B, C, T, 1, 2)
-    ca = torch.stack([cm, cw], dim=3).reshape(B, C, 2 * F, 1)
-    sa = torch.stack([sm, sw], dim=3).reshape(B, C, 2 * F, 1)
-    times = (0.5 * dt) * torch.arange(1, 2 * F + 1, dtype=dtype, device=cands.device)
-
-    now = agents_pose[:, :, -1].to(dtype)  # (B, K, 3)
-    seen_now = agents_valid[:, :, -1]
-    before = agents_pose[:, :, -2].to(dtype) if agents_pose.shape[2] > 1 else now
-    seen_before = agents_valid[:, :, -2] if agents_pose.shape[2] > 1 else seen_now
-    vel = torch.where(seen_before[..., None], (now[..., :2] - before[..., :2]) / dt, torch.zeros_like(now[..., :2]))
-    agent_xy = now[:, None, :, :2] + vel[:, None] * times[None, :, None, None]  # (B, T, K, 2)
-    cb, sb = torch.cos(now[..., 2])[:, None, None], torch.sin(now[..., 2])[:, None, None]  # (B, 1, 1, K): headings kept
-
-    ego_half = torch.tensor([0.5 * (ego_size[0] + front_m) + margin_m, 0.5 * ego_size[1] + margin_m], dtype=dtype,
-                            device=cands.device)
-    offset = agent_xy[:, None] - ego_xy  # (B, C, T, K, 2): each agent from the ego's centre
-    dx, dy = offset[..., 0], offset[..., 1]
-    along = dx * ca + dy * sa  # how far ahead of the ego's centre, along its heading
-    agent_half = (0.5 * agents_size.to(dtype))[:, None, None]
+    # The ego at every half step (0.5 dt, dt, 1.5 dt, ...): midpoints and waypoints. A midpoint's heading is the
+    # circular mean of its ends': the direction of the sum of their unit vectors (heading 0 when they cancel).
+    pts = torch.cat([torch.zeros_like(cands[:, :, :1]), cands], dim=2)  # (B, C, F + 1, 3), the ego now first
+    ego = torch.matmul(_half_steps(F, dtype, cands.device),
+                       torch.cat([pts[..., :2], torch.cos(pts[..., 2:]), torch.sin(pts[..., 2:])], dim=-1))  # (B, C, T, 4)
+    xy, u = ego.split(2, dim=-1)
+    norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    u = torch.where(norm > 0, u / norm.clamp_min(1e-30), torch.tensor([1.0, 0.0], dtype=dtype, device=cands.device))
     if front_m:  # the box reaching front_m further ahead has its centre half that further forward
-        hit = _overlap(dx - (0.5 * front_m) * ca, dy - (0.5 * front_m) * sa, ca, sa, cb, sb, ego_half, agent_half)
-    else:
-        hit = _overlap(dx, dy, ca, sa, cb, sb, ego_half, agent_half, along)
+        xy = xy + (0.5 * front_m) * u
+    ex, ey = xy.split(1, dim=-1)  # (B, C, T, 1) each
+    ec, es = u.split(1, dim=-1)
+
+    # The agents valid now keep their heading and the velocity of their last observed step: (B, 1, 1, K) each.
+    now = agents_pose[:, :, -1].to(dtype)  # (B, K, 3)
+    before = agents_pose[:, :, -2].to(dtype) if agents_pose.shape[2] > 1 else now
+    seen_before = agents_valid[:, :, -2] if agents_pose.shape[2] > 1 else agents_valid[:, :, -1]
+    vel = torch.where(seen_before[..., None], (now - before)[..., :2] / dt, torch.zeros((), dtype=dtype))
+    half = 0.5 * agents_size.to(dtype)
+    px, py, ph, vx, vy, lb, wb = torch.cat([now, vel, half], dim=-1).transpose(1, 2).unsqueeze(2).split(1, dim=1)
+    seen = agents_valid[:, :, -1].view(-1, 1, 1, K)
+    slow = (vel.norm(dim=-1) <= ONCOMING_MIN_SPEED).view(-1, 1, 1, K)
+    times = torch.tensor([[0.5 * dt * t] for t in range(1, T + 1)], dtype=dtype, device=cands.device)  # (T, 1)
+
+    # Layout (B, C, T, K): candidate, half step, agent; the agent last keeps every broadcast a long inner run.
+    la = torch.full_like(lb, 0.5 * (ego_size[0] + front_m) + margin_m)  # the ego's half sizes, grown by the margin
+    wa = torch.full_like(wb, 0.5 * ego_size[1] + margin_m)
+    gap, along, cos = _box_gap(px + vx * times - ex, py + vy * times - ey, ec, es, torch.cos(ph), torch.sin(ph),
+                               la, wa, lb, wb)
     # Oncoming traffic (moving, heading more than 120 degrees from the ego's) is left to the map: a straight-line
     # forecast of a car in the opposite lane of a curve sweeps across the ego's lane and would stop it for nothing.
-    moving = vel.norm(dim=-1) > ONCOMING_MIN_SPEED  # (B, K)
-    oncoming = (ca * cb + sa * sb < ONCOMING_COS) & moving[:, None, None, :]
-    hit = hit & seen_now[:, None, None, :] & ~oncoming  # (B, C, T, K)
-    ahead = along > 0
-    # An agent counts when it is ahead of the ego at its first contact (it overtaking from behind does not).
-    first_hit = _first_true(hit.transpose(2, 3))  # (B, C, K), T when never
-    ahead_then = torch.gather(torch.cat([ahead, torch.zeros_like(ahead[:, :, :1])], dim=2).transpose(2, 3), 3,
-                              first_hit[..., None]).squeeze(-1)
-    any_hit = (hit & ahead_then[:, :, None, :]).any(dim=-1)  # (B, C, T)
-    steps = _first_true(any_hit)
-    if horizon_s is None:
+    hit = (gap <= 0) & seen & ((cos >= ONCOMING_COS) | slow)  # (B, C, T, K)
+    # An agent counts when it is ahead of the ego at its first contact (it overtaking from behind does not). Each
+    # contact scores 2 (T - t), plus 1 when the agent is ahead then: the largest score over t is the first contact,
+    # odd when that one counts, and the largest odd score over the agents is the first contact that counts.
+    ahead = along > -0.5 * front_m  # ahead of the ego's own centre
+    score = torch.where(hit, _countdown(T, dtype, cands.device) + ahead.to(dtype), torch.zeros((), dtype=dtype))
+    first = score.amax(dim=2, keepdim=True)  # (B, C, 1, K)
+    counted = (first * torch.fmod(first, 2.0)).amax(dim=(2, 3))  # (B, C)
+    steps = T - torch.floor(0.5 * counted).to(torch.int64)
+    within = T if horizon_s is None else int(round(horizon_s / (0.5 * dt)))
+    if within >= T:
         return steps
-    within = int(round(horizon_s / (0.5 * dt)))
-    return torch.where(steps < within, steps, torch.full_like(steps, 2 * F))
+    return torch.where(steps < within, steps, torch.full_like(steps, T))
 
 
-def _first_true(flags: Tensor) -> Tensor:
-    """Index of the first True along the last dim, or its length when there is none (argmax with a sentinel)."""
-    padded = torch.cat([flags, torch.ones_like(flags[..., :1])], dim=-1)
-    return torch.argmax(padded.to(torch.float32), dim=-1)
+def _countdown(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(T, 1)``: 2 (T - t) for half step t, so an earlier contact scores higher and the low bit stays free."""
+    return torch.tensor([[2.0 * (T - t)] for t in range(T)], dtype=dtype, device=device)
 
 
 def hold_standstill(poses: Tensor, hold_below_m: float) -> Tensor:
