@@ -242,7 +242,7 @@ def hold_standstill(poses: Tensor, hold_below_m: float) -> Tensor:
     """
     if hold_below_m <= 0:
         return poses
-    return poses * moves(poses, hold_below_m).to(poses.dtype)[:, None, None]
+    return poses * moves(poses, hold_below_m).to(poses.dtype).view(-1, 1, 1)
 
 
 def moves(poses: Tensor, hold_below_m: float) -> Tensor:
@@ -264,24 +264,24 @@ def stop_short(plans: Tensor, steps: Tensor, dt: float = DT) -> Tensor:
     a plan clear all the way (``steps == 2F``) is unchanged.
     """
     F = plans.shape[1]
-    count = steps // 2  # waypoint j lies at half step 2j + 1: clear iff 2j + 1 < steps
-    pts = torch.cat([torch.zeros_like(plans[:, :1]), plans], dim=1)  # (B, F + 1, 3), the ego at the origin first
-    seg = (pts[:, 1:, :2] - pts[:, :-1, :2]).norm(dim=-1)  # (B, F)
-    arc = torch.cat([torch.zeros_like(seg[:, :1]), torch.cumsum(seg, dim=1)], dim=1)  # (B, F + 1)
-    s_stop = torch.gather(arc, 1, count.clamp(0, F)[:, None])  # (B, 1): arc length of the last clear waypoint
+    step = plans - torch.cat([torch.zeros_like(plans[:, :1]), plans[:, :-1]], dim=1)  # (B, F, 3) from the origin on
+    seg = torch.linalg.vector_norm(step[..., :2], dim=-1)  # (B, F)
+    arc = torch.cumsum(seg, dim=1)  # (B, F): arc length at each waypoint
+    # Waypoint j lies at half step 2j + 1, so the last one clear at ``steps`` is waypoint steps // 2 (0: the ego now):
+    # the arc lengths listed per half step, read at ``steps``.
+    per_half_step = torch.tensor([i // 2 for i in range(2 * F + 1)], device=plans.device)
+    s_stop = torch.gather(torch.cat([torch.zeros_like(arc[:, :1]), arc], dim=1)[:, per_half_step], 1, steps[:, None])
     v0 = (seg[:, :1] / dt).clamp_min(1e-3)
     brake_s = 2.0 * s_stop / v0  # time to stop at constant deceleration v0^2 / (2 s_stop)
-    t = dt * torch.arange(1, F + 1, dtype=plans.dtype, device=plans.device)[None]
+    t = torch.tensor([[dt * (j + 1) for j in range(F)]], dtype=plans.dtype, device=plans.device)
     left = (1.0 - t / brake_s.clamp_min(1e-6)).clamp_min(0.0)
-    s = torch.minimum(arc[:, 1:], s_stop * (1.0 - left * left))  # (B, F) arc length at each waypoint time
-    k = (s[:, :, None] > arc[:, None, 1:]).sum(-1).clamp_max(F - 1)  # the path segment each one falls on
-    a = torch.gather(pts, 1, k[..., None].expand(-1, -1, 3))
-    b = torch.gather(pts, 1, (k + 1)[..., None].expand(-1, -1, 3))
-    frac = ((s - torch.gather(arc, 1, k)) / torch.gather(seg, 1, k).clamp_min(1e-6)).clamp(0.0, 1.0)[..., None]
-    d = b[..., 2:] - a[..., 2:]
-    turn = d - (2 * math.pi) * torch.floor((d + math.pi) / (2 * math.pi))  # wrapped into [-pi, pi)
-    braked = torch.cat([a[..., :2] + frac * (b[..., :2] - a[..., :2]), a[..., 2:] + frac * turn], dim=-1)
-    return torch.where((steps >= 2 * F)[:, None, None], plans, braked)
+    s = torch.minimum(arc, s_stop * (1.0 - left * left))  # (B, F) arc length at each waypoint time
+    # Walked along the path: each waypoint time covers every segment up to s, the last one in part; one matmul of
+    # those fractions with the segments' steps (heading turns wrapped) gives every braked pose.
+    frac = ((s[:, :, None] - (arc - seg)[:, None]) / seg.clamp_min(1e-6)[:, None]).clamp(0.0, 1.0)  # (B, F, F)
+    turn = step[..., 2:] - (2 * math.pi) * torch.floor((step[..., 2:] + math.pi) / (2 * math.pi))  # in [-pi, pi)
+    braked = torch.matmul(frac, torch.cat([step[..., :2], turn], dim=-1))
+    return torch.where((steps >= 2 * F).view(-1, 1, 1), plans, braked)
 
 
 def clearest(steps: Tensor | None, offroad: Tensor | None = None) -> Tensor | None:
