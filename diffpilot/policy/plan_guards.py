@@ -101,12 +101,13 @@ def offroad_corners(cands: Tensor, drivable: Tensor, ego_size: tuple[float, floa
     across = cands.new_tensor([1.0, -1.0, 1.0, -1.0]) * (ego_size[1] / 2)
     x = cands[..., 0:1] + c * along - s * across  # (B, C, F, 4)
     y = cands[..., 1:2] + s * along + c * across
-    row = torch.floor(R / 2 - x / m_per_px)
-    col = torch.floor(R / 2 - y / m_per_px)
-    inside = (row >= 0) & (row < R) & (col >= 0) & (col < R)
-    cell = (row.clamp(0, R - 1) * R + col.clamp(0, R - 1)).to(torch.int64).reshape(B, -1)
-    on = torch.gather(drivable.reshape(B, -1).to(cands.dtype), 1, cell).reshape(x.shape) > 0.5
-    return (inside & ~on).reshape(B, C, -1).sum(-1)
+    # A border of drivable cells round the raster: every corner beyond it lands on that border once clamped.
+    row = (torch.floor(R / 2 - x / m_per_px) + 1).clamp(0, R + 1)
+    col = (torch.floor(R / 2 - y / m_per_px) + 1).clamp(0, R + 1)
+    cell = (row * (R + 2) + col).to(torch.int64).reshape(B, -1)
+    padded = torch.nn.functional.pad(drivable.to(cands.dtype), (1, 1, 1, 1), value=1.0).reshape(B, -1)
+    off = torch.gather(padded, 1, cell) <= 0.5
+    return off.reshape(B, C, -1).sum(-1)
 
 
 def pick(cands: Tensor, idx: Tensor) -> Tensor:
