@@ -363,7 +363,7 @@ def export_job(cfg: dict[str, Any]) -> Path:
     ckpt = Path(cfg["checkpoint"])
     policy = load_policy(ckpt)
     out = Path(cfg["out"]) if cfg.get("out") else ckpt.parent / "policy.onnx"
-    path = export_by_kind(policy, out, dict(cfg["sampler"]) if cfg.get("sampler") else None)
+    path = export_by_kind(policy, out, dict(cfg["sampler"]) if cfg.get("sampler") else None, batch=cfg.get("batch"))
     if cfg.get("int8"):
         quantize_dynamic_int8(path, path.with_suffix(".int8.onnx"))
     return path

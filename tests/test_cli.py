@@ -196,9 +196,12 @@ def test_transdiffuser_trains_with_its_score_head_evaluates_and_exports_through_
                  "modes=[non_reactive]", "navsim.frames_per_scene=1", "figures.scenes=0", f"out={drive}",
                  "progress=false"]) == 0
     assert "transdiffuser:td" in (drive / "report.md").read_text()
-    assert main(["export", f"checkpoint={out / 'policy'}", f"out={tmp_path / 'td.onnx'}"]) == 0
+    assert main(["export", f"checkpoint={out / 'policy'}", f"out={tmp_path / 'td.onnx'}", "batch=1"]) == 0
     runtime = load_runtime(tmp_path / "td.onnx")
-    assert isinstance(runtime, OnnxPlanner) and runtime.noise_shape == (3, 8, 3)
+    assert isinstance(runtime, OnnxPlanner) and runtime.noise_shape == (3, 8, 3) and runtime.batch == 1
+    capsys.readouterr()
+    msg = _one_line_exit_2(capsys, ["export", f"checkpoint={out / 'policy'}", f"out={tmp_path / 'td0.onnx'}", "batch=0"])
+    assert "batch must be null" in msg and not (tmp_path / "td0.onnx").exists()
     plan = runtime.plan(scene_samples_from_arrays(example_scene_arrays(1), 0))
     assert plan.shape == (8, 3) and bool(np.isfinite(plan).all())
     capsys.readouterr()

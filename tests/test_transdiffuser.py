@@ -403,6 +403,33 @@ def test_drivable_check_keeps_to_the_road_in_torch_and_onnxruntime(tmp_path: Pat
                                    policy.plan(sample, noise=noise[i:i + 1]), atol=2e-4)
 
 
+def test_an_on_board_export_fixes_the_batch_at_one_and_plans_as_the_dynamic_one(tmp_path: Path):
+    import onnx
+
+    from diffpilot.export.onnx import export_by_kind
+    from diffpilot.export.runtime import load_runtime
+
+    policy = _fitted(drivable_check=True)
+    dynamic = load_runtime(export_by_kind(policy, tmp_path / "dynamic.onnx"))
+    fixed = load_runtime(export_by_kind(policy, tmp_path / "fixed.onnx", batch=1))
+    assert dynamic.batch is None and fixed.batch == 1
+    assert all(i.shape[0] == 1 for i in fixed.session.get_inputs())
+    nodes = {p: len(onnx.load(str(tmp_path / f"{p}.onnx")).graph.node) for p in ("dynamic", "fixed")}
+    assert nodes["fixed"] < nodes["dynamic"]  # no ops that read and rebuild the batch size
+    arrays = example_scene_arrays(4, seed=3)
+    noise = np.random.default_rng(0).standard_normal(policy.noise_shape(4)).astype(np.float32)
+    for i in range(4):
+        sample = scene_samples_from_arrays(arrays, i)
+        np.testing.assert_allclose(fixed.plan(sample, noise=noise[i]), dynamic.plan(sample, noise=noise[i]), atol=1e-5)
+    batch = {k: np.concatenate([v, v]) for k, v in fixed.feeds(scene_samples_from_arrays(arrays, 0)).items() if k != "noise"}
+    assert dynamic.predict(batch).shape == (2, 8, 3)
+    with pytest.raises(ValueError, match="batch fixed at 1, got a batch of 2; .* re-export with batch=null"):
+        fixed.predict(batch)
+    with pytest.raises(ValueError, match="batch must be null .* or an integer"):
+        export_by_kind(policy, tmp_path / "none.onnx", batch=0)
+    assert not (tmp_path / "none.onnx").exists()
+
+
 def test_consistency_is_the_same_in_torch_and_onnxruntime(tmp_path: Path):
     from diffpilot.export.onnx import export_by_kind
     from diffpilot.export.runtime import load_runtime

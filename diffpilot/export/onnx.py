@@ -25,7 +25,7 @@ and nothing here switches on kind names. The forms (metadata ``kind``/``form``):
 - ``denoiser`` (:func:`export_denoiser`): the network alone, for users who
   run their own loop.
 
-Every export runs the written graph in onnxruntime at batch 1 and 3 against
+Every export runs the written graph in onnxruntime at batch 1 and 3 (or at the batch size an export fixes) against
 torch and refuses to publish a file whose outputs differ by more than
 ``atol + rtol * |torch output|`` (float32 rounding scales with the output);
 the file appears in one rename only after that check passes. Both are
@@ -89,6 +89,7 @@ def export_by_kind(
     rtol: float = DEFAULT_RTOL,
     fp32_slack: float = 2.0,
     seed: int = 0,
+    batch: int | None = None,
     **options: Any,
 ) -> Path:
     """Export any exportable policy in the form its kind runs on board, verified against torch.
@@ -99,13 +100,14 @@ def export_by_kind(
     one, a driving planner its unguided ``predict``. A kind or configuration
     without an ONNX form raises ``ValueError`` with the reason, and nothing
     is written. ``sampler`` overrides the policy's sampler where the kind allows it.
+    ``batch`` fixes the graph's batch size (None: a dynamic batch axis); see :func:`export_from_spec`.
     """
     describe = getattr(policy, "export_spec", None)
     if describe is None:
         raise ValueError(f"a {type(policy).__name__} is not a registered policy; it has no ONNX export")
     _check_cpu(policy)
     spec = describe(dict(sampler) if sampler else None, **options)
-    return export_from_spec(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
+    return export_from_spec(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed, batch=batch)
 
 
 def export_from_spec(
@@ -116,9 +118,17 @@ def export_from_spec(
     rtol: float = DEFAULT_RTOL,
     fp32_slack: float = 2.0,
     seed: int = 0,
+    batch: int | None = None,
 ) -> Path:
-    """Write ``spec`` to ``path`` as one verified ONNX graph (see the module docstring for the check)."""
-    return _export_verified(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed)
+    """Write ``spec`` to ``path`` as one verified ONNX graph (see the module docstring for the check).
+
+    ``batch`` fixes the batch size of every input (verified at that size only); None keeps a dynamic batch
+    axis. A car plans one scene at a time: at ``batch=1`` the graph carries no shape bookkeeping (the ops
+    that read and rebuild the batch size), which a small graph pays for on every call.
+    """
+    if batch is not None and not (isinstance(batch, int) and not isinstance(batch, bool) and 1 <= batch <= MAX_BATCH):
+        raise ValueError(f"batch must be null (a dynamic batch axis) or an integer in [1, {MAX_BATCH}], got {batch!r}")
+    return _export_verified(spec, path, atol=atol, rtol=rtol, fp32_slack=fp32_slack, seed=seed, batch=batch)
 
 
 def export_policy(
@@ -371,16 +381,17 @@ def _random_feeds(session: ort.InferenceSession, batch: int, rng: np.random.Gene
 
 def _export_model(graph: nn.Module, example: dict[str, Tensor], outputs: list[str] | tuple[str, ...],
                   batch_axes: dict[str, int | None] | None = None,
-                  extra_axes: dict[str, dict[int, str]] | None = None) -> onnx.ModelProto:
-    """torch.onnx.export (dynamo, dynamic batch axis) of ``graph`` called with ``example`` as keywords."""
+                  extra_axes: dict[str, dict[int, str]] | None = None, fixed_batch: bool = False) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) of ``graph`` called with ``example`` as keywords: a dynamic batch axis, or the
+    example's batch size with ``fixed_batch``."""
     names = list(example)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    batch = None if fixed_batch else torch.export.Dim("batch", min=1, max=MAX_BATCH)
     axes = dict(batch_axes or {})
     dims: dict[str, Any] = {}
     dynamic: dict[str, Any] = {}
     for n in names:
         axis = axes.get(n, 0)
-        spec = {} if axis is None else {axis: batch}
+        spec = {} if axis is None or batch is None else {axis: batch}
         for extra_axis, dim_name in (extra_axes or {}).get(n, {}).items():
             spec[extra_axis] = dims.setdefault(dim_name, torch.export.Dim(dim_name, min=2, max=4096))
         dynamic[n] = spec or None
@@ -445,8 +456,10 @@ def _export_verified(
     rtol: float,
     fp32_slack: float,
     seed: int,
+    batch: int | None = None,
 ) -> Path:
-    """torch.onnx.export (dynamo, dynamic batch) of ``spec`` to a scratch file, stamp metadata, verify, then publish.
+    """torch.onnx.export (dynamo; dynamic batch unless ``batch`` fixes it) of ``spec`` to a scratch file, stamp
+    metadata, verify, then publish.
 
     A spec with a switch becomes one ``If`` over its two graphs, each branch
     checked with its own flag value and NFE.
@@ -458,26 +471,27 @@ def _export_verified(
     modes = [(m, m.training) for m in graph.modules()]  # the wrapped policy's own mode comes back after export
     graph.eval()
     try:
-        example = spec.feeds(2, torch.Generator().manual_seed(seed))
+        example = spec.feeds(batch or 2, torch.Generator().manual_seed(seed))
+        checks = CHECK_BATCHES if batch is None else (batch,)
         names = tuple(example) + ((switch.flag,) if switch is not None else ())
         meta = _stamp(spec, names)
         for name, companion in spec.companions.items():
             _export_verified(companion, companion_path(path, name), atol=atol, rtol=rtol, fp32_slack=fp32_slack,
-                             seed=seed)
+                             seed=seed, batch=batch)
         with atomic_path(path) as tmp:
             if switch is None:
                 model = _export_model(graph, example, spec.outputs, dict(spec.batch_axes),
-                                      {k: dict(v) for k, v in spec.extra_axes.items()})
+                                      {k: dict(v) for k, v in spec.extra_axes.items()}, fixed_batch=batch is not None)
             else:
                 off = _export_model(switch.off, {k: example[k] for k in switch.off_inputs}, spec.outputs,
-                                    dict(spec.batch_axes))
-                on = _export_model(switch.on, example, spec.outputs, dict(spec.batch_axes))
+                                    dict(spec.batch_axes), fixed_batch=batch is not None)
+                on = _export_model(switch.on, example, spec.outputs, dict(spec.batch_axes), fixed_batch=batch is not None)
                 model = _if_model(off, on, switch.flag)
             _set_metadata(model, meta)
             onnx.save(model, str(tmp))
             if switch is None:
                 error = _verify(graph, tmp, spec.feeds, atol=atol * spec.nfe, rtol=rtol * spec.nfe,
-                                fp32_slack=fp32_slack, seed=seed)
+                                fp32_slack=fp32_slack, seed=seed, batches=checks)
             else:
                 error = 0.0
                 for flag in (False, True):
@@ -485,7 +499,7 @@ def _export_verified(
                         return spec.feeds(b, g) | {switch.flag: torch.tensor(flag)}
                     nfe = switch.on_nfe if flag else spec.nfe
                     error = max(error, _verify(graph, tmp, flagged, atol=atol * nfe, rtol=rtol * nfe,
-                                               fp32_slack=fp32_slack, seed=seed))
+                                               fp32_slack=fp32_slack, seed=seed, batches=checks))
             _set_metadata(model, meta | {"check_max_abs_error": repr(error)})
             onnx.save(model, str(tmp))
     finally:
@@ -503,8 +517,9 @@ def _verify(
     rtol: float,
     fp32_slack: float,
     seed: int,
+    batches: tuple[int, ...] = CHECK_BATCHES,
 ) -> float:
-    """Max abs difference onnxruntime vs fp32 torch over batches 1 and 3.
+    """Max abs difference onnxruntime vs fp32 torch over ``batches`` (1 and 3 for a dynamic batch axis).
 
     Raises when onnxruntime's distance to a float64 torch run exceeds
     ``atol + rtol * |output|`` plus ``fp32_slack`` times fp32 torch's own distance to it.
@@ -516,7 +531,7 @@ def _verify(
     worst = 0.0
     exact_graph = copy.deepcopy(graph).double()
     g = torch.Generator().manual_seed(seed + 1)
-    for b in CHECK_BATCHES:
+    for b in batches:
         feeds = make_feeds(b, g)
         with torch.no_grad():
             wants = _as_tuple(graph(**feeds))

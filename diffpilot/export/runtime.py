@@ -258,6 +258,7 @@ class OnnxChunkPolicy:
                 )
             self.warm_nfe = int(info.raw["warm_nfe"])
         self._previous: np.ndarray | None = None
+        self.batch = fixed_batch(self.session)
         self._rng = np.random.default_rng(seed)
         self._obs_history: deque[np.ndarray] = deque(maxlen=self.obs_horizon)
         self._action_queue: deque[np.ndarray] = deque()
@@ -293,6 +294,7 @@ class OnnxChunkPolicy:
         if not np.isfinite(obs).all():
             raise ValueError("predict() got non-finite observations (NaN or inf); check the sensor/simulator output")
         b = obs.shape[0]
+        check_batch(self.batch, b, self.path)
         feeds = {"obs": obs, "noise": self._noise("noise", noise, (b, self.action_horizon, self.action_dim))}
         if "step_noise" in self.info.inputs:
             shape = (self.info.step_noise_steps, b, self.action_horizon, self.action_dim)
@@ -419,6 +421,7 @@ class OnnxPlanner:
         if missing:
             raise ExportedModelError(f"{self.path} has no default for rule parameters {missing}; re-export it")
         self._dtypes = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.batch = fixed_batch(self.session)
         self._rng = np.random.default_rng(seed)
         self.last_nfe = 0
         self._memory = PlanMemory(self.horizon)  # the last plan, for an export with plan consistency
@@ -561,6 +564,7 @@ class OnnxPlanner:
             raise ValueError(f"predict() needs the inputs {missing}; this planner reads {list(self.info.inputs)}")
         feeds = {n: np.asarray(batch[n], dtype=self._dtypes[n]) for n in names}
         b = feeds["ego_status"].shape[0]
+        check_batch(self.batch, b, self.path)
         shape = (b, *self.noise_shape)
         if noise is None:
             feeds["noise"] = self._rng.standard_normal(shape, dtype=np.float32)
@@ -607,6 +611,19 @@ def load_runtime(
         f"{path} is a {kind!r} export (one network call); run it with onnxruntime directly "
         "(diffpilot.export.runtime.open_session) or export the whole policy with diffpilot export"
     )
+
+
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size an export fixed (its first input's first dim), or None for a dynamic batch axis."""
+    size = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    return size if isinstance(size, int) else None
+
+
+def check_batch(fixed: int | None, batch: int, path: Path) -> None:
+    """A ValueError when an export with a fixed batch size gets another."""
+    if fixed is not None and batch != fixed:
+        raise ValueError(f"{path} was exported with its batch fixed at {fixed}, got a batch of {batch}; pass {fixed} "
+                         "at a time or re-export with batch=null (a dynamic batch axis)")
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
