@@ -658,6 +658,8 @@ def _array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def _pad(arr: np.ndarray, size: int, fill: Any) -> np.ndarray:
     """``arr`` with its first axis padded to ``size`` entries of ``fill`` (padding slots are masked in the graph)."""
+    if arr.shape[0] == size:
+        return arr
     out = np.full((size, *arr.shape[1:]), fill, dtype=arr.dtype)
     out[: arr.shape[0]] = arr
     return out

@@ -21,6 +21,7 @@ class PlanMemory:
         self.horizon = int(horizon)
         self._poses: np.ndarray | None = None
         self._frame = 0.0
+        self._moving = False
 
     def clear(self) -> None:
         """Forget it (a new episode)."""
@@ -30,6 +31,7 @@ class PlanMemory:
         """Keep ``plan`` (F, 3), ego-frame poses of the pose ``origin`` (3,), made at keyframe ``frame``."""
         self._poses = to_global_frame(np.asarray(plan, dtype=np.float64), np.asarray(origin, dtype=np.float64))
         self._frame = float(frame)
+        self._moving = bool(np.any(self._poses[:, :2] != self._poses[:1, :2]))
 
     def shifted(self, origin: np.ndarray, frame: float) -> tuple[np.ndarray, np.ndarray] | None:
         """The remembered plan in the ego frame of ``origin`` at keyframe ``frame``, or None.
@@ -48,10 +50,11 @@ class PlanMemory:
         step = local[-1] - (local[-2] if len(local) > 1 else np.zeros(3))
         tail = local[-1] + step * np.arange(1, k + 1)[:, None]
         poses = np.concatenate([local, tail])
-        poses[:, 2] = np.unwrap(poses[:, 2])
+        turns = np.diff(poses[:, 2])  # unwrapped: each turn between waypoints taken the short way round
+        poses[1:, 2] = poses[0, 2] + np.cumsum(turns - (2 * np.pi) * np.round(turns / (2 * np.pi)))
         return poses, np.arange(self.horizon) < self.horizon - k
 
     @property
     def moving(self) -> bool:
         """Whether the remembered plan goes anywhere (a standstill plan binds nothing)."""
-        return self._poses is not None and bool(np.any(self._poses[:, :2] != self._poses[:1, :2]))
+        return self._poses is not None and self._moving
