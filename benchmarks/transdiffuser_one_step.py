@@ -112,8 +112,8 @@ def main() -> None:
     scores = pdms_by_planner(res, labels)
     samples = val_samples(load_scene_samples(root, "v1.0-diffpilot", "val", SampleSpec(), progress=False))
     (out / "onnx").mkdir(parents=True, exist_ok=True)
-    graphs = {name: str(export_by_kind(load_policy(r["dirs"][0]), out / "onnx" / f"{Path(r['dirs'][0]).parent.name}.onnx"))
-              for name, r in runs.items()}
+    graphs = {name: str(export_by_kind(load_policy(r["dirs"][0]), out / "onnx" / f"{Path(r['dirs'][0]).parent.name}.onnx",
+                                       batch=1)) for name, r in runs.items()}  # the on-board export
     ms = ort_latencies(graphs, samples, args.rounds)
     rows = []
     for name in ["log_replay", "lane_follower", *runs]:
@@ -135,12 +135,12 @@ def main() -> None:
     cmd = (f"python benchmarks/transdiffuser_one_step.py --scenes {args.scenes} --steps {args.steps} "
            f"--student-steps {args.student_steps} --seeds {' '.join(map(str, args.seeds))} --students "
            + " ".join(f'"{s}"' for s in args.students) + f" --workers {args.workers} --jobs {args.jobs} "
-           f"--recovery {args.recovery}" + (" --drivable-check" if args.drivable_check else ""))
+           f"--recovery {args.recovery}" + (" --drivable-check" if args.drivable_check else "") + f" --rounds {args.rounds}")
     notes = (f"{args.scenes} embedded scenes; the teacher is the table's TransDiffuser (DDPM, {args.steps} steps, 5 DDIM "
              f"steps per plan); each student is one-step MeanFlow distilled from the same seed's teacher, "
              f"{args.student_steps} steps; PDMS: mean over seeds {args.seeds} (`pdms std`: std over seeds). "
              "`gap to teacher`: student minus teacher, mean PDMS (target: >= -0.02). `plan_ms_p50_onnxruntime`: the seed-0 "
-             f"graph, batch 1, 1 thread, {args.rounds} rounds over 40 val scenes, every graph once per round in turn, "
+             f"graph exported for on board (batch fixed at 1), 1 thread, {args.rounds} rounds over 40 val scenes, every graph once per round in turn, "
              "including the runtime's feature building; `speedup_vs_teacher`: the teacher's p50 over the row's "
              "(target: >= 5). Rows ending in '+ drivable check': the same weights planning with `drivable_check` on, "
              "compared with the teacher's row of the same options. Closed loop as in `transdiffuser.md`.")
