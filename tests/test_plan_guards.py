@@ -8,7 +8,8 @@ import torch
 
 from diffpilot.data.geometry import box_corners, boxes_overlap
 from diffpilot.data.scenario import DT
-from diffpilot.policy.plan_guards import clearance_steps, clearest, obb_overlap, offroad_corners, stop_short
+from diffpilot.policy.plan_guards import (cap_acceleration, clearance_steps, clearest, obb_overlap, offroad_corners,
+                                         stop_short)
 from diffpilot.policy.transdiffuser import select_candidates
 
 EGO = (4.084, 1.85)
@@ -170,3 +171,23 @@ def test_stop_short_follows_a_curved_path():
              for a, b in zip(pts[:-1], pts[1:])]
         assert min(d) < 1e-3
     assert np.all(np.diff(out[:, 2]) >= -1e-6)
+
+
+def test_cap_acceleration_retimes_a_fast_start_along_its_path_and_leaves_slower_plans_alone():
+    t = DT * np.arange(1, F + 1)
+    yaw = 0.02 * t  # a gentle curve, pulling away at 4 m/s^2
+    s = 0.5 * 4.0 * t**2
+    plan = np.column_stack([s * np.cos(yaw), s * np.sin(yaw), yaw])
+    cruise = _straight(8.0)
+    plans = torch.tensor(np.stack([plan, cruise, cruise]), dtype=torch.float32)
+    out = cap_acceleration(plans, torch.tensor([0.0, 8.0, 9.0]), 2.0).numpy()
+    step = np.linalg.norm(np.diff(np.vstack([np.zeros(2), out[0, :, :2]]), axis=0), axis=1) / DT
+    bound = 2.0 * t  # from standstill, each step's mean speed within accel * t of now
+    assert np.all(step <= bound + 1e-3) and step[0] > 0.9  # capped, still moving off
+    assert np.all(np.diff(step) <= 2.0 * DT + 1e-3)  # and from step to step
+    pts = np.vstack([np.zeros(3), plan])
+    for p in out[0]:  # every pose on the plan's own polyline
+        d = [np.linalg.norm(np.cross(b[:2] - a[:2], p[:2] - a[:2])) / np.linalg.norm(b[:2] - a[:2]) for a, b in zip(pts[:-1], pts[1:])]
+        assert min(d) < 1e-3
+    np.testing.assert_allclose(out[1], cruise, atol=1e-4)  # already at its speed: unchanged
+    np.testing.assert_allclose(out[2], cruise, atol=1e-4)  # slower than the car now: unchanged

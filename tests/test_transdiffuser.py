@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -409,7 +410,8 @@ def test_an_on_board_export_fixes_the_batch_at_one_and_plans_as_the_dynamic_one(
     from diffpilot.export.onnx import export_by_kind
     from diffpilot.export.runtime import load_runtime
 
-    policy = _fitted(drivable_check=True)
+    policy = _fitted(drivable_check=True, accel_limit=1.0)
+    torch.nn.init.normal_(policy.net.out.weight, std=0.5)  # plans that speed up hard
     dynamic = load_runtime(export_by_kind(policy, tmp_path / "dynamic.onnx"))
     fixed = load_runtime(export_by_kind(policy, tmp_path / "fixed.onnx", batch=1))
     assert dynamic.batch is None and fixed.batch == 1
@@ -418,9 +420,16 @@ def test_an_on_board_export_fixes_the_batch_at_one_and_plans_as_the_dynamic_one(
     assert nodes["fixed"] < nodes["dynamic"]  # no ops that read and rebuild the batch size
     arrays = example_scene_arrays(4, seed=3)
     noise = np.random.default_rng(0).standard_normal(policy.noise_shape(4)).astype(np.float32)
+    uncapped = copy.deepcopy(policy)
+    uncapped.cfg.accel_limit = 0.0
+    capped = 0
     for i in range(4):
         sample = scene_samples_from_arrays(arrays, i)
-        np.testing.assert_allclose(fixed.plan(sample, noise=noise[i]), dynamic.plan(sample, noise=noise[i]), atol=1e-5)
+        want = policy.plan(sample, noise=noise[i:i + 1])
+        np.testing.assert_allclose(fixed.plan(sample, noise=noise[i]), want, atol=2e-4)
+        np.testing.assert_allclose(dynamic.plan(sample, noise=noise[i]), want, atol=2e-4)
+        capped += not np.allclose(uncapped.plan(sample, noise=noise[i:i + 1]), want, atol=1e-3)
+    assert capped  # the acceleration cap re-timed some plan, the same in torch and both graphs
     batch = {k: np.concatenate([v, v]) for k, v in fixed.feeds(scene_samples_from_arrays(arrays, 0)).items() if k != "noise"}
     assert dynamic.predict(batch).shape == (2, 8, 3)
     with pytest.raises(ValueError, match="batch fixed at 1, got a batch of 2; .* re-export with batch=null"):

@@ -561,7 +561,7 @@ class DiffusionDrivePlanner(PolicyBase):
         clear = candidate_clearance(self.cfg, batch, poses)
         ok = clearest(clear, candidate_offroad(self.cfg, batch, poses))
         idx = (logits if ok is None else torch.where(ok, logits, torch.full_like(logits, -1e9))).argmax(dim=1)
-        return guard_kept(self.cfg, poses, idx, clear)
+        return guard_kept(self.cfg, poses, idx, clear, batch["ego_status"][:, 0])
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:

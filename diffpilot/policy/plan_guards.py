@@ -4,7 +4,8 @@ Clearance: how long each candidate stays clear of the agents ahead under a
 constant-velocity forecast (selection keeps to the clearest; the kept plan
 brakes to a stop short of a forecast contact). Drivable area (off by default):
 selection first keeps to the candidates whose box leaves the map's drivable
-area least. Standstill hold: a plan that barely moves is held still.
+area least. Acceleration cap (off by default): the kept plan speeds up no faster than a
+comfortable bound. Standstill hold: a plan that barely moves is held still.
 
 A learned selection ranks candidates by what it has seen in training; it
 has no hard notion of "this plan runs into the car in front". A car's
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from diffpilot.data.scenario import DT, SampleSpec
 
-__all__ = ["GuardConfig", "candidate_clearance", "candidate_offroad", "check_guards", "clearance_steps", "clearest",
+__all__ = ["GuardConfig", "cap_acceleration", "candidate_clearance", "candidate_offroad", "check_guards", "clearance_steps", "clearest",
            "guard_kept", "hold_standstill", "moves", "obb_overlap", "offroad_corners", "pick", "reads_drivable",
            "stop_short"]
 
@@ -48,6 +49,7 @@ class GuardConfig:
     clearance_horizon_s: float = 2.0  # forecast contacts later than this are not counted
     clearance_front_m: float = 0.0  # the ego's box also reaches this much further ahead: the gap a stop keeps
     drivable_check: bool = False  # keep first to the candidates whose box leaves the drivable-area raster least
+    accel_limit: float = 0.0  # m/s^2: the kept plan speeds up no faster than this, re-timed along its path (0: off)
     ego_size: list[float] = field(default_factory=lambda: [4.084, 1.85])  # length, width (m) of the ego's box
 
 
@@ -64,6 +66,8 @@ def check_guards(cfg: GuardConfig) -> None:
     if not cfg.clearance_margin_m >= 0 or not cfg.clearance_horizon_s > 0 or not cfg.clearance_front_m >= 0:
         raise ValueError(f"clearance_margin_m and clearance_front_m must be >= 0 and clearance_horizon_s > 0, got "
                          f"{cfg.clearance_margin_m}, {cfg.clearance_front_m} and {cfg.clearance_horizon_s}")
+    if not cfg.accel_limit >= 0:
+        raise ValueError(f"accel_limit must be >= 0 m/s^2 (0 turns it off), got {cfg.accel_limit}")
     if len(cfg.ego_size) != 2 or not all(float(v) > 0 for v in cfg.ego_size):
         raise ValueError(f"ego_size must be [length, width] in metres, both > 0, got {cfg.ego_size}")
 
@@ -115,12 +119,17 @@ def pick(cands: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(cands, 1, idx[:, None, None, None].expand(-1, 1, *cands.shape[2:]))[:, 0]
 
 
-def guard_kept(cfg: GuardConfig, cands: Tensor, idx: Tensor, clear: Tensor | None) -> Tensor:
+def guard_kept(cfg: GuardConfig, cands: Tensor, idx: Tensor, clear: Tensor | None, speed: Tensor | None = None) -> Tensor:
     """The plans ``(B, F, 3)`` kept from ``cands`` (B, C, F, 3) at ``idx`` (B,), stopped short of a forecast
-    contact (``clear`` from :func:`candidate_clearance`) and held still when they barely move."""
+    contact (``clear`` from :func:`candidate_clearance`), speeding up no faster than ``cfg.accel_limit`` from the
+    car's ``speed`` now (B,), and held still when they barely move."""
     chosen = pick(cands, idx)
     if clear is not None:
         chosen = stop_short(chosen, torch.gather(clear, 1, idx[:, None])[:, 0])
+    if cfg.accel_limit > 0:
+        if speed is None:
+            raise ValueError("accel_limit needs the car's speed now (ego_status[:, 0])")
+        chosen = cap_acceleration(chosen, speed, float(cfg.accel_limit))
     return hold_standstill(chosen, float(cfg.hold_below_m))
 
 
@@ -265,9 +274,7 @@ def stop_short(plans: Tensor, steps: Tensor, dt: float = DT) -> Tensor:
     a plan clear all the way (``steps == 2F``) is unchanged.
     """
     F = plans.shape[1]
-    step = plans - torch.cat([torch.zeros_like(plans[:, :1]), plans[:, :-1]], dim=1)  # (B, F, 3) from the origin on
-    seg = torch.linalg.vector_norm(step[..., :2], dim=-1)  # (B, F)
-    arc = torch.cumsum(seg, dim=1)  # (B, F): arc length at each waypoint
+    step, seg, arc = _path(plans)
     # Waypoint j lies at half step 2j + 1, so the last one clear at ``steps`` is waypoint steps // 2 (0: the ego now):
     # the arc lengths listed per half step, read at ``steps``.
     per_half_step = torch.tensor([i // 2 for i in range(2 * F + 1)], device=plans.device)
@@ -277,12 +284,45 @@ def stop_short(plans: Tensor, steps: Tensor, dt: float = DT) -> Tensor:
     t = torch.tensor([[dt * (j + 1) for j in range(F)]], dtype=plans.dtype, device=plans.device)
     left = (1.0 - t / brake_s.clamp_min(1e-6)).clamp_min(0.0)
     s = torch.minimum(arc, s_stop * (1.0 - left * left))  # (B, F) arc length at each waypoint time
-    # Walked along the path: each waypoint time covers every segment up to s, the last one in part; one matmul of
-    # those fractions with the segments' steps (heading turns wrapped) gives every braked pose.
+    return torch.where((steps >= 2 * F).view(-1, 1, 1), plans, _walk(step, seg, arc, s))
+
+
+def cap_acceleration(plans: Tensor, speed: Tensor, accel: float, dt: float = DT) -> Tensor:
+    """Plans ``(B, F, 3)`` re-timed along their path so they speed up by at most ``accel`` (m/s^2) per second from
+    the car's ``speed`` now (B,) and from step to step; slower parts keep their own timing.
+
+    A sampled plan may ask for a speed the car cannot reach comfortably
+    (pulling away, or a gap opening ahead): the tracker then accelerates
+    past the comfort bound. Capping only slows a plan, so the path stays
+    the same and a stop stays where it was.
+    """
+    F = plans.shape[1]
+    step, seg, arc = _path(plans)
+    # The fastest each step may go: its own speed, every earlier step's plus what accel adds since, and the
+    # speed now plus what accel adds by then (one min over a constant triangle instead of a loop over steps).
+    gain = [[accel * dt * (j - i) if i <= j else math.inf for j in range(F)] for i in range(F)]
+    reach = (seg[:, :, None] / dt + torch.tensor(gain, dtype=plans.dtype, device=plans.device)).amin(dim=1)
+    start = speed.to(plans.dtype)[:, None] + torch.tensor([[accel * dt * (j + 1) for j in range(F)]],
+                                                          dtype=plans.dtype, device=plans.device)
+    s = torch.cumsum(torch.minimum(reach, start) * dt, dim=1)  # (B, F) arc length at each waypoint time
+    return _walk(step, seg, arc, torch.minimum(s, arc))
+
+
+def _path(plans: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each plan's steps from the ego now ``(B, F, 3)``, their lengths and the arc length at each waypoint ``(B, F)``."""
+    step = plans - torch.cat([torch.zeros_like(plans[:, :1]), plans[:, :-1]], dim=1)
+    seg = torch.linalg.vector_norm(step[..., :2], dim=-1)
+    return step, seg, torch.cumsum(seg, dim=1)
+
+
+def _walk(step: Tensor, seg: Tensor, arc: Tensor, s: Tensor) -> Tensor:
+    """The poses ``(B, F, 3)`` at arc lengths ``s`` (B, F) along the paths of :func:`_path`.
+
+    Each covers every segment up to it and the last one in part: one matmul of those fractions with the
+    segments' steps (heading turns wrapped) gives every pose."""
     frac = ((s[:, :, None] - (arc - seg)[:, None]) / seg.clamp_min(1e-6)[:, None]).clamp(0.0, 1.0)  # (B, F, F)
     turn = step[..., 2:] - (2 * math.pi) * torch.floor((step[..., 2:] + math.pi) / (2 * math.pi))  # in [-pi, pi)
-    braked = torch.matmul(frac, torch.cat([step[..., :2], turn], dim=-1))
-    return torch.where((steps >= 2 * F).view(-1, 1, 1), plans, braked)
+    return torch.matmul(frac, torch.cat([step[..., :2], turn], dim=-1))
 
 
 def clearest(steps: Tensor | None, offroad: Tensor | None = None) -> Tensor | None:

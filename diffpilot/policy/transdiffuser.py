@@ -783,11 +783,12 @@ class TransDiffuser(PolicyBase):
         if noise is None:
             noise = torch.randn(self.noise_shape(B), generator=self._gen)
         cands, idx, _, clear, _ = self.plan_candidates(batch, noise)
-        return self.kept(cands, idx, clear)
+        return self.kept(cands, idx, clear, batch["ego_status"][:, 0])
 
-    def kept(self, cands: Tensor, idx: Tensor, clear: Tensor | None = None) -> Tensor:
-        """The plans ``(B, F, 3)`` kept from ``cands`` at ``idx``, through the guards (:func:`guard_kept`)."""
-        return guard_kept(self.cfg, cands, idx, clear)
+    def kept(self, cands: Tensor, idx: Tensor, clear: Tensor | None = None, speed: Tensor | None = None) -> Tensor:
+        """The plans ``(B, F, 3)`` kept from ``cands`` at ``idx``, through the guards (:func:`guard_kept`; ``speed``:
+        the car's speed now, for ``accel_limit``)."""
+        return guard_kept(self.cfg, cands, idx, clear, speed)
 
     def _check_batch(self, batch: Mapping[str, Tensor], noise: Tensor) -> None:
         missing = [k for k in self._scene_keys() if k not in batch]
@@ -816,7 +817,7 @@ class TransDiffuser(PolicyBase):
         guide = self._guide(arrays, self.cfg.num_candidates) if self.cfg.guidance else None
         cands, idx, _, clear, _ = self.plan_candidates(batch, noise, guide=guide)
         self.last_candidates = cands.double().numpy()
-        out = self.kept(cands, idx, clear).double().numpy()
+        out = self.kept(cands, idx, clear, batch["ego_status"][:, 0]).double().numpy()
         out[..., 2] = wrap_angle(out[..., 2])
         return out
 
@@ -840,7 +841,7 @@ class TransDiffuser(PolicyBase):
             covered = torch.as_tensor(last[1][None] & self._memory.moving)
             idx = keep_course(cands, idx, shifted, covered, float(self.cfg.hold_below_m), ok)
         self.last_candidates = cands[0].double().numpy()
-        out = self.kept(cands, idx, clear)[0].double().numpy()
+        out = self.kept(cands, idx, clear, batch["ego_status"][:, 0])[0].double().numpy()
         out[:, 2] = wrap_angle(out[:, 2])
         if remembered:
             self._memory.remember(out, origin, float(sample.frame))
@@ -929,4 +930,4 @@ class _PosesGraph(nn.Module):
         idx = select_candidates(cands, p.cfg.selection, pdms, ok)
         if previous is not None and previous_covered is not None:
             idx = keep_course(cands, idx, previous, previous_covered, float(p.cfg.hold_below_m), ok)
-        return p.kept(cands, idx, clear)
+        return p.kept(cands, idx, clear, ego_status[:, 0])
