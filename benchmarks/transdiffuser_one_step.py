@@ -8,11 +8,13 @@ evaluation on the val split (closed loop non-reactive and reactive, NAVSIM-style
 the lane follower, and times the seed-0 graphs in onnxruntime (batch 1, 1 thread, rounds interleaved over 40 val
 scenes). Each student row gives its PDMS gap to the teacher (mean over seeds) and its speed-up over the
 teacher's graph in the same run. ``--drivable-check`` adds every model again planning with the drivable-area check
-on (``policy.drivable_check``; the same weights), each student compared with the teacher of the same options.
+on (``policy.drivable_check``; the same weights), and ``--accel-limit A`` adds the last of those sets again with the
+kept plan's acceleration capped at A m/s^2 (``policy.accel_limit``); each student is compared with the teacher of
+the same options.
 Writes ``benchmarks/results/transdiffuser_one_step.{json,md}``.
 
 Run: python benchmarks/transdiffuser_one_step.py [--scenes 200] [--steps 10000] [--student-steps 20000]
-     [--seeds 0 1] [--students "1 layer, joint fusion" ...] [--drivable-check]
+     [--seeds 0 1] [--students "1 layer, joint fusion" ...] [--drivable-check] [--accel-limit 2.0]
 """
 
 from __future__ import annotations
@@ -96,16 +98,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over the 40 val scenes")
     ap.add_argument("--drivable-check", action="store_true",
                     help="also plan every model with the drivable-area check on (policy.drivable_check)")
+    ap.add_argument("--accel-limit", type=float, default=0.0,
+                    help="also plan the last set of models with the kept plan's acceleration capped (policy.accel_limit)")
     ap.add_argument("--max-val", type=int, default=None)
     ap.add_argument("--out", default="runs/bench/transdiffuser")
     args = ap.parse_args()
     out = Path(args.out)
     root = driving_data_job({"num_scenes": args.scenes, "seed": 0, "workers": args.workers})
     runs = train(args)
+    options = {name: "" for name in runs}  # each row's plan-time options, as its name's suffix
     if args.drivable_check:  # every run again with the drivable-area check, each compared with the teacher's the same
-        runs.update({name + DRIVABLE: {**r, "dirs": [variant_copy(d, Path(d).parent.with_name(Path(d).parent.name + "_drivable")
-                                                                  / "policy", drivable_check=True) for d in r["dirs"]]}
-                     for name, r in list(runs.items())})
+        for name, r in list(runs.items()):
+            runs[name + DRIVABLE] = {**r, "dirs": [variant_copy(d, Path(d).parent.with_name(Path(d).parent.name + "_drivable")
+                                                                / "policy", drivable_check=True) for d in r["dirs"]]}
+            options[name + DRIVABLE] = DRIVABLE
+    if args.accel_limit > 0:  # the last set again with the kept plan's acceleration capped
+        last = {name: o for name, o in options.items() if o == (DRIVABLE if args.drivable_check else "")}
+        tag = f" + accel limit {args.accel_limit:g}"
+        for name, o in last.items():
+            r = runs[name]
+            runs[name + tag] = {**r, "dirs": [variant_copy(d, Path(d).parent.with_name(
+                f"{Path(d).parent.name}_accel{args.accel_limit:g}") / "policy", accel_limit=args.accel_limit) for d in r["dirs"]]}
+            options[name + tag] = o + tag
     labels = {d: name for name, r in runs.items() for d in r["dirs"]}
     res = evaluate(["log_replay", "lane_follower", *labels], out / "eval_one_step", args)
 
@@ -118,7 +132,7 @@ def main() -> None:
     rows = []
     for name in ["log_replay", "lane_follower", *runs]:
         row: dict[str, Any] = {"planner": name}
-        teacher = TEACHER + DRIVABLE if name.endswith(DRIVABLE) else TEACHER  # the same plan-time options
+        teacher = TEACHER + options.get(name, "")  # the same plan-time options
         for mode in MODES:
             vals = scores.get((name, mode), [])
             if vals:
@@ -135,7 +149,8 @@ def main() -> None:
     cmd = (f"python benchmarks/transdiffuser_one_step.py --scenes {args.scenes} --steps {args.steps} "
            f"--student-steps {args.student_steps} --seeds {' '.join(map(str, args.seeds))} --students "
            + " ".join(f'"{s}"' for s in args.students) + f" --workers {args.workers} --jobs {args.jobs} "
-           f"--recovery {args.recovery}" + (" --drivable-check" if args.drivable_check else "") + f" --rounds {args.rounds}")
+           f"--recovery {args.recovery}" + (" --drivable-check" if args.drivable_check else "")
+           + (f" --accel-limit {args.accel_limit:g}" if args.accel_limit > 0 else "") + f" --rounds {args.rounds}")
     notes = (f"{args.scenes} embedded scenes; the teacher is the table's TransDiffuser (DDPM, {args.steps} steps, 5 DDIM "
              f"steps per plan); each student is one-step MeanFlow distilled from the same seed's teacher, "
              f"{args.student_steps} steps; PDMS: mean over seeds {args.seeds} (`pdms std`: std over seeds). "
@@ -143,7 +158,8 @@ def main() -> None:
              f"graph exported for on board (batch fixed at 1), 1 thread, {args.rounds} rounds over 40 val scenes, every graph once per round in turn, "
              "including the runtime's feature building; `speedup_vs_teacher`: the teacher's p50 over the row's "
              "(target: >= 5). Rows ending in '+ drivable check': the same weights planning with `drivable_check` on, "
-             "compared with the teacher's row of the same options. Closed loop as in `transdiffuser.md`.")
+             "compared with the teacher's row of the same options; '+ accel limit A': planning with `accel_limit` A as well. "
+             "Closed loop as in `transdiffuser.md`.")
     write_results(NAME, cmd, rows, notes)
 
 
