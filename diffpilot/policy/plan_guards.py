@@ -34,9 +34,9 @@ from torch import Tensor
 
 from diffpilot.data.scenario import DT, SampleSpec
 
-__all__ = ["GuardConfig", "cap_acceleration", "candidate_clearance", "candidate_offroad", "check_guards", "clearance_steps", "clearest",
-           "guard_kept", "hold_standstill", "moves", "obb_overlap", "offroad_corners", "pick", "reads_drivable",
-           "stop_short"]
+__all__ = ["GuardConfig", "candidate_clearance", "candidate_offroad", "cap_acceleration", "check_guards",
+           "clearance_steps", "clearest", "guard_kept", "hold_standstill", "moves", "obb_overlap", "offroad_corners",
+           "pick", "reads_drivable", "stop_short"]
 
 
 @dataclass
@@ -187,8 +187,8 @@ def clearance_steps(cands: Tensor, agents_pose: Tensor, agents_valid: Tensor, ag
     Contacts later than ``horizon_s`` count as clear: a constant-velocity forecast of a car on a curve
     or in a turn is wrong within seconds, and a distant false contact would only make the ego timid.
     """
-    B, C, F, _ = cands.shape
-    K, T = agents_pose.shape[1], 2 * F
+    F, K = cands.shape[2], agents_pose.shape[1]
+    T = 2 * F
     dtype = cands.dtype
     # The ego at every half step (0.5 dt, dt, 1.5 dt, ...): midpoints and waypoints. A midpoint's heading is the
     # circular mean of its ends': the direction of the sum of their unit vectors (heading 0 when they cancel).
