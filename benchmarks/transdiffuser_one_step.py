@@ -82,6 +82,17 @@ def train(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return runs
 
 
+def add_variants(runs: dict[str, dict[str, Any]], options: dict[str, str], names: list[str], suffix: str,
+                 folder: str, **changes: Any) -> None:
+    """Each run in ``names`` again as plan-time copies with ``changes`` (the same weights), saved beside each seed's
+    folder (name + ``folder``), as the row ``name + suffix`` whose options are its source's plus ``suffix``."""
+    for name in names:
+        dirs = [variant_copy(d, Path(d).parent.with_name(Path(d).parent.name + folder) / "policy", **changes)
+                for d in runs[name]["dirs"]]
+        runs[name + suffix] = {**runs[name], "dirs": dirs}
+        options[name + suffix] = options[name] + suffix
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", type=int, default=200)
@@ -108,18 +119,11 @@ def main() -> None:
     runs = train(args)
     options = {name: "" for name in runs}  # each row's plan-time options, as its name's suffix
     if args.drivable_check:  # every run again with the drivable-area check, each compared with the teacher's the same
-        for name, r in list(runs.items()):
-            runs[name + DRIVABLE] = {**r, "dirs": [variant_copy(d, Path(d).parent.with_name(Path(d).parent.name + "_drivable")
-                                                                / "policy", drivable_check=True) for d in r["dirs"]]}
-            options[name + DRIVABLE] = DRIVABLE
+        add_variants(runs, options, list(runs), DRIVABLE, "_drivable", drivable_check=True)
     if args.accel_limit > 0:  # the last set again with the kept plan's acceleration capped
-        last = {name: o for name, o in options.items() if o == (DRIVABLE if args.drivable_check else "")}
-        tag = f" + accel limit {args.accel_limit:g}"
-        for name, o in last.items():
-            r = runs[name]
-            runs[name + tag] = {**r, "dirs": [variant_copy(d, Path(d).parent.with_name(
-                f"{Path(d).parent.name}_accel{args.accel_limit:g}") / "policy", accel_limit=args.accel_limit) for d in r["dirs"]]}
-            options[name + tag] = o + tag
+        last = [name for name, o in options.items() if o == (DRIVABLE if args.drivable_check else "")]
+        add_variants(runs, options, last, f" + accel limit {args.accel_limit:g}", f"_accel{args.accel_limit:g}",
+                     accel_limit=args.accel_limit)
     labels = {d: name for name, r in runs.items() for d in r["dirs"]}
     res = evaluate(["log_replay", "lane_follower", *labels], out / "eval_one_step", args)
 

@@ -615,8 +615,8 @@ def load_runtime(
 
 def fixed_batch(session: ort.InferenceSession) -> int | None:
     """The batch size an export fixed (its first input's first dim), or None for a dynamic batch axis."""
-    size = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
-    return size if isinstance(size, int) else None
+    shape = session.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) else None
 
 
 def check_batch(fixed: int | None, batch: int, path: Path) -> None:

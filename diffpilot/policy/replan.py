@@ -21,7 +21,6 @@ class PlanMemory:
         self.horizon = int(horizon)
         self._poses: np.ndarray | None = None
         self._frame = 0.0
-        self._moving = False
 
     def clear(self) -> None:
         """Forget it (a new episode)."""
@@ -31,7 +30,6 @@ class PlanMemory:
         """Keep ``plan`` (F, 3), ego-frame poses of the pose ``origin`` (3,), made at keyframe ``frame``."""
         self._poses = to_global_frame(np.asarray(plan, dtype=np.float64), np.asarray(origin, dtype=np.float64))
         self._frame = float(frame)
-        self._moving = bool(np.any(self._poses[:, :2] != self._poses[:1, :2]))
 
     def shifted(self, origin: np.ndarray, frame: float) -> tuple[np.ndarray, np.ndarray] | None:
         """The remembered plan in the ego frame of ``origin`` at keyframe ``frame``, or None.
@@ -57,4 +55,4 @@ class PlanMemory:
     @property
     def moving(self) -> bool:
         """Whether the remembered plan goes anywhere (a standstill plan binds nothing)."""
-        return self._poses is not None and self._moving
+        return self._poses is not None and bool(np.any(self._poses[:, :2] != self._poses[:1, :2]))
